@@ -1,0 +1,292 @@
+"""The one module of EditKit that imports ComfyUI.
+
+Every ComfyUI import is guarded, so the pack (and its tests, the smoke command and the
+training CLI) imports without ComfyUI. Inside ComfyUI this module:
+
+* wraps every EditKit model in a ``ModelPatcher`` (through a small container module,
+  because diffusers and transformers models have a read-only ``device`` property that
+  ``ModelPatcher.load`` writes) so ComfyUI's memory manager loads, offloads and frees it,
+  and ``/free`` and "Unload models" act on it;
+* always asks for a full load (``force_full_load=True``): diffusers layers are not
+  ComfyUI cast-capable, and a partial load would leave some layers on the CPU and then fail
+  with a device mismatch (see research/comfyui-memory.md §1.3). Under ``--novram`` ComfyUI
+  loads nothing and EditKit runs the model where its weights are (the CPU);
+* reports progress with ``comfy.utils.ProgressBar`` (with latent previews when the user
+  enabled a preview method) and checks ComfyUI's interrupt flag once per step;
+* lists model files through ``folder_paths`` and registers ``background_removal`` when the
+  running ComfyUI does not know it yet.
+
+Without ComfyUI the same functions fall back to plain torch and to a models folder given by
+:func:`set_models_root` (or the ``EDITKIT_MODELS_DIR`` environment variable), laid out like
+ComfyUI's ``models/`` folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..pipelines.errors import EditKitError, ModelFileError
+from ..pipelines.runtime import Component, Progress, Runtime, TorchRuntime
+
+log = logging.getLogger("EditKit")
+
+try:  # ComfyUI's core modules; present only inside a running ComfyUI.
+    import comfy.model_management as _mm
+    import comfy.model_patcher as _model_patcher
+    import comfy.utils as _comfy_utils
+except ImportError:
+    _mm = None
+    _model_patcher = None
+    _comfy_utils = None
+
+try:
+    import folder_paths as _folder_paths
+except ImportError:
+    _folder_paths = None
+
+try:  # latent previews are optional even inside ComfyUI
+    import comfy.latent_formats as _latent_formats
+    import latent_preview as _latent_preview
+except ImportError:
+    _latent_formats = None
+    _latent_preview = None
+
+HAVE_COMFY = _mm is not None and _model_patcher is not None
+
+# Folders EditKit reads, with the ComfyUI folder names they map to when the pack runs
+# without ComfyUI (relative to the models root). ``unet`` and ``clip`` are ComfyUI's
+# legacy aliases, listed so files there are found too.
+_FALLBACK_FOLDERS = {
+    "diffusers": ["diffusers"],
+    "diffusion_models": ["diffusion_models", "unet"],
+    "vae": ["vae"],
+    "text_encoders": ["text_encoders", "clip"],
+    "clip_vision": ["clip_vision"],
+    "style_models": ["style_models"],
+    "loras": ["loras"],
+    "background_removal": ["background_removal"],
+}
+
+TRANSFORMER_EXTENSIONS = (".safetensors", ".sft", ".gguf")
+WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+BEN2_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt")
+
+_models_root: Path | None = None
+
+
+def set_models_root(path: str | os.PathLike | None) -> None:
+    """Use ``path`` as the models folder when ComfyUI's ``folder_paths`` is absent."""
+    global _models_root
+    _models_root = Path(path) if path is not None else None
+
+
+def _fallback_root() -> Path | None:
+    if _models_root is not None:
+        return _models_root
+    env = os.environ.get("EDITKIT_MODELS_DIR")
+    return Path(env) if env else None
+
+
+def register_model_folder(name: str, extensions) -> None:
+    """Add ``models/<name>`` to ComfyUI's folder list if this ComfyUI lacks it.
+
+    Existing registrations (from ComfyUI itself or ``extra_model_paths.yaml``) are kept and
+    only gain the extensions EditKit reads.
+    """
+    if _folder_paths is None:
+        return
+    table = _folder_paths.folder_names_and_paths
+    if name in table:
+        paths, exts = table[name]
+        table[name] = (paths, set(exts) | set(extensions))
+    else:
+        table[name] = ([os.path.join(_folder_paths.models_dir, name)], set(extensions))
+
+
+def folder_dirs(folder: str) -> list[Path]:
+    """Every directory ComfyUI (or the fallback root) searches for ``folder``."""
+    if _folder_paths is not None:
+        try:
+            return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
+        except KeyError:
+            return []
+    root = _fallback_root()
+    if root is None:
+        return []
+    return [root / sub for sub in _FALLBACK_FOLDERS.get(folder, [folder])]
+
+
+def list_models(folder: str, extensions) -> list[str]:
+    """Files under ``folder`` with one of ``extensions``, as relative paths (sorted).
+
+    Walked directly instead of ``folder_paths.get_filename_list`` because ComfyUI's own
+    extension lists do not include ``.gguf``.
+    """
+    extensions = tuple(e.lower() for e in extensions)
+    found: set[str] = set()
+    for base in folder_dirs(folder):
+        if not base.is_dir():
+            continue
+        for dirpath, _dirs, files in os.walk(base, followlinks=True):
+            for fname in files:
+                if fname.lower().endswith(extensions):
+                    found.add(Path(dirpath, fname).relative_to(base).as_posix())
+    return sorted(found)
+
+
+def list_diffusers_folders() -> list[str]:
+    """Sub-folders of ``models/diffusers`` that hold a ``model_index.json``."""
+    found: set[str] = set()
+    for base in folder_dirs("diffusers"):
+        if not base.is_dir():
+            continue
+        for dirpath, dirs, files in os.walk(base, followlinks=True):
+            if "model_index.json" in files:
+                found.add(Path(dirpath).relative_to(base).as_posix())
+                dirs.clear()  # a pipeline folder's sub-folders are its components
+    return sorted(found)
+
+
+def model_path(folder: str, name: str) -> Path:
+    """Absolute path of ``name`` in ``folder``; a clear error if it is not there."""
+    if not name:
+        raise EditKitError(f"No model selected for '{folder}'. Pick a file in the loader node.")
+    if ".." in Path(name).parts:
+        raise EditKitError(f"Model name '{name}' must not leave the '{folder}' folder.")
+    dirs = folder_dirs(folder)
+    for base in dirs:
+        candidate = base / name
+        if candidate.exists():
+            return candidate
+    searched = ", ".join(str(d) for d in dirs) or "(no folder configured)"
+    raise ModelFileError(
+        Path(dirs[0] if dirs else folder) / name,
+        "Model file not found",
+        f"a file in ComfyUI's models/{folder} folder (searched: {searched}); put it there or pick another file",
+    )
+
+
+def comfy_tokenizer_dir(which: str) -> Path | None:
+    """Tokenizer files bundled with ComfyUI: ``which`` is ``"clip_l"`` or ``"t5"``."""
+    if _folder_paths is None:
+        return None
+    base = Path(_folder_paths.base_path) / "comfy"
+    path = {"clip_l": base / "sd1_tokenizer", "t5": base / "text_encoders" / "t5_tokenizer"}[which]
+    return path if path.is_dir() else None
+
+
+# --------------------------------------------------------------------------------------
+# Memory management
+
+
+class _Holder(torch.nn.Module):
+    """Container ComfyUI's ModelPatcher can write ``device`` on (diffusers models cannot)."""
+
+    def __init__(self, component: Component):
+        super().__init__()
+        self.model = component.module
+        self._dtype = component.dtype
+
+    def get_dtype(self):
+        return self._dtype
+
+
+def _devices(kind: str) -> tuple[torch.device, torch.device]:
+    if kind == "text_encoder":
+        return _mm.text_encoder_device(), _mm.text_encoder_offload_device()
+    if kind == "vae":
+        return _mm.vae_device(), _mm.vae_offload_device()
+    return _mm.get_torch_device(), _mm.unet_offload_device()
+
+
+class _ComfyProgress(Progress):
+    def __init__(self, total: int):
+        super().__init__(total)
+        self._bar = _comfy_utils.ProgressBar(total)
+        self._previewer = None
+        if _latent_preview is not None and _latent_formats is not None:
+            try:
+                self._previewer = _latent_preview.get_previewer(_mm.get_torch_device(), _latent_formats.Flux())
+            except Exception as exc:  # a broken preview setup must never stop a run
+                log.debug("EditKit: no latent previews (%s)", exc)
+
+    def update(self, preview=None, n: int = 1) -> None:
+        self.value = min(self.total, self.value + n)
+        image = None
+        if preview is not None and self._previewer is not None:
+            image = self._previewer.decode_latent_to_preview_image("JPEG", preview().float())
+        self._bar.update_absolute(self.value, self.total, image)
+
+
+class ComfyRuntime(Runtime):
+    """Runtime backed by ComfyUI's model management, ProgressBar and interrupt flag."""
+
+    def __init__(self):
+        self._patchers: weakref.WeakKeyDictionary[Component, object] = weakref.WeakKeyDictionary()
+
+    def patcher(self, component: Component):
+        patcher = self._patchers.get(component)
+        if patcher is None:
+            load_device, offload_device = _devices(component.kind)
+            patcher = _model_patcher.ModelPatcher(_Holder(component), load_device, offload_device)
+            self._patchers[component] = patcher
+        return patcher
+
+    def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
+        patcher = self.patcher(component)
+        _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+        # Under --novram ComfyUI leaves plain modules where they are: run them there.
+        return component.device
+
+    def progress(self, total: int) -> Progress:
+        return _ComfyProgress(total)
+
+    def check_interrupt(self) -> None:
+        _mm.throw_exception_if_processing_interrupted()
+
+    @property
+    def intermediate_device(self) -> torch.device:
+        return _mm.intermediate_device()
+
+
+_RUNTIME: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process-wide runtime: ComfyUI's when running inside it, plain torch otherwise."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = ComfyRuntime() if HAVE_COMFY else TorchRuntime()
+    return _RUNTIME
+
+
+def set_runtime(rt: Runtime | None) -> None:
+    """Replace the runtime (tests use a TorchRuntime they can interrupt)."""
+    global _RUNTIME
+    _RUNTIME = rt
+
+
+def default_dtype(kind: str = "diffusion") -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on the CPU and elsewhere."""
+    if HAVE_COMFY:
+        device = _devices(kind)[0]
+        if _mm.is_device_cpu(device):
+            return torch.float32
+        return torch.bfloat16 if _mm.should_use_bf16(device) else torch.float16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def interrupted_exception_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user stopped the run" (must be re-raised, not wrapped)."""
+    from ..pipelines.errors import Interrupted
+
+    if HAVE_COMFY:
+        return (_mm.InterruptProcessingException, Interrupted)
+    return (Interrupted,)

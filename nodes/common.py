@@ -1,0 +1,62 @@
+"""Input specs and small conversions shared by EditKit's node modules.
+
+Kept here so every sampler offers the same seed / steps / guidance / denoise / batch widgets
+with the same ranges and tooltips.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..pipelines.conditioning import FluxText, read_conditioning
+
+log = logging.getLogger("EditKit")
+
+NONE = "(none)"
+FROM_FOLDER = "(from folder)"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def seed_input(tooltip: str = "Random seed. The same seed, inputs and device give the same result.") -> tuple:
+    return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
+
+
+def steps_input(default: int = 28) -> tuple:
+    return ("INT", {"default": default, "min": 1, "max": 200,
+                    "tooltip": "Number of sampling steps (transformer calls). More steps: finer detail, slower."})
+
+
+def guidance_input(default: float = 30.0) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 100.0, "step": 0.5,
+                      "tooltip": "FLUX.1 guidance embedding. FLUX.1-Fill-dev is tuned for 30. A 'guidance' set on "
+                                 "the CONDITIONING (FluxGuidance) takes precedence over this value."})
+
+
+def denoise_input() -> tuple:
+    return ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                      "tooltip": "How much to change: 1.0 starts from pure noise; lower values start from the input "
+                                 "image noised to that level (img2img). Steps stays the number of transformer calls."})
+
+
+def batch_input() -> tuple:
+    return ("INT", {"default": 1, "min": 1, "max": 64,
+                    "tooltip": "Results per input image (each with different noise from the same seed)."})
+
+
+def flux_text(conditioning, transformer_config, widget_guidance: float) -> tuple[FluxText, float]:
+    """Read a Flux CONDITIONING for a transformer and pick the guidance to use."""
+    text = read_conditioning(
+        conditioning, transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim
+    )
+    guidance = widget_guidance
+    if text.guidance is not None and text.guidance != widget_guidance:
+        log.info("EditKit: using guidance %.2f from the CONDITIONING (widget: %.2f).", text.guidance, widget_guidance)
+        guidance = text.guidance
+    return text, guidance
+
+
+def latent_dict(raw_latents: torch.Tensor) -> dict:
+    """LATENT in ComfyUI's convention: raw VAE space, float32, CPU."""
+    return {"samples": raw_latents.float().cpu()}

@@ -1,0 +1,251 @@
+"""FLUX.1 nodes: loader, text encoder, Fill inpaint and Fill outpaint (thin glue over pipelines/)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..pipelines import fill as fill_ops
+from ..pipelines import vae as vae_ops
+from ..pipelines.conditioning import make_conditioning
+from ..pipelines.errors import EditKitError
+from ..pipelines.flux_loading import FluxModel, scheduler_config, transformer_source, vae_source
+from ..pipelines.flux_text import DEFAULT_T5_LENGTH, text_encoder_source
+from ..pipelines.images import image_to_nchw, mask_to_nchw, nchw_to_image
+from . import comfy_bridge as bridge
+from .common import (
+    FROM_FOLDER,
+    NONE,
+    batch_input,
+    denoise_input,
+    flux_text,
+    guidance_input,
+    latent_dict,
+    seed_input,
+    steps_input,
+)
+
+CATEGORY = "EditKit/flux"
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _choice(value: str, folder: str):
+    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
+
+
+class EditKitFluxLoader:
+    DISPLAY_NAME = "EditKit · Flux Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads FLUX.1 (e.g. FLUX.1-Fill-dev) from a diffusers folder in models/diffusers, from single files "
+        "(transformer .safetensors or .gguf in models/diffusion_models, ae.safetensors in models/vae, clip_l and "
+        "t5xxl in models/text_encoders), or a mix: a chosen file replaces the folder's component. Nothing is read "
+        "until a node uses an output, so unconnected outputs cost nothing. GGUF weights stay quantized in memory."
+    )
+    FUNCTION = "load"
+    RETURN_TYPES = ("EDITKIT_FLUX", "EDITKIT_FLUX_TEXT", "EDITKIT_VAE")
+    RETURN_NAMES = ("model", "text_encoders", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The FLUX.1 transformer, for EditKit samplers.",
+        "CLIP-L + T5-XXL, for EditKit · Flux Text Encode.",
+        "The FLUX.1 VAE, for EditKit samplers.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = bridge.list_diffusers_folders()
+        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
+        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
+        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
+        return {
+            "required": {
+                "diffusers_folder": ([NONE, *folders], {
+                    "default": folders[0] if folders else NONE,
+                    "tooltip": "A FLUX.1 diffusers folder in models/diffusers (e.g. FLUX.1-Fill-dev). Choose "
+                               "(none) to load everything from single files.",
+                }),
+                "transformer_file": ([FROM_FOLDER, *transformers], {
+                    "tooltip": "Optional single-file transformer from models/diffusion_models (or models/unet): "
+                               "BFL .safetensors such as flux1-fill-dev.safetensors, or .gguf such as "
+                               "flux1-fill-dev-Q8_0.gguf. Replaces the folder's transformer.",
+                }),
+                "vae_file": ([FROM_FOLDER, *vaes], {
+                    "tooltip": "Optional VAE file from models/vae (FLUX.1's ae.safetensors). Replaces the folder's VAE.",
+                }),
+                "clip_l_file": ([FROM_FOLDER, *encoders], {
+                    "tooltip": "Optional CLIP-L file from models/text_encoders (clip_l.safetensors).",
+                }),
+                "t5_file": ([FROM_FOLDER, *encoders], {
+                    "tooltip": "Optional T5-XXL file from models/text_encoders (t5xxl_fp16.safetensors, fp8 works "
+                               "too). Tokenizers come from the folder, or from ComfyUI when no folder is chosen.",
+                }),
+                "weight_dtype": (list(DTYPES), {
+                    "default": "auto",
+                    "tooltip": "Compute dtype. auto: bf16 on CUDA GPUs that support it (else fp16), fp32 on the "
+                               "CPU. GGUF weights stay quantized whatever this says.",
+                }),
+            }
+        }
+
+    def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
+        folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
+        dtype = DTYPES[weight_dtype]
+        transformer = transformer_source(folder, _choice(transformer_file, "diffusion_models"),
+                                         dtype or bridge.default_dtype("diffusion"))
+        vae = vae_source(folder, _choice(vae_file, "vae"), dtype or bridge.default_dtype("vae"))
+        text = text_encoder_source(
+            folder, _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders"),
+            dtype or bridge.default_dtype("text_encoder"),
+            clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"), t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"),
+        )
+        return (FluxModel(transformer, scheduler_config(folder)), text, vae)
+
+
+class EditKitFluxTextEncode:
+    DISPLAY_NAME = "EditKit · Flux Text Encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Encodes a prompt with FLUX.1's CLIP-L and T5-XXL into ComfyUI's native Flux CONDITIONING, so it also "
+        "works with native nodes (FluxGuidance, ConditioningZeroOut). Encodings are cached per prompt."
+    )
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("Flux conditioning: T5 states with the CLIP pooled vector.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoders": ("EDITKIT_FLUX_TEXT", {"tooltip": "From EditKit · Flux Loader."}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                      "tooltip": "What the result should show."}),
+            },
+            "optional": {
+                "max_sequence_length": ("INT", {
+                    "default": DEFAULT_T5_LENGTH, "min": 64, "max": 512, "step": 64,
+                    "tooltip": "T5 token length (prompt padded or cut to it). 512 as FLUX.1-Fill's reference; "
+                               "256 is faster and what ComfyUI's CLIPTextEncode uses.",
+                }),
+            },
+        }
+
+    def encode(self, text_encoders, prompt, max_sequence_length=DEFAULT_T5_LENGTH):
+        states, pooled = text_encoders.get().encode([prompt], bridge.runtime(), max_sequence_length)
+        device = bridge.runtime().intermediate_device
+        return (make_conditioning(states.to(device), pooled.to(device)),)
+
+
+_SAMPLER_INPUTS = {
+    "model": ("EDITKIT_FLUX", {"tooltip": "FLUX.1-Fill transformer from EditKit · Flux Loader."}),
+    "vae": ("EDITKIT_VAE", {"tooltip": "FLUX.1 VAE from EditKit · Flux Loader."}),
+    "conditioning": ("CONDITIONING", {
+        "tooltip": "Prompt from EditKit · Flux Text Encode, or native CLIPTextEncode (DualCLIPLoader type flux), "
+                   "FluxGuidance, ConditioningZeroOut.",
+    }),
+    "image": ("IMAGE", {"tooltip": "Picture to edit. Width and height must be multiples of 16."}),
+}
+
+
+def _sampler_settings():
+    return {
+        "seed": seed_input(),
+        "steps": steps_input(),
+        "guidance": guidance_input(),
+        "denoise": denoise_input(),
+        "batch_size": batch_input(),
+    }
+
+
+def _run_fill(model, vae, conditioning, pixels, mask, seed, steps, guidance, denoise, batch_size):
+    transformer = model.transformer.get()
+    text, guidance = flux_text(conditioning, transformer.module.config, guidance)
+    vae_component = vae.get()
+    result = fill_ops.fill(
+        transformer, vae_component, pixels, mask, text, steps=steps, guidance=guidance, seed=seed,
+        denoise=denoise, per_image=batch_size, scheduler_config=model.scheduler_config, runtime=bridge.runtime(),
+    )
+    return nchw_to_image(result.images), latent_dict(vae_ops.model_to_raw(vae_component, result.latents))
+
+
+class EditKitFluxFillInpaint:
+    DISPLAY_NAME = "EditKit · Flux Fill Inpaint"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Repaints the masked part of an image with FLUX.1-Fill from a prompt. The mask is 1 (white) where the "
+        "image may change, as ComfyUI's masks are; the result is blended back with the soft mask, so everything "
+        "outside it is kept exactly. An empty mask returns the input unchanged."
+    )
+    FUNCTION = "inpaint"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("image", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The inpainted images (batch = images x batch_size).",
+        "The raw generated latents (ComfyUI's raw VAE space: native VAEDecode works on them).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **_SAMPLER_INPUTS,
+                "mask": ("MASK", {"tooltip": "1 = repaint, 0 = keep. One mask for all images or one per image, "
+                                             "same size as the image."}),
+                **_sampler_settings(),
+            }
+        }
+
+    def inpaint(self, model, vae, conditioning, image, mask, seed, steps, guidance, denoise, batch_size):
+        pixels = image_to_nchw(image)
+        return _run_fill(model, vae, conditioning, pixels, mask_to_nchw(mask), seed, steps, guidance, denoise,
+                         batch_size)
+
+
+def _side(tooltip: str) -> tuple:
+    return ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": tooltip})
+
+
+class EditKitFluxFillOutpaint:
+    DISPLAY_NAME = "EditKit · Flux Fill Outpaint"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Extends the canvas on any side and fills the new area with FLUX.1-Fill from a prompt. The canvas is "
+        "rounded up to a multiple of 16 (extra pixels go to an extended side). A feathered band of the original "
+        "along each extended edge is repainted too and blended, so the seam disappears."
+    )
+    FUNCTION = "outpaint"
+    RETURN_TYPES = ("IMAGE", "LATENT", "MASK")
+    RETURN_NAMES = ("image", "latent", "mask")
+    OUTPUT_TOOLTIPS = (
+        "The extended images.",
+        "The raw generated latents (ComfyUI's raw VAE space).",
+        "The outpaint mask used (1 = new or repainted).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **_SAMPLER_INPUTS,
+                "left": _side("Pixels to add on the left."),
+                "top": _side("Pixels to add at the top."),
+                "right": _side("Pixels to add on the right."),
+                "bottom": _side("Pixels to add at the bottom."),
+                "feathering": ("INT", {"default": 24, "min": 0, "max": 512, "step": 1,
+                                       "tooltip": "Width in pixels of the band of the original, along each "
+                                                  "extended edge, that is repainted and blended."}),
+                **_sampler_settings(),
+            }
+        }
+
+    def outpaint(self, model, vae, conditioning, image, left, top, right, bottom, feathering, seed, steps,
+                 guidance, denoise, batch_size):
+        if left + top + right + bottom == 0:
+            raise EditKitError("Nothing to outpaint: set at least one of left, top, right, bottom above 0.")
+        canvas, mask, _pads = fill_ops.outpaint_canvas(image_to_nchw(image), left, top, right, bottom, feathering)
+        images, latent = _run_fill(model, vae, conditioning, canvas, mask, seed, steps, guidance, denoise,
+                                   batch_size)
+        out_mask = mask.repeat_interleave(batch_size, 0)[:, 0]
+        return images, latent, out_mask
+
+
+NODES = [EditKitFluxLoader, EditKitFluxTextEncode, EditKitFluxFillInpaint, EditKitFluxFillOutpaint]

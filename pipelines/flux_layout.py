@@ -1,0 +1,165 @@
+"""Key layouts of FLUX.1 checkpoints: Black Forest Labs' (BFL, what ComfyUI users have) and diffusers'.
+
+Reading BFL files uses diffusers' own converter. Two gaps are filled here:
+
+* diffusers' converter hard-codes the FLUX.1 width (3072) when it splits a single block's
+  fused ``linear1`` into q, k, v and the MLP input. EditKit splits ``linear1`` itself at the
+  width the file has, so narrower test models and any future width load through the same code
+  as the real 3072-wide files.
+* diffusers has no way back. Kontext-inpaint checkpoints are saved for ComfyUI users as one
+  BFL-layout file and the tiny test models are written as BFL files, so the inverse mappings
+  (transformer and VAE) live here.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+COMFY_PREFIX = "model.diffusion_model."
+_DIFFUSERS_FIXED_WIDTH = 3072  # the width diffusers' converter assumes
+
+
+def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the weight a tensor stands for (GGUF tensors store packed bytes)."""
+    return tuple(getattr(tensor, "quant_shape", tensor.shape))
+
+
+def strip_comfy_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ComfyUI's ``model.diffusion_model.`` prefix if the file carries it."""
+    if any(k.startswith(COMFY_PREFIX) for k in state_dict):
+        return {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def transformer_layout(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """``"bfl"``, ``"diffusers"`` or ``None`` (not a FLUX.1 transformer)."""
+    if "img_in.weight" in state_dict and any(k.startswith("double_blocks.") for k in state_dict):
+        return "bfl"
+    if "x_embedder.weight" in state_dict and any(k.startswith("transformer_blocks.") for k in state_dict):
+        return "diffusers"
+    return None
+
+
+def bfl_transformer_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a BFL-layout FLUX.1 transformer state dict (any width) to diffusers keys."""
+    checkpoint = dict(strip_comfy_prefix(state_dict))
+    width = logical_shape(checkpoint["img_in.weight"])[0]
+    single_parts: dict[str, torch.Tensor] = {}
+    fused_rows = 3 * _DIFFUSERS_FIXED_WIDTH + 4 * _DIFFUSERS_FIXED_WIDTH
+    for key in [k for k in checkpoint if k.startswith("single_blocks.") and ".linear1." in k]:
+        block = key.split(".")[1]
+        kind = key.rsplit(".", 1)[1]  # weight | bias
+        q, k, v, mlp = torch.split(checkpoint[key], [width, width, width, 4 * width], dim=0)
+        prefix = f"single_transformer_blocks.{block}."
+        single_parts[f"{prefix}attn.to_q.{kind}"] = q
+        single_parts[f"{prefix}attn.to_k.{kind}"] = k
+        single_parts[f"{prefix}attn.to_v.{kind}"] = v
+        single_parts[f"{prefix}proj_mlp.{kind}"] = mlp
+        # An empty stand-in of the shape diffusers expects; its split results are replaced below.
+        checkpoint[key] = torch.empty((fused_rows, 0) if kind == "weight" else (fused_rows,))
+    converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
+    converted.update(single_parts)
+    return converted
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """BFL stores the final modulation as (shift, scale); diffusers as (scale, shift)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def diffusers_transformer_to_bfl(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Convert a diffusers FluxTransformer2DModel state dict to BFL keys (what ComfyUI loads).
+
+    ``prefix`` may be ``model.diffusion_model.`` to mimic ComfyUI-saved files.
+    """
+    sd = state_dict
+    out: dict[str, torch.Tensor] = {}
+
+    def put(bfl_key: str, tensor: torch.Tensor) -> None:
+        out[prefix + bfl_key] = tensor
+
+    def linear(diffusers_key: str, bfl_key: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{diffusers_key}.{kind}" in sd:
+                put(f"{bfl_key}.{kind}", sd[f"{diffusers_key}.{kind}"])
+
+    def fused(parts: list[str], bfl_key: str) -> None:
+        for kind in ("weight", "bias"):
+            put(f"{bfl_key}.{kind}", torch.cat([sd[f"{p}.{kind}"] for p in parts], dim=0))
+
+    embedders = {
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "context_embedder": "txt_in",
+        "x_embedder": "img_in",
+        "proj_out": "final_layer.linear",
+    }
+    for src, dst in embedders.items():
+        linear(src, dst)
+    put("final_layer.adaLN_modulation.1.weight", _swap_halves(sd["norm_out.linear.weight"]))
+    put("final_layer.adaLN_modulation.1.bias", _swap_halves(sd["norm_out.linear.bias"]))
+
+    double = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in double:
+        s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        linear(s + "norm1.linear", d + "img_mod.lin")
+        linear(s + "norm1_context.linear", d + "txt_mod.lin")
+        fused([s + "attn.to_q", s + "attn.to_k", s + "attn.to_v"], d + "img_attn.qkv")
+        fused([s + "attn.add_q_proj", s + "attn.add_k_proj", s + "attn.add_v_proj"], d + "txt_attn.qkv")
+        put(d + "img_attn.norm.query_norm.scale", sd[s + "attn.norm_q.weight"])
+        put(d + "img_attn.norm.key_norm.scale", sd[s + "attn.norm_k.weight"])
+        put(d + "txt_attn.norm.query_norm.scale", sd[s + "attn.norm_added_q.weight"])
+        put(d + "txt_attn.norm.key_norm.scale", sd[s + "attn.norm_added_k.weight"])
+        linear(s + "ff.net.0.proj", d + "img_mlp.0")
+        linear(s + "ff.net.2", d + "img_mlp.2")
+        linear(s + "ff_context.net.0.proj", d + "txt_mlp.0")
+        linear(s + "ff_context.net.2", d + "txt_mlp.2")
+        linear(s + "attn.to_out.0", d + "img_attn.proj")
+        linear(s + "attn.to_add_out", d + "txt_attn.proj")
+
+    single = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")})
+    for i in single:
+        s, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        linear(s + "norm.linear", d + "modulation.lin")
+        fused([s + "attn.to_q", s + "attn.to_k", s + "attn.to_v", s + "proj_mlp"], d + "linear1")
+        put(d + "norm.query_norm.scale", sd[s + "attn.norm_q.weight"])
+        put(d + "norm.key_norm.scale", sd[s + "attn.norm_k.weight"])
+        linear(s + "proj_out", d + "linear2")
+    return out
+
+
+def diffusers_vae_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a diffusers AutoencoderKL (FLUX.1 VAE) state dict to BFL ``ae.safetensors`` keys."""
+    out: dict[str, torch.Tensor] = {}
+    num_up = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.up_blocks."))
+    for key, tensor in state_dict.items():
+        new = key
+        parts = key.split(".")
+        if key.startswith("encoder.down_blocks."):
+            i = parts[2]
+            new = new.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            new = new.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+        elif key.startswith("decoder.up_blocks."):
+            i = int(parts[2])
+            j = num_up - 1 - i
+            new = new.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{j}.block.")
+            new = new.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{j}.upsample.")
+        elif ".mid_block.resnets." in key:
+            k = int(parts[3])
+            new = new.replace(f"mid_block.resnets.{k}.", f"mid.block_{k + 1}.")
+        elif ".mid_block.attentions.0." in key:
+            new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for src, dst in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                             ("to_out.0", "proj_out")):
+                new = new.replace(f"attn_1.{src}.", f"attn_1.{dst}.")
+            if tensor.ndim == 2:  # BFL keeps attention projections as 1x1 convolutions
+                tensor = tensor[:, :, None, None]
+        new = new.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        out[new] = tensor
+    return out

@@ -1,0 +1,321 @@
+"""Loading FLUX.1 components offline, from a diffusers folder or from single files.
+
+Supported sources (the ones ComfyUI users have):
+
+* a full diffusers folder (``models/diffusers/FLUX.1-Fill-dev``): every component;
+* the transformer from one file: BFL-layout ``.safetensors`` (with or without ComfyUI's
+  ``model.diffusion_model.`` prefix), diffusers-layout ``.safetensors``, or ``.gguf`` (every
+  quantization diffusers reads; the weights stay quantized in memory and are dequantized
+  layer by layer);
+* the VAE from BFL's ``ae.safetensors`` (or a diffusers-layout file);
+* CLIP-L and T5-XXL from single files (fp32/fp16/bf16, fp8 and ComfyUI's "scaled fp8"
+  storage), with tokenizers from the diffusers folder or from ComfyUI's bundled tokenizer
+  files.
+
+Single files are loaded with configs shipped in ``pipelines/configs``; sizes that tensor
+shapes reveal (layer counts, widths, input features) are read from the file, so FLUX.1-dev,
+Fill-dev, EditKit's 192-feature Kontext-inpaint and the tiny test models load through the same
+code. Loaded models are shared: loading the same file twice (same size, mtime and dtype)
+returns the model already in memory for as long as anything still uses it; the cache holds
+weak references only, so ComfyUI's "free memory" really frees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from . import flux_layout
+from .errors import EditKitError, ModelFileError
+from .runtime import Component
+
+log = logging.getLogger("EditKit")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TRANSFORMER_CONFIG_DIR = CONFIG_DIR / "flux_fill_transformer"
+VAE_CONFIG_DIR = CONFIG_DIR / "flux_vae"
+
+TRANSFORMER_EXPECTED = (
+    "a FLUX.1 transformer (.safetensors in BFL layout, keys like 'double_blocks.0.img_attn.qkv.weight', "
+    "as flux1-fill-dev.safetensors; or diffusers layout; or a .gguf such as flux1-fill-dev-Q8_0.gguf)"
+)
+VAE_EXPECTED = "the FLUX.1 VAE (ae.safetensors, 16 latent channels)"
+CLIP_EXPECTED = "a CLIP-L text encoder (clip_l.safetensors)"
+T5_EXPECTED = "a T5-XXL encoder (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or similar)"
+
+
+# --------------------------------------------------------------------------------------
+# Shared, weakly held models
+
+
+_CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def file_key(path: Path | None) -> tuple:
+    if path is None:
+        return (None,)
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def shared(key: tuple, load: Callable[[], object]):
+    """Return the live object cached under ``key`` or load (and cache) a new one."""
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+    if found is not None:
+        return found
+    value = load()
+    with _CACHE_LOCK:
+        _CACHE[key] = value
+    return value
+
+
+class LazyModel:
+    """A model that is loaded the first time a node uses it, then kept by this handle.
+
+    Loader nodes return these, so an unconnected loader output (e.g. the text encoders when
+    the prompt comes from a native CLIPTextEncode) never costs memory or load time.
+    """
+
+    def __init__(self, key: tuple, load: Callable[[], object], description: str):
+        self.key = key
+        self.description = description
+        self._load = load
+        self._value = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._value is None:
+                self._value = shared(self.key, self._load)
+            return self._value
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._value is not None else "not loaded yet"
+        return f"<EditKit {self.description} ({state})>"
+
+
+def unavailable(description: str, message: str) -> LazyModel:
+    """A handle that explains, when first used, why its model cannot be loaded.
+
+    Loader outputs that nothing uses must not fail the loader, so the error waits for a user.
+    """
+
+    def fail():
+        raise EditKitError(message)
+
+    return LazyModel(("unavailable", message), fail, description)
+
+
+# --------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors``/``.sft`` or ``.gguf`` file, with a clear error on failure."""
+    if not path.is_file():
+        raise ModelFileError(path, "Model file not found", expected)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".safetensors", ".sft"):
+            return safetensors.torch.load_file(str(path), device="cpu")
+        if suffix == ".gguf":
+            from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+            return load_gguf_checkpoint(str(path))
+    except Exception as exc:  # corrupt or truncated files surface as many exception types
+        raise ModelFileError(path, f"Cannot read the file ({type(exc).__name__}: {exc})", expected) from exc
+    raise ModelFileError(path, f"Unsupported file type '{suffix}'", expected)
+
+
+def _load_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def count_blocks(keys, prefix: str) -> int:
+    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+# --------------------------------------------------------------------------------------
+# Transformer
+
+
+def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """FluxTransformer2DModel settings that a diffusers-key state dict determines."""
+    shape = flux_layout.logical_shape
+    width, in_channels = shape(sd["x_embedder.weight"])
+    head_dim = shape(sd["transformer_blocks.0.attn.norm_q.weight"])[0]
+    config = {
+        "in_channels": in_channels,
+        "out_channels": shape(sd["proj_out.weight"])[0],
+        "num_layers": count_blocks(sd, "transformer_blocks."),
+        "num_single_layers": count_blocks(sd, "single_transformer_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": shape(sd["context_embedder.weight"])[1],
+        "pooled_projection_dim": shape(sd["time_text_embed.text_embedder.linear_1.weight"])[1],
+        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in sd,
+    }
+    axes = _load_json(TRANSFORMER_CONFIG_DIR / "config.json")["axes_dims_rope"]
+    if sum(axes) != head_dim:
+        raise EditKitError(
+            f"Transformer attention heads are {head_dim} wide, but FLUX.1's rotary embedding covers {sum(axes)}: "
+            "this is not a FLUX.1 model."
+        )
+    return config
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
+    from diffusers import FluxTransformer2DModel
+
+    quantized = path.suffix.lower() == ".gguf"
+    sd = flux_layout.strip_comfy_prefix(read_state_dict(path, TRANSFORMER_EXPECTED))
+    layout = flux_layout.transformer_layout(sd)
+    if layout is None:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a FLUX.1 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
+    try:
+        if layout == "bfl":
+            sd = flux_layout.bfl_transformer_to_diffusers(sd)
+        config = transformer_config_from_state_dict(sd)
+    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        raise ModelFileError(path, f"Incomplete or foreign FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    kwargs = {}
+    if quantized:
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        model = FluxTransformer2DModel.from_single_file(
+            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **config, **kwargs
+        )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelFileError(path, f"Weights do not fit a FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    return Component(model, "diffusion", path.name, dtype, quantized=quantized)
+
+
+def _transformer_from_folder(folder: Path, dtype: torch.dtype) -> Component:
+    from diffusers import FluxTransformer2DModel
+
+    sub = folder / "transformer"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
+    try:
+        model = FluxTransformer2DModel.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a diffusers FluxTransformer2DModel") from exc
+    model.eval().requires_grad_(False)
+    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+
+
+def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
+    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``."""
+    if file is None and folder is None:
+        return unavailable("FLUX.1 transformer",
+                           "No transformer: pick a diffusers folder or a transformer file in EditKit · Flux Loader.")
+    if file is not None:
+        return LazyModel(("transformer", file_key(file), dtype), lambda: _transformer_from_file(file, dtype),
+                         f"FLUX.1 transformer {file.name}")
+    return LazyModel(("transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype),
+                     lambda: _transformer_from_folder(folder, dtype), f"FLUX.1 transformer of {folder.name}")
+
+
+# --------------------------------------------------------------------------------------
+# VAE
+
+
+def _vae_config_overrides(sd: dict[str, torch.Tensor]) -> dict:
+    """AutoencoderKL settings a BFL- or diffusers-layout VAE state dict determines."""
+    if "encoder.down.0.block.0.conv1.weight" in sd:  # BFL layout
+        blocks = count_blocks(sd, "encoder.down.")
+        widths = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(blocks)]
+        per_block = count_blocks(sd, "encoder.down.0.block.")
+    else:
+        blocks = count_blocks(sd, "encoder.down_blocks.")
+        widths = [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(blocks)]
+        per_block = count_blocks(sd, "encoder.down_blocks.0.resnets.")
+    return {
+        "block_out_channels": widths,
+        "layers_per_block": per_block,
+        "latent_channels": sd["encoder.conv_out.weight"].shape[0] // 2,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+    }
+
+
+def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKL
+
+    sd = read_state_dict(path, VAE_EXPECTED)
+    sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
+    try:
+        overrides = _vae_config_overrides(sd)
+        if overrides["latent_channels"] != 16:
+            raise ModelFileError(
+                path, f"A VAE with {overrides['latent_channels']} latent channels (not FLUX.1's 16)", VAE_EXPECTED
+            )
+        model = AutoencoderKL.from_single_file(
+            sd, config=str(VAE_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **overrides
+        )
+    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        raise ModelFileError(path, f"Weights do not fit the FLUX.1 VAE ({exc})", VAE_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    return Component(model, "vae", path.name, dtype)
+
+
+def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKL
+
+    sub = folder / "vae"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
+    model = AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    model.eval().requires_grad_(False)
+    return Component(model, "vae", f"{folder.name}/vae", dtype)
+
+
+def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
+    if file is None and folder is None:
+        return unavailable("FLUX.1 VAE",
+                           "No VAE: pick a diffusers folder or a VAE file (ae.safetensors) in EditKit · Flux Loader.")
+    if file is not None:
+        return LazyModel(("vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype), f"VAE {file.name}")
+    return LazyModel(("vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
+                     lambda: _vae_from_folder(folder, dtype), f"VAE of {folder.name}")
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler
+
+
+def scheduler_config(folder: Path | None) -> dict:
+    """The folder's scheduler config, or FLUX.1's (shipped) when loading from single files."""
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        return _load_json(folder / "scheduler" / "scheduler_config.json")
+    return _load_json(CONFIG_DIR / "flux_scheduler" / "scheduler_config.json")
+
+
+class FluxModel:
+    """What EditKit's FLUX.1 loader hands to samplers: a lazily loaded transformer + its schedule."""
+
+    def __init__(self, transformer: LazyModel, scheduler_config: dict):
+        self.transformer = transformer
+        self.scheduler_config = scheduler_config
+
+    def __repr__(self) -> str:
+        return f"<EditKit FluxModel {self.transformer!r}>"

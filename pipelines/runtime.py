@@ -1,0 +1,122 @@
+"""The seam between the torch work and its host (ComfyUI or a plain Python process).
+
+Pipelines receive a :class:`Runtime` and call it to place a model on the compute device
+before using it (:meth:`Runtime.acquire`), to report progress with an optional preview, and
+to check for interruption once per step. ``nodes.comfy_bridge.ComfyRuntime`` implements this
+with ComfyUI's memory manager, ProgressBar and interrupt flag; :class:`TorchRuntime` is the
+fallback used by tests, the smoke command, the benchmarks and the training CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import Interrupted
+
+PreviewFn = Callable[[], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Component:
+    """A loaded model plus what a host needs to manage it.
+
+    ``kind`` chooses the ComfyUI device policy: ``"diffusion"`` and ``"segmentation"`` run on
+    the main device, ``"text_encoder"`` follows ComfyUI's text-encoder placement (CPU in
+    low-VRAM modes), ``"vae"`` follows the VAE placement. ``dtype`` is the compute dtype:
+    for GGUF models the weights stay quantized and only activations use it.
+    """
+
+    module: torch.nn.Module
+    kind: str
+    name: str
+    dtype: torch.dtype
+    quantized: bool = False
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+
+class Progress:
+    """Progress of one loop; ``update`` takes an optional zero-argument preview function.
+
+    The preview function is called only by hosts that show previews, so a sampler pays for
+    computing a preview latent only when someone looks at it.
+    """
+
+    def __init__(self, total: int, callback: Callable[[int, int, PreviewFn | None], None] | None = None):
+        self.total = total
+        self.value = 0
+        self._callback = callback
+
+    def update(self, preview: PreviewFn | None = None, n: int = 1) -> None:
+        self.value = min(self.total, self.value + n)
+        if self._callback is not None:
+            self._callback(self.value, self.total, preview)
+
+
+class Runtime(ABC):
+    """Interface used by pipelines; see the module docstring."""
+
+    @abstractmethod
+    def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
+        """Make ``component`` usable and return the device to run it on."""
+
+    @abstractmethod
+    def progress(self, total: int) -> Progress:
+        """A progress reporter for a loop of ``total`` steps."""
+
+    @abstractmethod
+    def check_interrupt(self) -> None:
+        """Raise if the user asked to stop. Called once per step; must not sync the GPU."""
+
+    @property
+    def intermediate_device(self) -> torch.device:
+        """Where results handed to other nodes live (ComfyUI keeps IMAGE/LATENT on the CPU)."""
+        return torch.device("cpu")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class TorchRuntime(Runtime):
+    """Plain-torch host: moves models to one device, no memory manager.
+
+    ``interrupt()`` (thread-safe) makes the next ``check_interrupt`` raise
+    :class:`~.errors.Interrupted`, which is how tests and the CLI stop a run.
+    ``on_progress`` receives ``(value, total, preview_fn)`` for every update.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, on_progress=None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.on_progress = on_progress
+        self._interrupt = threading.Event()
+
+    def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
+        if component.device != self.device:
+            component.module.to(self.device)
+        return self.device
+
+    def progress(self, total: int) -> Progress:
+        return Progress(total, self.on_progress)
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def check_interrupt(self) -> None:
+        if self._interrupt.is_set():
+            self._interrupt.clear()
+            raise Interrupted("EditKit run interrupted")

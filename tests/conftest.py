@@ -1,0 +1,50 @@
+"""Test setup: offline, the pack loaded as a package, and a shared tree of tiny models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from packload import ROOT, load_pack, offline  # noqa: E402
+
+offline()
+load_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A ComfyUI-style models tree with every tiny model, generated once per test session."""
+    from make_tiny_models import make_tiny_models
+
+    out = tmp_path_factory.mktemp("models")
+    make_tiny_models(out)
+    return out
+
+
+@pytest.fixture()
+def models_root(tiny_models):
+    """Point the pack's model folders at the tiny tree (without ComfyUI) for one test."""
+    from editkit.nodes import comfy_bridge
+
+    comfy_bridge.set_models_root(tiny_models)
+    yield tiny_models
+    comfy_bridge.set_models_root(None)
+
+
+@pytest.fixture()
+def torch_runtime():
+    """An interruptible plain-torch runtime on the CPU, installed as the pack's runtime."""
+    from editkit.nodes import comfy_bridge
+    from editkit.pipelines.runtime import TorchRuntime
+
+    runtime = TorchRuntime("cpu")
+    comfy_bridge.set_runtime(runtime)
+    yield runtime
+    comfy_bridge.set_runtime(None)
+
+
+__all__ = ["ROOT"]

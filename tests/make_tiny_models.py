@@ -1,0 +1,209 @@
+"""Write tiny random-weight models, in the real file formats, as a ComfyUI-style models tree.
+
+    python tests/make_tiny_models.py OUT_DIR
+
+OUT_DIR then looks like ComfyUI's ``models/`` folder, with the file names the bundled
+workflows use, so the workflows run unchanged on it (the pictures are noise: random weights):
+
+    diffusers/FLUX.1-Fill-dev/             full diffusers folder (all components, tiny tokenizers)
+    diffusion_models/flux1-fill-dev.safetensors        BFL layout, bf16 (as released)
+    diffusion_models/flux1-fill-dev-Q8_0.gguf          GGUF Q8_0, BFL keys (as city96's files)
+    diffusion_models/flux1-kontext-inpaint.safetensors 192-feature Kontext-inpaint, BFL layout
+    vae/ae.safetensors                                  BFL layout
+    text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors
+    background_removal/BEN2_Base.safetensors, BEN2_Base.pth
+
+Weights are rounded to the precision of their on-disk copies before anything is written, so
+every loading path sees the same numbers (GGUF differs by its Q8_0 rounding only). The
+widths are tiny but keep FLUX.1's structure: one 128-wide attention head (FLUX.1's head
+width, so the shipped RoPE config applies), a 4-level VAE (scale factor 8, so
+Fill keeps its 384 input features), and CLIP/T5 vocabularies of the real size, so the tiny
+encoders also work with ComfyUI's bundled tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from packload import offline, pack_module  # noqa: E402
+
+FILL_FOLDER = "FLUX.1-Fill-dev"
+SEED = 20261125
+
+TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
+    attention_head_dim=128, num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=64,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 32, 32, 32], layers_per_block=1,
+    latent_channels=16, norm_num_groups=32, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+)
+CLIP_VOCAB = 49408
+T5_VOCAB = 32128
+
+
+def _round_(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating weight to ``dtype`` precision (kept in float32)."""
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).float())
+
+
+def _randomize_(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
+    """Give zero-initialised layers (diffusers zero-inits some outputs) random values too."""
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and tensor.abs().max() == 0 and "norm" not in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+
+
+def tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in codes]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77,
+    )
+
+
+def tiny_t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.printable if not c.isspace()]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def tiny_fill_pipeline():
+    """A FluxFillPipeline whose every component is tiny and random (seeded)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    generator = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    _randomize_(transformer, generator)
+    _round_(transformer, torch.bfloat16)
+    vae = AutoencoderKL(**TINY_VAE)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        projection_dim=64,
+    ))
+    _round_(clip, torch.float16)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=T5_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+        is_gated_act=True, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+    ))
+    _round_(t5, torch.float16)
+    loading = pack_module("pipelines.flux_loading")
+    scheduler_config = json.loads((loading.CONFIG_DIR / "flux_scheduler" / "scheduler_config.json").read_text())
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    return FluxFillPipeline(
+        scheduler=scheduler, vae=vae.eval(), text_encoder=clip.eval(), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=t5.eval(), tokenizer_2=tiny_t5_tokenizer(), transformer=transformer.eval(),
+    )
+
+
+def write_gguf_q8(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Write tensors as GGUF: 2-D weights whose rows split into 32-blocks as Q8_0, the rest F32."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for name, tensor in state_dict.items():
+        array = tensor.float().contiguous().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _save(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in state_dict.items()}
+    save_file(tensors, str(path))
+
+
+def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
+    """Write the whole tree into ``out_dir`` and return the main paths by role."""
+    offline()
+    layout = pack_module("pipelines.flux_layout")
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+
+    pipe = tiny_fill_pipeline()
+    folder = out / "diffusers" / FILL_FOLDER
+    pipe.save_pretrained(str(folder))
+    paths["fill_folder"] = folder
+
+    transformer_sd = pipe.transformer.state_dict()
+    bfl = layout.diffusers_transformer_to_bfl(transformer_sd)
+    paths["fill_bfl"] = out / "diffusion_models" / "flux1-fill-dev.safetensors"
+    _save(bfl, paths["fill_bfl"], torch.bfloat16)
+    paths["fill_gguf"] = out / "diffusion_models" / "flux1-fill-dev-Q8_0.gguf"
+    write_gguf_q8(bfl, paths["fill_gguf"])
+
+    paths["vae"] = out / "vae" / "ae.safetensors"
+    _save(layout.diffusers_vae_to_bfl(pipe.vae.state_dict()), paths["vae"])
+    paths["clip_l"] = out / "text_encoders" / "clip_l.safetensors"
+    clip_sd = {k if k.startswith("text_model.") else f"text_model.{k}": v  # ComfyUI's clip_l key layout
+               for k, v in pipe.text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    _save(clip_sd, paths["clip_l"], torch.float16)
+    paths["t5"] = out / "text_encoders" / "t5xxl_fp16.safetensors"
+    t5_sd = {k: v for k, v in pipe.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    _save(t5_sd, paths["t5"], torch.float16)
+
+    for extra in _EXTRA_WRITERS:
+        paths.update(extra(out, pipe))
+    return paths
+
+
+_EXTRA_WRITERS: list = []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="folder to write the models tree into (created if missing)")
+    args = parser.parse_args(argv)
+    paths = make_tiny_models(args.out_dir)
+    for role, path in sorted(paths.items()):
+        print(f"{role:>16}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
