@@ -99,6 +99,14 @@ class LazyModel:
                 self._value = shared(self.key, self._load)
             return self._value
 
+    def derived(self, tag: str, transform: Callable[[object], object], description: str) -> LazyModel:
+        """A handle to ``transform`` applied to a fresh load of this model (never the shared copy).
+
+        Used where a model is modified in place (e.g. widening Fill into Kontext-inpaint), so
+        the unmodified model that other nodes may share stays intact.
+        """
+        return LazyModel((tag, *self.key), lambda: transform(self._load()), description)
+
     def __repr__(self) -> str:
         state = "loaded" if self._value is not None else "not loaded yet"
         return f"<EditKit {self.description} ({state})>"

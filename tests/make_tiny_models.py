@@ -69,6 +69,24 @@ def _randomize_(module: torch.nn.Module, generator: torch.Generator, std: float 
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
+SHALLOW_TRANSFORMER = dict(TINY_TRANSFORMER, num_attention_heads=24, joint_attention_dim=4096,
+                           pooled_projection_dim=768)
+
+
+def shallow_fill_transformer(dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    """FLUX.1-Fill at real width (24 heads x 128, T5/CLIP widths 4096/768) with 1 double + 1 single block.
+
+    Every layer has its real size, so per-layer cost and memory scale like FLUX.1-Fill-dev's
+    (which has 19 + 38 blocks); the benchmarks use it where the full model does not fit.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = FluxTransformer2DModel(**SHALLOW_TRANSFORMER)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
 def tiny_clip_tokenizer():
     from transformers import CLIPTokenizer
 

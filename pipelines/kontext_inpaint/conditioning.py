@@ -1,0 +1,44 @@
+"""The 32-channel conditioning: source latent + latent of the white "mask image".
+
+Features 64:128 of every token carry the packed source latent and 128:192 the packed latent
+of an RGB picture that is white (1.0) where editing is allowed and black (0.0) elsewhere; with
+no mask the picture is pure white ("change anything"). Both use the model-space normalisation
+``(z - 0.1159) * 0.3611`` and FLUX's 2x2 packing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import flow
+from .. import vae as vae_ops
+from ..errors import EditKitError
+from ..runtime import Component, Runtime
+
+
+def mask_to_image(mask: torch.Tensor | None, batch: int, height: int, width: int) -> torch.Tensor:
+    """The mask picture ``[B,3,H,W]``: the MASK (1 = may change) in all three channels; white if absent."""
+    if mask is None:
+        return torch.ones(1, 3, height, width).expand(batch, -1, -1, -1)
+    if mask.shape[-2:] != (height, width):
+        raise EditKitError(
+            f"Mask is {mask.shape[-1]}x{mask.shape[-2]} but the source is {width}x{height}. "
+            "Give a mask of the source's size, or leave the mask unconnected to allow changes everywhere."
+        )
+    if mask.shape[0] not in (1, batch):
+        raise EditKitError(f"Got {mask.shape[0]} masks for {batch} sources. Give one mask or one per source.")
+    return mask.float().clamp(0, 1).expand(batch, 3, height, width)
+
+
+def mask_image_latent(vae: Component, mask: torch.Tensor | None, batch: int, height: int, width: int,
+                      runtime: Runtime) -> torch.Tensor:
+    """Model-space latent ``[B,16,H/8,W/8]`` of the mask picture (encoded once when it is shared)."""
+    picture = mask_to_image(mask, batch, height, width)
+    if mask is None or mask.shape[0] == 1:
+        return vae_ops.encode(vae, picture[:1], runtime).expand(batch, -1, -1, -1)
+    return vae_ops.encode(vae, picture, runtime)
+
+
+def condition_tokens(source_latent: torch.Tensor, mask_latent: torch.Tensor) -> torch.Tensor:
+    """Features 64:192 of every target token: ``[B,N,128]``."""
+    return torch.cat([flow.pack(source_latent.float()), flow.pack(mask_latent.float())], dim=-1)
