@@ -63,6 +63,8 @@ _CACHE_LOCK = threading.Lock()
 def file_key(path: Path | None) -> tuple:
     if path is None:
         return (None,)
+    if not path.exists():
+        return (str(path), None, None)  # the loader reports the missing file when the model is used
     stat = path.stat()
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 

@@ -1,0 +1,75 @@
+"""Every EditKit node follows ComfyUI's V1 contract and the pack's conventions."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import editkit
+from packload import ROOT
+
+NODES = sorted(editkit.NODE_CLASS_MAPPINGS.items())
+COMFY_IMPORT = re.compile(r"^\s*(import|from)\s+(comfy|comfy_extras|comfy_execution|folder_paths|latent_preview|server|execution)\b")
+SOCKET_TYPES_WITHOUT_WIDGET = {"IMAGE", "MASK", "LATENT", "CONDITIONING"}
+
+
+def test_pack_exports_nodes():
+    assert {"EditKitFluxLoader", "EditKitFluxTextEncode", "EditKitFluxFillInpaint", "EditKitFluxFillOutpaint"} <= set(
+        editkit.NODE_CLASS_MAPPINGS
+    )
+    assert set(editkit.NODE_DISPLAY_NAME_MAPPINGS) == set(editkit.NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize("name, cls", NODES)
+def test_node_contract(name, cls, models_root):
+    assert name.startswith("EditKit") and name == cls.__name__
+    assert editkit.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("EditKit · ")
+    assert cls.CATEGORY.startswith("EditKit/")
+    assert len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls(), cls.FUNCTION))
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    for section in ("required", "optional"):
+        for input_name, value in spec.get(section, {}).items():
+            options = value[1] if len(value) > 1 else {}
+            assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+            kind = value[0]
+            if isinstance(kind, list) and kind:
+                assert options.get("default", kind[0]) in kind, f"{name}.{input_name} default not in its list"
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], f"{name}.{input_name} default range"
+    for type_name in cls.RETURN_TYPES:
+        assert type_name in SOCKET_TYPES_WITHOUT_WIDGET or type_name.startswith("EDITKIT_") or type_name == "MASK"
+
+
+def test_pack_imports_without_comfyui():
+    """A fresh interpreter with no ComfyUI on the path imports the pack and finds its nodes."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from packload import load_pack; "
+        "pack = load_pack(); import editkit.nodes.comfy_bridge as b; "
+        "assert not b.HAVE_COMFY and 'comfy' not in sys.modules; print(len(pack.NODE_CLASS_MAPPINGS))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip().splitlines()[-1]) == len(NODES)
+
+
+def test_only_the_bridge_imports_comfyui():
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if path.parts[len(ROOT.parts)] in ("tests", "scripts", ".venv") or path.name == "comfy_bridge.py":
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if COMFY_IMPORT.match(line):
+                offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert not offenders
+
+
+def test_pipelines_never_import_nodes():
+    for path in (ROOT / "pipelines").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "from ..nodes" not in text and "from ...nodes" not in text and "import nodes" not in text, path
