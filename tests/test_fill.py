@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editkit.pipelines import fill, flow, vae as vae_ops
+from editkit.pipelines import fill, flow
+from editkit.pipelines import vae as vae_ops
 from editkit.pipelines.conditioning import FluxText, make_conditioning, read_conditioning
 from editkit.pipelines.errors import EditKitError, Interrupted
 from editkit.pipelines.flux_loading import scheduler_config, transformer_source, vae_source
