@@ -205,12 +205,14 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     t5_sd = {k: v for k, v in pipe.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
     _save(t5_sd, paths["t5"], torch.float16)
 
-    for extra in _EXTRA_WRITERS:
-        paths.update(extra(out, pipe))
+    # A "trained" Kontext-inpaint transformer: Fill widened with non-zero mask-image columns.
+    kontext = pack_module("pipelines.kontext_inpaint").widen_fill_transformer(
+        pipe.transformer, init="small_random", std=0.05, seed=SEED
+    )
+    _round_(kontext, torch.bfloat16)
+    paths["kontext_bfl"] = out / "diffusion_models" / "flux1-kontext-inpaint.safetensors"
+    _save(layout.diffusers_transformer_to_bfl(kontext.state_dict()), paths["kontext_bfl"], torch.bfloat16)
     return paths
-
-
-_EXTRA_WRITERS: list = []
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,24 @@
+# Sourced by test.sh and smoke.sh: sets PYTHON to an interpreter with EditKit's dependencies.
+#
+# EDITKIT_PYTHON=/path/to/python  use that interpreter as it is (e.g. ComfyUI's venv); nothing is installed.
+# EDITKIT_VENV=dir                 virtualenv to create/reuse (default .venv in the repository).
+# torch is installed first as torch==2.13.0 (on the CI machine this resolves to its local CPU wheel),
+# then the requirements with torch pinned, so nothing swaps torch for another build.
+set -euo pipefail
+if [ -n "${EDITKIT_PYTHON:-}" ]; then
+  PYTHON="$EDITKIT_PYTHON"
+else
+  VENV="${EDITKIT_VENV:-.venv}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+  fi
+  PYTHON="$VENV/bin/python"
+  if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet "torch==${EDITKIT_TORCH_VERSION:-2.13.0}"
+  fi
+  constraints="$(mktemp)"
+  trap 'rm -f "$constraints"' EXIT
+  "$PYTHON" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+  "$PYTHON" -m pip install --quiet -c "$constraints" -r requirements.txt -r requirements-dev.txt
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -1,0 +1,188 @@
+"""Kontext-inpaint: the widening identity, save/load round trips, mask and multi-round semantics."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import editkit
+from editkit.pipelines import flow
+from editkit.pipelines import kontext_inpaint as ki
+from editkit.pipelines.conditioning import FluxText
+from editkit.pipelines.errors import EditKitError
+from editkit.pipelines.flux_layout import diffusers_transformer_to_bfl
+from editkit.pipelines.flux_loading import scheduler_config, transformer_source, vae_source
+from editkit.pipelines.runtime import TorchRuntime
+
+F32 = torch.float32
+_FRESH = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_models):
+    return tiny_models / "diffusers" / "FLUX.1-Fill-dev"
+
+
+def fresh_fill(folder):
+    """A Fill transformer that no other test shares (widening modifies it in place)."""
+    tag = f"test-fresh-{next(_FRESH)}"
+    return transformer_source(folder, None, F32).derived(tag, lambda c: c, "fresh Fill").get()
+
+
+@pytest.fixture(scope="module")
+def widened(folder):
+    component = fresh_fill(folder)
+    ki.widen_fill_transformer(component.module)
+    return component
+
+
+def _call(module, hidden, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        return module(
+            hidden_states=hidden, timestep=torch.tensor([0.7]), guidance=torch.tensor([30.0]),
+            pooled_projections=torch.randn(1, 64, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+            txt_ids=flow.text_ids(5), img_ids=flow.token_ids(8, 12), return_dict=False,
+        )[0]
+
+
+def test_widening_identity(folder, widened):
+    """Widened(noisy, source, ANY mask image) == Fill(noisy, masked image = source, mask = 0)."""
+    fill = transformer_source(folder, None, F32).get()
+    g = torch.Generator().manual_seed(0)
+    noisy, source = torch.randn(1, 24, 64, generator=g), torch.randn(1, 24, 64, generator=g)
+    mask_image = torch.randn(1, 24, 64, generator=g) * 100  # arbitrary, even absurd, values
+    fill_out = _call(fill.module, torch.cat([noisy, source, torch.zeros(1, 24, 256)], dim=-1))
+    widened_out = _call(widened.module, torch.cat([noisy, source, mask_image], dim=-1))
+    torch.testing.assert_close(widened_out, fill_out, atol=1e-5, rtol=1e-5)
+    assert widened.module.config.in_channels == 192 and widened.module.config.out_channels == 64
+    assert widened.module.x_embedder.weight.shape == (128, 192)
+    assert torch.equal(widened.module.x_embedder.weight[:, :128], fill.module.x_embedder.weight[:, :128])
+    assert torch.count_nonzero(widened.module.x_embedder.weight[:, 128:]) == 0
+    assert torch.equal(widened.module.x_embedder.bias, fill.module.x_embedder.bias)
+
+
+def test_small_random_init_option(folder):
+    component = fresh_fill(folder)
+    ki.widen_fill_transformer(component.module, init="small_random", std=1e-3, seed=1)
+    new_columns = component.module.x_embedder.weight[:, 128:]
+    assert torch.count_nonzero(new_columns) == new_columns.numel()
+    assert 0.5e-3 < new_columns.std().item() < 2e-3
+    with pytest.raises(EditKitError, match="needs FLUX.1-Fill \\(384 input features\\); this transformer has 192"):
+        ki.widen_fill_transformer(component.module)
+    with pytest.raises(EditKitError, match="Unknown init"):
+        ki.widen_fill_transformer(fresh_fill(folder).module, init="ones")
+
+
+def test_save_and_load_round_trip_in_both_formats(widened, tmp_path):
+    trained = widened.module
+    with torch.no_grad():  # stand-in for training: make the new columns non-zero
+        trained.x_embedder.weight[:, 128:] = torch.linspace(-0.1, 0.1, 128 * 64).reshape(128, 64)
+    trained.save_pretrained(str(tmp_path / "folder" / "transformer"))
+    from_folder = transformer_source(tmp_path / "folder", None, F32).get()
+    bfl = {k: v.contiguous() for k, v in diffusers_transformer_to_bfl(trained.state_dict()).items()}
+    save_file(bfl, str(tmp_path / "flux1-kontext-inpaint.safetensors"))
+    from_file = transformer_source(None, tmp_path / "flux1-kontext-inpaint.safetensors", F32).get()
+    reference = trained.state_dict()
+    for loaded in (from_folder, from_file):
+        assert loaded.module.config.in_channels == 192
+        state = loaded.module.state_dict()
+        assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in reference)
+    with torch.no_grad():
+        trained.x_embedder.weight[:, 128:] = 0
+
+
+def _text(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return FluxText(torch.randn(1, 6, 32, generator=g), torch.randn(1, 64, generator=g), None)
+
+
+@pytest.fixture(scope="module")
+def vae(folder):
+    return vae_source(folder, None, F32).get()
+
+
+def _settings(folder, **kw):
+    base = dict(steps=2, guidance=30.0, seed=9, denoise=1.0, scheduler_config=scheduler_config(folder),
+                runtime=TorchRuntime("cpu"))
+    base.update(kw)
+    return base
+
+
+def test_no_mask_equals_an_all_white_mask(folder, widened, vae):
+    runtime = TorchRuntime("cpu")
+    source = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(4))
+    no_mask = ki.mask_image_latent(vae, None, 2, 64, 96, runtime)
+    white = ki.mask_image_latent(vae, torch.ones(1, 1, 64, 96), 2, 64, 96, runtime)
+    assert torch.equal(no_mask, white)
+    a = ki.edit(widened, source, no_mask, _text(), **_settings(folder)).latents
+    b = ki.edit(widened, source, white, _text(), **_settings(folder)).latents
+    assert torch.equal(a, b)
+    # A real mask changes the conditioning. The zero-initialised widening ignores it (that is the
+    # identity property); a model whose mask-image columns are non-zero does not.
+    partial = torch.zeros(1, 1, 64, 96)
+    partial[..., :, :48] = 1
+    partial_latent = ki.mask_image_latent(vae, partial, 2, 64, 96, runtime)
+    assert not torch.allclose(partial_latent, white)
+    assert torch.allclose(ki.edit(widened, source, partial_latent, _text(), **_settings(folder)).latents, a,
+                          atol=1e-5)
+    trained = fresh_fill(folder)
+    ki.widen_fill_transformer(trained.module, init="small_random", std=0.05)
+    assert not torch.allclose(ki.edit(trained, source, partial_latent, _text(), **_settings(folder)).latents,
+                              ki.edit(trained, source, white, _text(), **_settings(folder)).latents)
+
+
+def test_rounds_equal_chained_single_edits(folder, widened, vae):
+    runtime = TorchRuntime("cpu")
+    source = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(5))
+    mask_latent = ki.mask_image_latent(vae, None, 1, 64, 96, runtime)
+    texts = [_text(1), _text(2), _text(3)]
+    history = ki.multi_round(widened, source, mask_latent, texts, **_settings(folder, seed=100))
+    current = source
+    for k, text in enumerate(texts):
+        current = ki.edit(widened, current, mask_latent, text, **_settings(folder, seed=ki.round_seed(100, k))).latents
+        assert torch.equal(history[k], current), f"round {k + 1}"
+    assert not torch.allclose(history[0], history[1])
+
+
+def test_references_are_extra_tokens_whose_predictions_are_dropped(folder, widened, vae):
+    runtime = TorchRuntime("cpu")
+    source = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(6))
+    mask_latent = ki.mask_image_latent(vae, None, 1, 64, 96, runtime)
+    reference = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(7))
+    plain = ki.edit(widened, source, mask_latent, _text(), **_settings(folder)).latents
+    with_ref = ki.edit(widened, source, mask_latent, _text(), references=[reference], **_settings(folder)).latents
+    assert with_ref.shape == plain.shape == (1, 16, 8, 12)
+    assert not torch.allclose(plain, with_ref)  # the reference tokens take part in attention
+
+
+def test_bad_inputs(folder, widened, vae):
+    runtime = TorchRuntime("cpu")
+    with pytest.raises(EditKitError, match="Mask is 96x48 but the source is 96x64"):
+        ki.mask_image_latent(vae, torch.ones(1, 1, 48, 96), 1, 64, 96, runtime)
+    with pytest.raises(EditKitError, match="Got 2 masks for 3 sources"):
+        ki.mask_image_latent(vae, torch.ones(2, 1, 64, 96), 3, 64, 96, runtime)
+    odd = torch.randn(1, 16, 7, 12)
+    with pytest.raises(EditKitError, match="multiples of 16"):
+        ki.edit(widened, odd, torch.zeros(1, 16, 7, 12), _text(), **_settings(folder))
+    fill = transformer_source(folder, None, F32).get()
+    with pytest.raises(EditKitError, match="needs a transformer with 192 input features.*384"):
+        ki.edit(fill, torch.randn(1, 16, 8, 12), torch.zeros(1, 16, 8, 12), _text(), **_settings(folder))
+
+
+def test_loader_node_widens_a_private_copy(models_root, torch_runtime):
+    """Widening on the fly must not change the Fill model other nodes share."""
+    loader = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintLoader"]
+    spec = loader.INPUT_TYPES()["required"]
+    kwargs = {name: value[1].get("default", value[0][0]) for name, value in spec.items()}
+    kwargs["transformer_file"] = "flux1-fill-dev.safetensors"
+    model, _text_encoders, _vae = loader().load(**kwargs)
+    shared_fill = transformer_source(None, models_root / "diffusion_models" / "flux1-fill-dev.safetensors",
+                                     editkit.nodes.comfy_bridge.default_dtype()).get()
+    widened_model = model.transformer.get()
+    assert widened_model.module.config.in_channels == 192 and "widened" in widened_model.name
+    assert shared_fill.module.config.in_channels == 384
+    assert widened_model.module is not shared_fill.module
