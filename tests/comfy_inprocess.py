@@ -102,6 +102,7 @@ class ComfyInProcess:
         if not ok:
             raise RuntimeError("ComfyUI failed to import the EditKit pack (see the log above)")
         self.pack_nodes = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+        self.pack_module_name = str(custom / "editkit").replace(".", "_x_")  # how ComfyUI names it
         self.progress: list[tuple[int, int, bool]] = []
         comfy.utils.set_progress_bar_global_hook(self._on_progress)
 
@@ -117,6 +118,12 @@ class ComfyInProcess:
 
     def use_inputs(self, input_dir: Path) -> None:
         self.folder_paths.set_input_directory(str(input_dir))
+
+    def pack_submodule(self, name: str):
+        """A module of the pack as ComfyUI loaded it, e.g. ``nodes.comfy_bridge``."""
+        import importlib
+
+        return importlib.import_module(f"{self.pack_module_name}.{name}")
 
     def node_class(self, name: str):
         return self.nodes.NODE_CLASS_MAPPINGS[name]
