@@ -97,6 +97,27 @@ def test_runner_rejects_what_comfyui_rejects(models_root):
         runner.validate(broken)
 
 
+def native_conditioning_variant(zero_out: bool) -> dict:
+    """flux_fill_inpaint with the prompt passed through native FluxGuidance (and ConditioningZeroOut)."""
+    prompt = fast(load("flux_fill_inpaint"))
+    prompt["10"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 12.0}}
+    source = ["10", 0]
+    if zero_out:
+        prompt["11"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["10", 0]}}
+        source = ["11", 0]
+    prompt["4"]["inputs"]["conditioning"] = source
+    return prompt
+
+
+@pytest.mark.parametrize("zero_out", [False, True])
+def test_native_conditioning_nodes_feed_editkit_samplers(zero_out, models_root, torch_runtime, tmp_path, caplog):
+    runner = WorkflowRunner(editkit.NODE_CLASS_MAPPINGS, INPUTS, tmp_path)
+    with caplog.at_level("INFO", logger="EditKit"):
+        result = runner.run(native_conditioning_variant(zero_out))
+    assert "using guidance 12.00 from the CONDITIONING" in caplog.text
+    check_saved("flux_fill_inpaint", tmp_path, result.ui, load("flux_fill_inpaint"))
+
+
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
 
 
@@ -121,3 +142,12 @@ def test_workflow_runs_in_comfyui(name, comfy):
     assert run.success, run.error()
     check_saved(name, comfy.output_dir(), run.ui, prompt)
     assert any(total == FAST["steps"] for _, total, _ in comfy.progress) or name.startswith("ben2_remove")
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout to run ComfyUI's executor")
+@pytest.mark.parametrize("zero_out", [False, True])
+def test_native_conditioning_nodes_in_comfyui(zero_out, comfy):
+    run = comfy.run(native_conditioning_variant(zero_out))
+    assert run.success, run.error()
+    check_saved("flux_fill_inpaint", comfy.output_dir(), run.ui, load("flux_fill_inpaint"))

@@ -119,7 +119,32 @@ class MaskToImage(_Native):
         return (mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).movedim(1, -1).expand(-1, -1, -1, 3),)
 
 
-NATIVE_STANDINS = {cls.__name__: cls for cls in (LoadImage, SaveImage, PreviewImage, InvertMask, MaskToImage)}
+class FluxGuidance(_Native):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "append"
+
+    def append(self, conditioning, guidance):
+        return ([[t, {**extra, "guidance": guidance}] for t, extra in conditioning],)
+
+
+class ConditioningZeroOut(_Native):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "zero_out"
+
+    def zero_out(self, conditioning):
+        out = []
+        for tensor, extra in conditioning:
+            extra = dict(extra)
+            if extra.get("pooled_output") is not None:
+                extra["pooled_output"] = torch.zeros_like(extra["pooled_output"])
+            out.append([torch.zeros_like(tensor), extra])
+        return (out,)
+
+
+NATIVE_STANDINS = {
+    cls.__name__: cls
+    for cls in (LoadImage, SaveImage, PreviewImage, InvertMask, MaskToImage, FluxGuidance, ConditioningZeroOut)
+}
 
 
 def _bind_specs() -> None:
