@@ -578,6 +578,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         server = own_comfyui(Path(args.comfy_root), args.python, Path(args.models) if args.models else None,
                              args.port, args.timeout)
+    out_dir = Path(args.out_dir).resolve() if args.out_dir else UI_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     with server as url:
         try:
@@ -590,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
         with chromium_page(chromium, args.timeout) as page:
             open_comfyui(page, url, class_types, args.timeout)
             for name, api in apis.items():
-                target = UI_DIR / f"{name}.json"
+                target = out_dir / f"{name}.json"
                 graph, problems = export_one(page, name, api)
                 if graph and not problems:
                     text = format_json(graph) + "\n"
@@ -598,9 +600,9 @@ def run(args: argparse.Namespace) -> int:
                         problems += _staleness(target, graph)
                     elif not target.is_file() or target.read_text(encoding="utf-8") != text:
                         target.write_text(text, encoding="utf-8")
-                        print(f"wrote {target.relative_to(ROOT)}")
+                        print(f"wrote {_shown(target)}")
                     else:
-                        print(f"unchanged {target.relative_to(ROOT)}")
+                        print(f"unchanged {_shown(target)}")
                 if target.is_file() and (not problems or args.check):
                     ui = json.loads(target.read_text(encoding="utf-8"))
                     problems += [f"template round trip: {p}" for p in verify_template(page, name, api, ui)]
@@ -615,14 +617,18 @@ def run(args: argparse.Namespace) -> int:
 def _staleness(target: Path, graph: dict) -> list[str]:
     """--check: the committed UI file must equal a fresh export, apart from layout."""
     if not target.is_file():
-        return [f"{target.relative_to(ROOT)} is missing; run without --check to write it"]
+        return [f"{_shown(target)} is missing; run without --check to write it"]
     saved = json.loads(target.read_text(encoding="utf-8"))
     if without_layout(saved) != without_layout(json.loads(format_json(graph))):
-        return [f"{target.relative_to(ROOT)} differs from a fresh export; run without --check to rewrite it"]
+        return [f"{_shown(target)} differs from a fresh export; run without --check to rewrite it"]
     if saved != json.loads(format_json(graph)):
-        print(f"note: {target.relative_to(ROOT)} has other node positions/sizes than a fresh export "
+        print(f"note: {_shown(target)} has other node positions/sizes than a fresh export "
               "(fonts differ between machines); not an error")
     return []
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="write nothing: fail if a UI file is missing, differs from a fresh export (layout "
                              "aside) or does not round-trip through the template loader")
+    parser.add_argument("--out-dir", help="write (or --check) the UI files here instead of workflows/, e.g. to "
+                                          "preview an export without touching the tree")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for ComfyUI and the page")
     args = parser.parse_args(argv)
     try:
