@@ -286,12 +286,3 @@ def default_dtype(kind: str = "diffusion") -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def interrupted_exception_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user stopped the run" (must be re-raised, not wrapped)."""
-    from ..pipelines.errors import Interrupted
-
-    if HAVE_COMFY:
-        return (_mm.InterruptProcessingException, Interrupted)
-    return (Interrupted,)
