@@ -21,7 +21,9 @@ What the written files contain besides the API values (frontend 1.27.10 behaviou
   widget value after theirs. The frontend defaults it to "randomize"; this tool sets it to "fixed" so the
   template keeps the API file's seed after a run instead of drifting away from its API twin.
 * ``LoadImage`` gets an "upload" widget (value "image") and an input slot for it.
-* Widget inputs appear in each node's ``inputs`` list too, so link target slots count them.
+* Widget inputs appear in each node's ``inputs`` list too (after all socket inputs), so link target slots
+  count them.
+* Titles wider than their node are cut short on the canvas; this tool widens such nodes before the layout.
 
 Requirements (a developer tool, not run in CI):
 
