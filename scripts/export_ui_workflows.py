@@ -551,9 +551,10 @@ def verify_template(page: DevTools, name: str, api: dict, ui: dict) -> list[str]
         problems.append(f"opened with {len(graph['nodes'])} nodes, the file has {len(ui['nodes'])}")
     if link_set(graph) != link_set(ui):
         problems.append(f"opened with links {sorted(link_set(graph))}, the file has {sorted(link_set(ui))}")
-    saved = {n["id"]: n.get("widgets_values") for n in ui["nodes"]}
+    # A node without widgets serializes its values as missing/None once and as [] after a reload.
+    saved = {n["id"]: n.get("widgets_values") or [] for n in ui["nodes"]}
     for node in graph["nodes"]:
-        if not same_value(node.get("widgets_values"), saved.get(node["id"])):
+        if not same_value(node.get("widgets_values") or [], saved.get(node["id"])):
             problems.append(f"node {node['id']}: opened with widgets_values {node.get('widgets_values')}, "
                             f"the file has {saved.get(node['id'])}")
     problems += [f"graphToPrompt: {p}" for p in prompt_differences(api, result["prompt"])]

@@ -11,7 +11,7 @@ workflows use, so the workflows run unchanged on it (the pictures are noise: ran
     diffusion_models/flux1-kontext-inpaint.safetensors 192-feature Kontext-inpaint, BFL layout
     vae/ae.safetensors                                  BFL layout
     text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors
-    background_removal/BEN2_Base.safetensors, BEN2_Base.pth
+    background_removal/BEN2_Base.safetensors, BEN2_Base.pth   tiny BEN2 (flat safetensors; .pth training dict)
 
 Weights are rounded to the precision of their on-disk copies before anything is written, so
 every loading path sees the same numbers (GGUF differs by its Q8_0 rounding only). The
@@ -212,6 +212,13 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     _round_(kontext, torch.bfloat16)
     paths["kontext_bfl"] = out / "diffusion_models" / "flux1-kontext-inpaint.safetensors"
     _save(layout.diffusers_transformer_to_bfl(kontext.state_dict()), paths["kontext_bfl"], torch.bfloat16)
+
+    # BEN2 Base, tiny configuration of the same network, in both published formats.
+    ben2 = pack_module("pipelines.ben2")
+    torch.manual_seed(SEED)
+    network = ben2.BEN2Base(ben2.BEN2Config.tiny())
+    for suffix in ("safetensors", "pth"):
+        paths[f"ben2_{suffix}"] = ben2.save_ben2_checkpoint(network, out / "background_removal" / f"BEN2_Base.{suffix}")
     return paths
 
 

@@ -141,7 +141,9 @@ def test_workflow_runs_in_comfyui(name, comfy):
     run = comfy.run(fast(prompt))
     assert run.success, run.error()
     check_saved(name, comfy.output_dir(), run.ui, prompt)
-    assert any(total == FAST["steps"] for _, total, _ in comfy.progress) or name.startswith("ben2_remove")
+    assert comfy.progress, "no progress reported"
+    value, total, _ = comfy.progress[-1]
+    assert value == total  # the last progress bar ran to its end
 
 
 @pytest.mark.comfyui
