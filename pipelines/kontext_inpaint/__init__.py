@@ -4,7 +4,8 @@ See ``shared/design/KONTEXT_INPAINT.md`` for the contract. Public API:
 
 * :func:`widen_fill_transformer` — turn a loaded FLUX.1-Fill transformer into the 192-feature model;
 * :func:`edit` / :func:`multi_round` — sample single and chained edits in latent space;
-* :mod:`.train` — the two-stage fine-tune (``python -m`` entry point in ``scripts/``).
+* :mod:`.train` (with :mod:`.config`, :mod:`.dataset`, :mod:`.checkpoint`) — the two-stage fine-tune;
+  its CLI is ``scripts/train_kontext_inpaint.py``.
 """
 
 from .conditioning import condition_tokens, mask_image_latent, mask_to_image
