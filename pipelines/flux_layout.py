@@ -26,9 +26,9 @@ def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
 
 
 def strip_comfy_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop ComfyUI's ``model.diffusion_model.`` prefix if the file carries it."""
-    if any(k.startswith(COMFY_PREFIX) for k in state_dict):
-        return {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k: v for k, v in state_dict.items()}
+    """Drop ComfyUI's ``model.diffusion_model.`` prefix, in place, if the file carries it."""
+    for key in [k for k in state_dict if k.startswith(COMFY_PREFIX)]:
+        state_dict[key[len(COMFY_PREFIX):]] = state_dict.pop(key)
     return state_dict
 
 
@@ -42,8 +42,12 @@ def transformer_layout(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 
 def bfl_transformer_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a BFL-layout FLUX.1 transformer state dict (any width) to diffusers keys."""
-    checkpoint = dict(strip_comfy_prefix(state_dict))
+    """Convert a BFL-layout FLUX.1 transformer state dict (any width) to diffusers keys.
+
+    Consumes ``state_dict``: converted entries are removed from it, so each source tensor can
+    be freed once its converted copy exists and loading a 12 GB file does not need 24 GB.
+    """
+    checkpoint = strip_comfy_prefix(state_dict)
     width = logical_shape(checkpoint["img_in.weight"])[0]
     single_parts: dict[str, torch.Tensor] = {}
     fused_rows = 3 * _DIFFUSERS_FIXED_WIDTH + 4 * _DIFFUSERS_FIXED_WIDTH

@@ -7,16 +7,16 @@
    transformer and on a real-width but shallow FLUX.1-Fill transformer (24x128 heads, T5/CLIP widths
    4096/768, 1 double + 1 single block: every layer has its real size). Steps are timed between
    consecutive step callbacks, so text encoding and VAE work are excluded on both sides.
-2. Peak memory of loading that shallow transformer from a BFL-layout bf16 .safetensors file and from a
-   GGUF Q8_0 file through EditKit's loader (each load in a fresh process: peak RSS on the CPU,
-   torch.cuda.max_memory_allocated on CUDA), and the resident size of the loaded weights.
+2. Memory of loading that shallow transformer from a BFL-layout bf16 .safetensors file and from a GGUF
+   Q8_0 file through EditKit's loader, each in a fresh process: the size of the loaded weights, the
+   process's RSS once every weight page is resident and its peak RSS during loading (both above the
+   process's RSS after imports), and torch.cuda.max_memory_allocated on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,9 +125,20 @@ def compare_samplers(label, component, vae, scheduler_config, size, steps, devic
     results.append((label, ours, theirs))
 
 
+def _proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc (ru_maxrss would carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def measure_load(path: str, device: str) -> dict:
     """Child-process mode: load one transformer file and report peak memory."""
     loading = pack_module("pipelines.flux_loading")
+    import diffusers  # noqa: F401  (imported before the baseline so it is not counted as loading)
+
+    baseline = _proc_status_bytes("VmRSS")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -136,9 +147,13 @@ def measure_load(path: str, device: str) -> dict:
         component.module.to("cuda")
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    weights = sum(t.numel() * t.element_size() for t in component.module.state_dict().values())
-    report = {"load_s": seconds, "weights_bytes": weights, "peak_rss_bytes": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024}
+    state = component.module.state_dict().values()
+    weights = sum(t.numel() * t.element_size() for t in state)
+    for tensor in state:  # fault in memory-mapped pages: what a first forward would do
+        torch.Tensor.as_subclass(tensor, torch.Tensor).reshape(-1).view(torch.uint8).max()
+    report = {"load_s": seconds, "weights_bytes": weights,
+              "rss_bytes": _proc_status_bytes("VmRSS") - baseline,
+              "peak_rss_bytes": _proc_status_bytes("VmHWM") - baseline}
     if device == "cuda":
         report["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return report
@@ -161,6 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-shallow", action="store_true", help="tiny model only (fast)")
+    parser.add_argument("--skip-speed", action="store_true", help="only the loading-memory comparison")
     parser.add_argument("--measure-load", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_load:
@@ -181,31 +197,35 @@ def main(argv=None) -> int:
         tiny = loading.transformer_source(folder, None, dtype).get()
         vae = loading.vae_source(folder, None, dtype).get()
         scheduler_config = loading.scheduler_config(folder)
-        compare_samplers("tiny", tiny, vae, scheduler_config, args.size, args.steps, device, results)
+        if not args.skip_speed:
+            compare_samplers("tiny", tiny, vae, scheduler_config, args.size, args.steps, device, results)
         memory = {}
         if not args.skip_shallow:
-            shallow = runtime_mod.Component(shallow_fill_transformer(dtype, "cpu"), "diffusion", "shallow", dtype)
-            compare_samplers("shallow real-width", shallow, vae, scheduler_config, args.size, args.steps, device,
-                             results)
-            del shallow
+            if not args.skip_speed:
+                shallow = runtime_mod.Component(shallow_fill_transformer(dtype, "cpu"), "diffusion", "shallow", dtype)
+                compare_samplers("shallow real-width", shallow, vae, scheduler_config, args.size, args.steps,
+                                 device, results)
+                del shallow
             for name, path in zip(("bf16 safetensors", "GGUF Q8_0"), write_shallow_files(scratch)):
                 out = subprocess.run([sys.executable, __file__, "--measure-load", str(path), "--device", args.device],
                                      capture_output=True, text=True, check=True)
                 memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
                 memory[name]["file_bytes"] = path.stat().st_size
 
-    print(f"\nFill sampler, time per step ({args.size}x{args.size}, {args.steps} steps, {args.device}, {dtype}):")
-    print(f"{'model':22s} {'EditKit s/step':>15s} {'diffusers s/step':>17s} {'ratio':>7s}")
-    for label, ours, theirs in results:
-        print(f"{label:22s} {ours:15.4f} {theirs:17.4f} {ours / theirs:7.3f}")
+    if results:
+        print(f"\nFill sampler, time per step ({args.size}x{args.size}, {args.steps} steps, {args.device}, {dtype}):")
+        print(f"{'model':22s} {'EditKit s/step':>15s} {'diffusers s/step':>17s} {'ratio':>7s}")
+        for label, ours, theirs in results:
+            print(f"{label:22s} {ours:15.4f} {theirs:17.4f} {ours / theirs:7.3f}")
     if memory:
         print("\nShallow real-width FLUX.1-Fill transformer, loaded by EditKit (fresh process each):")
-        print(f"{'file':18s} {'file MB':>9s} {'weights MB':>11s} {'peak RSS MB':>12s} {'CUDA peak MB':>13s} "
-              f"{'load s':>7s}")
+        print(f"{'file':18s} {'file MB':>9s} {'weights MB':>11s} {'RSS MB':>8s} {'peak RSS MB':>12s} "
+              f"{'CUDA peak MB':>13s} {'load s':>7s}")
         for name, row in memory.items():
             cuda = f"{row['cuda_peak_bytes'] / 2**20:13.0f}" if "cuda_peak_bytes" in row else f"{'-':>13s}"
             print(f"{name:18s} {row['file_bytes'] / 2**20:9.0f} {row['weights_bytes'] / 2**20:11.0f} "
-                  f"{row['peak_rss_bytes'] / 2**20:12.0f} {cuda} {row['load_s']:7.2f}")
+                  f"{row['rss_bytes'] / 2**20:8.0f} {row['peak_rss_bytes'] / 2**20:12.0f} {cuda} "
+                  f"{row['load_s']:7.2f}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,20 @@ def torch_runtime():
     comfy_bridge.set_runtime(runtime)
     yield runtime
     comfy_bridge.set_runtime(None)
+
+
+@pytest.fixture(scope="session")
+def comfyui(tiny_models):
+    """ComfyUI's real executor in this process, with EditKit loaded (only when COMFYUI_ROOT is set)."""
+    root = os.environ.get("COMFYUI_ROOT")
+    if not root:
+        pytest.skip("set COMFYUI_ROOT to a ComfyUI checkout to run ComfyUI's executor")
+    from comfy_inprocess import ComfyInProcess
+
+    instance = ComfyInProcess.get(root)
+    instance.use_models(tiny_models)
+    instance.use_inputs(ROOT / "workflows" / "inputs")
+    return instance
 
 
 __all__ = ["ROOT"]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from editkit.nodes.ben2_nodes import EditKitBEN2RemoveBackground, EditKitRefineForeground
-from editkit.nodes.comfy_bridge import set_runtime
 from editkit.pipelines.ben2 import (
     RemovalSettings,
     composite,
@@ -31,6 +30,7 @@ from editkit.pipelines.ben2 import (
 from editkit.pipelines.ben2.postprocess import box_blur
 from editkit.pipelines.errors import EditKitError
 from editkit.pipelines.runtime import Component, TorchRuntime
+from node_calls import call_node
 
 SIZE = 256
 RADIUS = 60
@@ -225,67 +225,46 @@ def test_pipeline_processes_every_image_with_the_exact_matte():
     )
 
 
-def node_kwargs(cls, **overrides):
-    """Defaults from INPUT_TYPES, then overrides: the way ComfyUI fills a node's inputs."""
-    spec = cls.INPUT_TYPES()["required"]
-    kwargs = {name: opts[1]["default"] for name, opts in spec.items() if len(opts) > 1 and "default" in opts[1]}
-    kwargs.update(overrides)
-    assert set(kwargs) == set(spec)
-    return kwargs
-
-
-@pytest.fixture
-def cpu_runtime():
-    runtime = TorchRuntime("cpu")
-    set_runtime(runtime)
-    yield runtime
-    set_runtime(None)
-
-
-def run_node(cls, **inputs):
-    return getattr(cls(), cls.FUNCTION)(**node_kwargs(cls, **inputs))
-
-
-def test_node_mask_options(cpu_runtime):
+def test_node_mask_options(torch_runtime):
     images, alphas, _ = batch_of_three()
     node = EditKitBEN2RemoveBackground
     common = {"image": as_comfy_image(images), "resolution": SIZE}
-    _, soft = run_node(node, ben2_model=stand_in(alphas), **common)
+    _, soft = call_node(node, ben2_model=stand_in(alphas), **common)
     torch.testing.assert_close(soft, alphas[:, 0], atol=1e-6, rtol=0)
-    _, inverted = run_node(node, ben2_model=stand_in(alphas), invert=True, **common)
+    _, inverted = call_node(node, ben2_model=stand_in(alphas), invert=True, **common)
     torch.testing.assert_close(inverted, 1 - soft)  # mask-only use: "everything but the subject"
-    _, hard = run_node(node, ben2_model=stand_in(alphas), threshold=0.5, **common)
+    _, hard = call_node(node, ben2_model=stand_in(alphas), threshold=0.5, **common)
     assert set(hard.unique().tolist()) == {0.0, 1.0}
-    _, grown = run_node(node, ben2_model=stand_in(alphas), threshold=0.5, grow=6, **common)
+    _, grown = call_node(node, ben2_model=stand_in(alphas), threshold=0.5, grow=6, **common)
     assert grown[0].sum() > hard[0].sum()
-    _, feathered = run_node(node, ben2_model=stand_in(alphas), threshold=0.5, feather=5, **common)
+    _, feathered = call_node(node, ben2_model=stand_in(alphas), threshold=0.5, feather=5, **common)
     assert feathered.min() >= 0 and feathered.max() <= 1 and ((feathered > 0) & (feathered < 1)).any()
 
 
-def test_node_image_outputs(cpu_runtime):
+def test_node_image_outputs(torch_runtime):
     images, alphas, foregrounds = batch_of_three()
     node = EditKitBEN2RemoveBackground
     common = {"image": as_comfy_image(images), "resolution": SIZE}
-    white, _ = run_node(node, ben2_model=stand_in(alphas), **common)
+    white, _ = call_node(node, ben2_model=stand_in(alphas), **common)
     assert white.shape == (3, SIZE, SIZE, 3)
     assert torch.equal(white[1], torch.ones(SIZE, SIZE, 3))  # empty frame: only the background colour
-    rgba, mask = run_node(node, ben2_model=stand_in(alphas), background="alpha (RGBA)", **common)
+    rgba, mask = call_node(node, ben2_model=stand_in(alphas), background="alpha (RGBA)", **common)
     assert rgba.shape == (3, SIZE, SIZE, 4) and torch.equal(rgba[..., 3], mask)
-    naive, _ = run_node(node, ben2_model=stand_in(alphas), background="alpha (RGBA)", refine_foreground=False, **common)
+    naive, _ = call_node(node, ben2_model=stand_in(alphas), background="alpha (RGBA)", refine_foreground=False, **common)
     truth = foregrounds[:1]
     assert foreground_error(rgba[:1, ..., :3].movedim(-1, 1), truth, alphas[:1]) < 0.5 * foreground_error(
         naive[:1, ..., :3].movedim(-1, 1), truth, alphas[:1]
     )
     with pytest.raises(EditKitError, match="hex colour"):
-        run_node(node, ben2_model=stand_in(alphas), background_color="blue", **common)
+        call_node(node, ben2_model=stand_in(alphas), background_color="blue", **common)
 
 
 def test_refine_foreground_node_accepts_any_mask():
     image, alpha, foreground, _ = synthetic_sample()
     images = as_comfy_image(torch.cat((image, image)))
-    (out,) = run_node(EditKitRefineForeground, image=images, mask=alpha[:, 0], background="alpha (RGBA)")
+    (out,) = call_node(EditKitRefineForeground, image=images, mask=alpha[:, 0], background="alpha (RGBA)")
     assert out.shape == (2, SIZE, SIZE, 4)  # one mask applied to both images
     refined = foreground_error(out[:1, ..., :3].movedim(-1, 1), foreground, alpha)
     assert refined < 0.5 * foreground_error(image, foreground, alpha)
     with pytest.raises(EditKitError, match="Mask is"):
-        run_node(EditKitRefineForeground, image=images, mask=alpha[:, 0, :100])
+        call_node(EditKitRefineForeground, image=images, mask=alpha[:, 0, :100])

@@ -19,17 +19,6 @@ pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout"),
 ]
-INPUTS = ROOT / "workflows" / "inputs"
-
-
-@pytest.fixture(scope="module")
-def comfyui(tiny_models):
-    from comfy_inprocess import ComfyInProcess
-
-    instance = ComfyInProcess.get(COMFYUI_ROOT)
-    instance.use_models(tiny_models)
-    instance.use_inputs(INPUTS)
-    return instance
 
 
 def _workflow(name: str, steps: int = 2) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -118,38 +117,25 @@ def test_native_conditioning_nodes_feed_editkit_samplers(zero_out, models_root, 
     check_saved("flux_fill_inpaint", tmp_path, result.ui, load("flux_fill_inpaint"))
 
 
-COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
-
-
-@pytest.fixture(scope="module")
-def comfy(tiny_models):
-    from comfy_inprocess import ComfyInProcess
-
-    instance = ComfyInProcess.get(COMFYUI_ROOT)
-    instance.use_models(tiny_models)
-    instance.use_inputs(INPUTS)
-    return instance
 
 
 @pytest.mark.comfyui
-@pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout to run ComfyUI's executor")
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_workflow_runs_in_comfyui(name, comfy):
+def test_workflow_runs_in_comfyui(name, comfyui):
     prompt = load(name)
-    ok, error, _outputs, node_errors = comfy.validate(prompt)  # as shipped, by ComfyUI itself
+    ok, error, _outputs, node_errors = comfyui.validate(prompt)  # as shipped, by ComfyUI itself
     assert ok, (error, node_errors)
-    run = comfy.run(fast(prompt))
+    run = comfyui.run(fast(prompt))
     assert run.success, run.error()
-    check_saved(name, comfy.output_dir(), run.ui, prompt)
-    assert comfy.progress, "no progress reported"
-    value, total, _ = comfy.progress[-1]
+    check_saved(name, comfyui.output_dir(), run.ui, prompt)
+    assert comfyui.progress, "no progress reported"
+    value, total, _ = comfyui.progress[-1]
     assert value == total  # the last progress bar ran to its end
 
 
 @pytest.mark.comfyui
-@pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout to run ComfyUI's executor")
 @pytest.mark.parametrize("zero_out", [False, True])
-def test_native_conditioning_nodes_in_comfyui(zero_out, comfy):
-    run = comfy.run(native_conditioning_variant(zero_out))
+def test_native_conditioning_nodes_in_comfyui(zero_out, comfyui):
+    run = comfyui.run(native_conditioning_variant(zero_out))
     assert run.success, run.error()
-    check_saved("flux_fill_inpaint", comfy.output_dir(), run.ui, load("flux_fill_inpaint"))
+    check_saved("flux_fill_inpaint", comfyui.output_dir(), run.ui, load("flux_fill_inpaint"))
