@@ -1,12 +1,17 @@
 # Sourced by test.sh and smoke.sh: sets PYTHON to an interpreter with EditKit's dependencies.
 #
-# EDITKIT_PYTHON=/path/to/python  use that interpreter as it is (e.g. ComfyUI's venv); nothing is installed.
+# EDITKIT_PYTHON=/path/to/python  use that interpreter (e.g. ComfyUI's venv) with its packages as they are;
+#                                  only the test tools (pytest, ruff) are added if it lacks them.
 # EDITKIT_VENV=dir                 virtualenv to create/reuse (default .venv in the repository).
 # torch is installed first as torch==2.13.0 (on the CI machine this resolves to its local CPU wheel),
 # then the requirements with torch pinned, so nothing swaps torch for another build.
 set -euo pipefail
 if [ -n "${EDITKIT_PYTHON:-}" ]; then
   PYTHON="$EDITKIT_PYTHON"
+  if ! "$PYTHON" -c "import pytest, ruff" >/dev/null 2>&1; then
+    echo "adding the test tools (requirements-dev.txt) to $PYTHON" >&2
+    "$PYTHON" -m pip install --quiet -r requirements-dev.txt
+  fi
 else
   VENV="${EDITKIT_VENV:-.venv}"
   if [ ! -x "$VENV/bin/python" ]; then
