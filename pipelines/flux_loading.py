@@ -147,6 +147,29 @@ def read_state_dict(path: Path, expected: str) -> dict[str, torch.Tensor]:
     raise ModelFileError(path, f"Unsupported file type '{suffix}'", expected)
 
 
+def cast_stored_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Bring weights stored in a narrower format to ``dtype``, in place.
+
+    fp8-stored weights are cast up; ComfyUI's "scaled fp8" files also store a ``scale_weight``
+    per layer (and a ``scaled_fp8`` marker), which must multiply the weight or the model would
+    silently run with wrongly scaled weights. Other floating tensors are cast to ``dtype``;
+    quantized GGUF tensors (packed bytes, not floating) are left alone.
+    """
+    for key in [k for k in sd if k == "scaled_fp8" or k.endswith(".scale_input")]:
+        del sd[key]
+    scales = {k[: -len(".scale_weight")]: sd.pop(k) for k in [k for k in sd if k.endswith(".scale_weight")]}
+    for key, tensor in sd.items():
+        if not tensor.is_floating_point() or hasattr(tensor, "quant_type"):
+            continue
+        if tensor.element_size() == 1:
+            tensor = tensor.float()
+            scale = scales.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+            if scale is not None:
+                tensor = tensor * scale.float()
+        sd[key] = tensor.to(dtype)
+    return sd
+
+
 def _load_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
@@ -190,7 +213,10 @@ def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
     from diffusers import FluxTransformer2DModel
 
     quantized = path.suffix.lower() == ".gguf"
-    sd = flux_layout.strip_comfy_prefix(read_state_dict(path, TRANSFORMER_EXPECTED))
+    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
+    if not quantized:
+        cast_stored_weights(sd, dtype)
+    sd = flux_layout.strip_comfy_prefix(sd)
     layout = flux_layout.transformer_layout(sd)
     if layout is None:
         sample = ", ".join(list(sd)[:3]) or "no tensors"

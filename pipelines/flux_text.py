@@ -20,6 +20,7 @@ from .flux_loading import (
     CONFIG_DIR,
     T5_EXPECTED,
     LazyModel,
+    cast_stored_weights,
     count_blocks,
     file_key,
     read_state_dict,
@@ -104,21 +105,6 @@ def _tokenizers(folder: Path | None, clip_dir: Path | None, t5_dir: Path | None)
     return clip_tok, t5_tok
 
 
-def _dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Undo ComfyUI's fp8 storage: cast fp8 weights up, applying ``scale_weight`` where present."""
-    out = {}
-    for key, tensor in sd.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale = sd.get(key[: -len(".weight")] + ".scale_weight") if key.endswith(".weight") else None
-        if tensor.is_floating_point() and tensor.element_size() == 1:
-            tensor = tensor.float()
-            if scale is not None:
-                tensor = tensor * scale.float()
-        out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out
-
-
 def _load_into(model_cls, config, sd: dict[str, torch.Tensor], path: Path, expected: str, ignore=()):
     """Build ``model_cls(config)`` without allocating weights, then assign the file's tensors."""
     with torch.device("meta"):
@@ -149,7 +135,7 @@ def _load_into(model_cls, config, sd: dict[str, torch.Tensor], path: Path, expec
 def _clip_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    raw = _dequantize_scaled_fp8(read_state_dict(path, CLIP_EXPECTED), dtype)
+    raw = cast_stored_weights(read_state_dict(path, CLIP_EXPECTED), dtype)
     # ComfyUI's clip_l.safetensors (and transformers 4) prefix keys with "text_model."; transformers 5 does not.
     sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in raw.items()}
     if "embeddings.token_embedding.weight" not in sd or "encoder.layers.0.mlp.fc1.weight" not in sd:
@@ -175,7 +161,7 @@ def _clip_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 def _t5_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel
 
-    sd = _dequantize_scaled_fp8(read_state_dict(path, T5_EXPECTED), dtype)
+    sd = cast_stored_weights(read_state_dict(path, T5_EXPECTED), dtype)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))

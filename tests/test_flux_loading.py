@@ -214,3 +214,30 @@ def test_missing_sources_fail_only_when_used():
         lazy.get()
     with pytest.raises(EditKitError, match="No transformer"):
         transformer_source(None, None, F32).get()
+
+
+def test_fp8_and_scaled_fp8_transformer_files(folder, tiny_models, tmp_path):
+    """fp8-stored transformers load cast up; ComfyUI's scaled-fp8 files get their per-layer scales applied."""
+    reference = transformer_source(folder, None, F32).get()
+    bfl = load_file(str(tiny_models / "diffusion_models" / "flux1-fill-dev.safetensors"))
+    plain, scaled = {}, {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in bfl.items():
+        if value.ndim == 2:
+            plain[key] = value.to(torch.float8_e4m3fn)
+            scale = value.float().abs().max() / 448.0
+            scaled[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            scaled[key[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+        else:
+            plain[key] = scaled[key] = value
+    save_file(plain, str(tmp_path / "fp8.safetensors"))
+    save_file(scaled, str(tmp_path / "fp8_scaled.safetensors"))
+    expected = _forward(reference)
+    for name in ("fp8", "fp8_scaled"):
+        loaded = transformer_source(None, tmp_path / f"{name}.safetensors", F32).get()
+        assert {p.dtype for p in loaded.module.parameters()} == {F32}
+        error = (_forward(loaded) - expected).abs().max().item()
+        assert error < 0.1 * expected.abs().max().item(), name
+    # Without its scales the scaled file's weights are far off: the scales really were applied.
+    weight = loaded.module.x_embedder.weight
+    raw = scaled["img_in.weight"].float()
+    assert (weight - reference.module.x_embedder.weight).abs().max() < (raw - reference.module.x_embedder.weight).abs().max()
