@@ -223,25 +223,70 @@ class _ComfyProgress(Progress):
         self._bar.update_absolute(self.value, self.total, image)
 
 
+def _castable_classes() -> dict[type, type]:
+    import comfy.ops
+
+    ops = comfy.ops.disable_weight_init
+    mapping = {torch.nn.Linear: ops.Linear, torch.nn.Conv2d: ops.Conv2d, torch.nn.GroupNorm: ops.GroupNorm,
+               torch.nn.LayerNorm: ops.LayerNorm}
+    if hasattr(torch.nn, "RMSNorm") and hasattr(ops, "RMSNorm"):
+        mapping[torch.nn.RMSNorm] = ops.RMSNorm
+    return mapping
+
+
+def make_castable(module: torch.nn.Module) -> bool:
+    """Let ComfyUI stream ``module``'s weights layer by layer in low-VRAM modes.
+
+    Swaps the class of exact ``torch.nn`` Linear / Conv2d / GroupNorm / LayerNorm / RMSNorm
+    instances for ComfyUI's cast-capable subclasses (same parameters, same maths; with casting
+    off they run the parent class's forward). Returns True when every parameter now lives in a
+    cast-capable layer and the model has no buffers, i.e. when a partial load is safe. Subclasses
+    such as diffusers' GGUFLinear are never touched (their packed bytes must not be cast).
+    """
+    mapping = _castable_classes()
+    for layer in module.modules():
+        target = mapping.get(type(layer))
+        if target is not None:
+            layer.__class__ = target
+            if not hasattr(layer, "bias"):  # ComfyUI's cast reads .bias; torch's RMSNorm has none
+                layer.bias = None
+    for layer in module.modules():
+        if not hasattr(layer, "comfy_cast_weights") and any(True for _ in layer.parameters(recurse=False)):
+            return False
+    return not any(True for _ in module.buffers())
+
+
 class ComfyRuntime(Runtime):
-    """Runtime backed by ComfyUI's model management, ProgressBar and interrupt flag."""
+    """Runtime backed by ComfyUI's model management, ProgressBar and interrupt flag.
+
+    FLUX.1 transformers and VAEs (dense weights) are made cast-capable, so ``--lowvram`` and
+    tight VRAM load part of them and stream the rest layer by layer, as ComfyUI does with its own
+    models. Everything else (GGUF weights, text encoders, BEN2) is loaded whole or, under
+    ``--novram``, run where ComfyUI leaves it (the CPU).
+    """
 
     def __init__(self):
-        self._patchers: weakref.WeakKeyDictionary[Component, object] = weakref.WeakKeyDictionary()
+        self._patchers: weakref.WeakKeyDictionary[Component, tuple] = weakref.WeakKeyDictionary()
 
     def patcher(self, component: Component):
-        patcher = self._patchers.get(component)
-        if patcher is None:
+        return self._entry(component)[0]
+
+    def _entry(self, component: Component) -> tuple:
+        entry = self._patchers.get(component)
+        if entry is None:
             load_device, offload_device = _devices(component.kind)
+            streamable = component.kind in ("diffusion", "vae") and not component.quantized
+            castable = streamable and make_castable(component.module)
             patcher = _model_patcher.ModelPatcher(_Holder(component), load_device, offload_device)
-            self._patchers[component] = patcher
-        return patcher
+            entry = self._patchers[component] = (patcher, castable)
+        return entry
 
     def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
-        patcher = self.patcher(component)
-        _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
-        # Under --novram ComfyUI leaves plain modules where they are: run them there.
-        return component.device
+        patcher, castable = self._entry(component)
+        _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=not castable)
+        if castable:
+            return patcher.load_device  # layers left on the CPU cast their weights to it per call
+        return component.device  # loaded whole, or (--novram) left where it is
 
     def progress(self, total: int) -> Progress:
         return _ComfyProgress(total)
@@ -276,13 +321,18 @@ def default_dtype(kind: str = "diffusion") -> torch.dtype:
 
     bf16 on CUDA (fp16 where bf16 is unsupported), fp32 with ``--cpu`` or without a GPU. When
     ComfyUI keeps text encoders on the CPU of a GPU machine (low-VRAM modes) they use bf16, so
-    T5-XXL takes 9.5 GB of RAM instead of 19 GB.
+    T5-XXL takes 9.5 GB of RAM instead of 19 GB. The FLUX.1 VAE is never fp16 (it overflows to
+    black pictures): bf16 where supported, else fp32, and ComfyUI's --fp32-vae/--bf16-vae apply.
     """
     if HAVE_COMFY:
         device = _devices(kind)[0]
+        if kind == "vae":
+            return _mm.vae_dtype(device, [torch.bfloat16, torch.float32])
         if _mm.is_device_cpu(device):
             return torch.float32 if _mm.cpu_mode() else torch.bfloat16
         return torch.bfloat16 if _mm.should_use_bf16(device) else torch.float16
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32 if kind == "vae" else torch.float16
     return torch.float32

@@ -10,7 +10,7 @@ from ..pipelines.conditioning import make_conditioning
 from ..pipelines.errors import EditKitError
 from ..pipelines.flux_loading import FluxModel, scheduler_config, transformer_source, vae_source
 from ..pipelines.flux_text import DEFAULT_T5_LENGTH, text_encoder_source
-from ..pipelines.images import image_to_nchw, mask_to_nchw, nchw_to_image
+from ..pipelines.images import check_multiple_of, image_to_nchw, mask_to_nchw, match_mask_to_images, nchw_to_image
 from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,
@@ -80,8 +80,10 @@ class EditKitFluxLoader:
                 }),
                 "weight_dtype": (list(DTYPES), {
                     "default": "auto",
-                    "tooltip": "Compute dtype. auto: bf16 on CUDA GPUs that support it (else fp16), fp32 on the "
-                               "CPU. GGUF weights stay quantized whatever this says.",
+                    "tooltip": "Compute dtype of the transformer and text encoders. auto: bf16 on CUDA GPUs that "
+                               "support it (else fp16), fp32 on the CPU. The VAE uses bf16 or fp32 (never fp16: "
+                               "FLUX.1's VAE overflows in it); fp32 here makes it fp32 too. GGUF weights stay "
+                               "quantized whatever this says.",
                 }),
             }
         }
@@ -91,7 +93,9 @@ class EditKitFluxLoader:
         dtype = DTYPES[weight_dtype]
         transformer = transformer_source(folder, _choice(transformer_file, "diffusion_models"),
                                          dtype or bridge.default_dtype("diffusion"))
-        vae = vae_source(folder, _choice(vae_file, "vae"), dtype or bridge.default_dtype("vae"))
+        # The VAE follows its own policy (never fp16, which turns FLUX.1 pictures black) unless fp32 is asked for.
+        vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
+        vae = vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(
             folder, _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders"),
             dtype or bridge.default_dtype("text_encoder"),
@@ -157,6 +161,9 @@ def _sampler_settings():
 
 
 def _run_fill(model, vae, conditioning, pixels, mask, seed, steps, guidance, denoise, batch_size):
+    # Check the pictures before loading anything: a wrong size should fail in a second, not after 24 GB.
+    check_multiple_of(pixels.shape[-2], pixels.shape[-1], 16)
+    match_mask_to_images(mask, pixels)
     transformer = model.transformer.get()
     text, guidance = flux_text(conditioning, transformer.module.config, guidance)
     vae_component = vae.get()

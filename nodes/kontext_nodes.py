@@ -16,20 +16,16 @@ from .common import batch_input, denoise_input, flux_text, guidance_input, laten
 from .flux_nodes import EditKitFluxLoader
 
 CATEGORY = "EditKit/kontext-inpaint"
+# Its own socket type, so the UI never lets a 192-feature model reach a FLUX.1-Fill sampler (or the reverse).
+MODEL_TYPE = "EDITKIT_KONTEXT_INPAINT"
 
 
-def _as_kontext(component, init: str, seed: int):
+def _as_kontext(component, init: str):
     """Widen a FLUX.1-Fill transformer; pass a trained 192-feature one through unchanged."""
-    features = component.module.config.in_channels
-    if features == ki.KONTEXT_IN_FEATURES:
-        return component
-    if features != 384:
-        raise EditKitError(
-            f"'{component.name}' has {features} input features. Kontext-inpaint needs a trained Kontext-inpaint "
-            "transformer (192) or FLUX.1-Fill-dev (384, widened on the fly)."
-        )
-    ki.widen_fill_transformer(component.module, init=init, seed=seed)
-    component.name = f"{component.name} (widened for Kontext-inpaint)"
+    widened = component.module.config.in_channels != ki.KONTEXT_IN_FEATURES
+    ki.ensure_kontext(component.module, component.name, init=init)
+    if widened:
+        component.name = f"{component.name} (widened for Kontext-inpaint)"
     return component
 
 
@@ -44,7 +40,7 @@ class EditKitKontextInpaintLoader:
         "section)."
     )
     FUNCTION = "load"
-    RETURN_TYPES = EditKitFluxLoader.RETURN_TYPES
+    RETURN_TYPES = (MODEL_TYPE, *EditKitFluxLoader.RETURN_TYPES[1:])
     RETURN_NAMES = EditKitFluxLoader.RETURN_NAMES
     OUTPUT_TOOLTIPS = (
         "The Kontext-inpaint transformer (trained, or Fill widened on the fly).",
@@ -69,7 +65,7 @@ class EditKitKontextInpaintLoader:
     def load(self, widen_init="zeros", **files):
         model, text, vae = EditKitFluxLoader().load(**files)
         transformer = model.transformer.derived(
-            f"kontext-inpaint/{widen_init}", lambda c: _as_kontext(c, widen_init, seed=0),
+            f"kontext-inpaint/{widen_init}", lambda c: _as_kontext(c, widen_init),
             "Kontext-inpaint transformer",
         )
         return (FluxModel(transformer, model.scheduler_config), text, vae)
@@ -84,14 +80,28 @@ def _encode_references(vae, reference, runtime) -> list[torch.Tensor] | None:
     return [latents[i:i + 1] for i in range(latents.shape[0])]
 
 
+def _check_source(image, source_latent) -> None:
+    """Validate the source before any model is loaded, so a wrong input fails in a second, not after 24 GB."""
+    if source_latent is not None:
+        samples = source_latent["samples"]
+        if samples.ndim != 4 or samples.shape[1] != 16:
+            raise EditKitError(
+                f"source_latent has shape {tuple(samples.shape)}; Kontext-inpaint needs a FLUX.1 LATENT "
+                "[batch, 16, height/8, width/8] (from an EditKit Flux/Kontext node or VAEEncode with the FLUX.1 VAE)."
+            )
+        if samples.shape[-2] % 2 or samples.shape[-1] % 2:
+            raise EditKitError("source_latent must be a multiple of 16 pixels wide and high (2 latent pixels).")
+    elif image is None:
+        raise EditKitError("Connect a source: an IMAGE (image) or a LATENT (source_latent, e.g. a previous edit).")
+    else:
+        pixels = image_to_nchw(image)
+        check_multiple_of(pixels.shape[-2], pixels.shape[-1], 16, "Source image")
+
+
 def _source_latent(vae, image, source_latent, runtime) -> torch.Tensor:
     if source_latent is not None:
         return vae_ops.raw_to_model(vae, source_latent["samples"])
-    if image is None:
-        raise EditKitError("Connect a source: an IMAGE (image) or a LATENT (source_latent, e.g. a previous edit).")
-    pixels = image_to_nchw(image)
-    check_multiple_of(pixels.shape[-2], pixels.shape[-1], 16, "Source image")
-    return vae_ops.encode(vae, pixels, runtime)
+    return vae_ops.encode(vae, image_to_nchw(image), runtime)
 
 
 def _mask(mask):
@@ -123,7 +133,7 @@ class EditKitKontextInpaintEdit:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("EDITKIT_FLUX", {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
+                "model": (MODEL_TYPE, {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
                 "vae": ("EDITKIT_VAE", {"tooltip": "FLUX.1 VAE from the loader."}),
                 "conditioning": ("CONDITIONING", {"tooltip": "The edit instruction (EditKit · Flux Text Encode "
                                                              "or native CLIPTextEncode)."}),
@@ -145,8 +155,7 @@ class EditKitKontextInpaintEdit:
     def edit(self, model, vae, conditioning, seed, steps, guidance, denoise, batch_size, image=None,
              source_latent=None, mask=None, reference=None):
         runtime = bridge.runtime()
-        transformer = model.transformer.get()
-        text, guidance = flux_text(conditioning, transformer.module.config, guidance)
+        _check_source(image, source_latent)
         vae_c = vae.get()
         source = _source_latent(vae_c, image, source_latent, runtime)
         sources = source.shape[0]
@@ -156,6 +165,8 @@ class EditKitKontextInpaintEdit:
         if mask_t is not None and mask_t.shape[0] == sources and sources > 1:
             mask_t = repeat_batch(mask_t, batch_size)
         mask_latent = ki.mask_image_latent(vae_c, mask_t, b, h * 8, w * 8, runtime)
+        transformer = model.transformer.get()
+        text, guidance = flux_text(conditioning, transformer.module.config, guidance)
         if text.states.shape[0] == sources and sources > 1:
             text = FluxText(repeat_batch(text.states, batch_size), repeat_batch(text.pooled, batch_size), None)
         result = ki.edit(
@@ -188,7 +199,7 @@ class EditKitKontextInpaintMultiRound:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("EDITKIT_FLUX", {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
+                "model": (MODEL_TYPE, {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
                 "vae": ("EDITKIT_VAE", {"tooltip": "FLUX.1 VAE from the loader."}),
                 "text_encoders": ("EDITKIT_FLUX_TEXT", {"tooltip": "From the loader; encodes each instruction."}),
                 "image": ("IMAGE", {"tooltip": "Source picture (multiples of 16 px)."}),
@@ -213,6 +224,7 @@ class EditKitKontextInpaintMultiRound:
         lines = [line.strip() for line in instructions.splitlines() if line.strip()]
         if not lines:
             raise EditKitError("No instructions: write one edit instruction per line.")
+        _check_source(image, None)
         encoders = text_encoders.get()
         transformer = model.transformer.get()
         config = transformer.module.config

@@ -187,8 +187,8 @@ def denoise(
             velocity = velocity[:, :tokens]
         velocity = velocity.float()
 
-        def preview(x=x, v=velocity, s=sigmas[i]):
-            return unpack(x - s * v, inputs.latent_h, inputs.latent_w)
+        def preview(x=x, v=velocity, s=sigmas[i]):  # ComfyUI previews the first sample only
+            return unpack(x[:1] - s * v[:1], inputs.latent_h, inputs.latent_w)
 
         x = x + dts[i] * velocity
         progress.update(preview=preview)

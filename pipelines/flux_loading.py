@@ -321,6 +321,9 @@ def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
     if not (sub / "config.json").is_file():
         raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
     model = AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    if model.config.latent_channels != 16:
+        raise ModelFileError(sub, f"A VAE with {model.config.latent_channels} latent channels (not FLUX.1's 16)",
+                             VAE_EXPECTED)
     model.eval().requires_grad_(False)
     return Component(model, "vae", f"{folder.name}/vae", dtype)
 

@@ -181,7 +181,14 @@ def _t5_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     config.d_ff = sd["encoder.block.0.layer.1.DenseReluDense.wo.weight"].shape[1]
     model = _load_into(T5EncoderModel, config, sd, path, T5_EXPECTED)
     model.shared = model.encoder.embed_tokens  # keep the embedding tied as in the released model
-    return model.to(dtype)
+    model.to(dtype)
+    if dtype == torch.float16:
+        # T5's feed-forward output overflows in fp16; transformers' own loader keeps these layers in fp32.
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, module in model.named_modules():
+            if keep and name.endswith(keep):
+                module.float()
+    return model
 
 
 def _text_encoders(folder, clip_file, t5_file, clip_tok_dir, t5_tok_dir, dtype) -> FluxTextEncoders:

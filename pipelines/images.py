@@ -8,7 +8,6 @@ change. Models want ``[B,C,H,W]``. Everything here is batched; nothing loops ove
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .errors import EditKitError
 
@@ -76,14 +75,3 @@ def match_mask_to_images(mask: torch.Tensor, images: torch.Tensor) -> torch.Tens
 def repeat_batch(tensor: torch.Tensor, times: int) -> torch.Tensor:
     """Repeat each batch item ``times`` times in place (a,a,b,b, like diffusers' images per prompt)."""
     return tensor.repeat_interleave(times, dim=0) if times > 1 else tensor
-
-
-def resize_nchw(images: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """Resize ``[B,C,H,W]``; antialiasing on downscale so thin masks are not lost."""
-    if images.shape[-2:] == (height, width):
-        return images
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    antialias = mode in ("bilinear", "bicubic") and (height < images.shape[-2] or width < images.shape[-1])
-    if antialias:
-        kwargs["antialias"] = True
-    return F.interpolate(images, size=(height, width), mode=mode, **kwargs)

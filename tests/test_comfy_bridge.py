@@ -104,3 +104,57 @@ def test_background_removal_folder_is_registered(comfyui):
 
     assert "background_removal" in folder_paths.folder_names_and_paths
     assert {".safetensors", ".pth"} <= set(folder_paths.folder_names_and_paths["background_removal"][1])
+
+
+def _forward(module, device, width=32, pooled=64):
+    from editkit.pipelines.flow import text_ids, token_ids
+
+    g = torch.Generator().manual_seed(0)
+    args = dict(hidden_states=torch.randn(1, 16, 384, generator=g), timestep=torch.tensor([0.5]),
+                guidance=torch.tensor([30.0]), pooled_projections=torch.randn(1, pooled, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, width, generator=g))
+    with torch.inference_mode():
+        return module(**{k: v.to(device) for k, v in args.items()}, txt_ids=text_ids(7, device),
+                      img_ids=token_ids(8, 8, 0, device), return_dict=False)[0]
+
+
+def _fresh(comfyui, tiny_models, kind):
+    loading = comfyui.pack_submodule("pipelines.flux_loading")
+    folder = tiny_models / "diffusers" / "FLUX.1-Fill-dev"
+    source = loading.transformer_source if kind == "transformer" else loading.vae_source
+    return source(folder, None, torch.float32).derived(f"lowvram-{kind}-{id(object())}", lambda c: c, kind).get()
+
+
+def test_cast_capable_swap_is_exact(comfyui, tiny_models):
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    component = _fresh(comfyui, tiny_models, "transformer")
+    before = _forward(component.module, torch.device("cpu"))
+    assert bridge.make_castable(component.module)
+    assert torch.equal(_forward(component.module, torch.device("cpu")), before)
+
+
+def test_novram_streams_every_layer(comfyui, tiny_models, monkeypatch):
+    """--novram on a GPU machine, simulated with the meta device as the GPU: nothing is loaded, every
+    layer casts its weights to the GPU per call, and the transformer and VAE still run there."""
+    import comfy.model_management as mm
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    fake_gpu = torch.device("meta")
+    monkeypatch.setattr(mm, "get_torch_device", lambda: fake_gpu)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    monkeypatch.setattr(mm, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: (1 << 34, 1 << 34) if torch_free_too else 1 << 34)
+    runtime = bridge.ComfyRuntime()
+    transformer, vae = _fresh(comfyui, tiny_models, "transformer"), _fresh(comfyui, tiny_models, "vae")
+    try:
+        assert runtime.acquire(transformer) == fake_gpu
+        assert runtime.patcher(transformer).loaded_size() == 0
+        assert {p.device.type for p in transformer.module.parameters()} == {"cpu"}
+        assert _forward(transformer.module, fake_gpu).shape == (1, 16, 64)
+        assert runtime.acquire(vae) == fake_gpu
+        with torch.inference_mode():
+            assert vae.module.decode(torch.randn(1, 16, 8, 8, device=fake_gpu)).sample.shape == (1, 3, 64, 64)
+    finally:
+        for component in (transformer, vae):
+            mm.current_loaded_models[:] = [m for m in mm.current_loaded_models
+                                           if m.model is not runtime.patcher(component)]

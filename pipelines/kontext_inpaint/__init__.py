@@ -10,13 +10,14 @@ See ``shared/design/KONTEXT_INPAINT.md`` for the contract. Public API:
 
 from .conditioning import condition_tokens, mask_image_latent, mask_to_image
 from .sampler import EditResult, edit, multi_round, round_seed
-from .widen import KONTEXT_IN_FEATURES, widen_fill_transformer
+from .widen import KONTEXT_IN_FEATURES, ensure_kontext, widen_fill_transformer
 
 __all__ = [
     "KONTEXT_IN_FEATURES",
     "EditResult",
     "condition_tokens",
     "edit",
+    "ensure_kontext",
     "mask_image_latent",
     "mask_to_image",
     "multi_round",

@@ -55,7 +55,7 @@ from .dataset import (
     pair_fingerprint,
     scan_dataset,
 )
-from .widen import FILL_IN_FEATURES, KONTEXT_IN_FEATURES, widen_fill_transformer
+from .widen import ensure_kontext
 
 log = logging.getLogger("EditKit.train")
 
@@ -227,14 +227,7 @@ def resolve_sources(config: TrainingConfig, text_dtype: torch.dtype) -> ModelSou
 def load_trainable_transformer(source: LazyModel, widen_init: str = "zeros", seed: int = 0) -> torch.nn.Module:
     """A fresh (never shared) copy of the transformer, widened to 192 features if it is FLUX.1-Fill."""
     component = source.derived(f"kontext-train/{uuid.uuid4().hex}", lambda c: c, "transformer for training").get()
-    model = component.module
-    features = model.config.in_channels
-    if features == FILL_IN_FEATURES:
-        widen_fill_transformer(model, init=widen_init, seed=seed)
-    elif features != KONTEXT_IN_FEATURES:
-        raise EditKitError(f"'{component.name}' has {features} input features. Train from FLUX.1-Fill-dev (384, "
-                           f"widened first) or a Kontext-inpaint model ({KONTEXT_IN_FEATURES}).")
-    return model
+    return ensure_kontext(component.module, component.name, init=widen_init, seed=seed)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import EditKitError
+from ..fill import FILL_IN_FEATURES
 
-FILL_IN_FEATURES = 384
 KONTEXT_IN_FEATURES = 192
 TOKEN_FEATURES = 64  # one packed 16-channel latent per token
 INIT_CHOICES = ("zeros", "small_random")
@@ -66,4 +66,20 @@ def widen_fill_transformer(transformer, init: str = "zeros", std: float = 1e-3, 
     transformer.x_embedder = new
     out_channels = transformer.config.out_channels or TOKEN_FEATURES
     transformer.register_to_config(in_channels=KONTEXT_IN_FEATURES, out_channels=out_channels)
+    return transformer
+
+
+def ensure_kontext(transformer, name: str, init: str = "zeros", seed: int = 0):
+    """Make ``transformer`` a Kontext-inpaint model: widen FLUX.1-Fill, keep a 192-feature model.
+
+    Anything else is refused with an error that names the model and what it would need.
+    """
+    features = transformer.config.in_channels
+    if features == FILL_IN_FEATURES:
+        return widen_fill_transformer(transformer, init=init, seed=seed)
+    if features != KONTEXT_IN_FEATURES:
+        raise EditKitError(
+            f"'{name}' has {features} input features. Kontext-inpaint needs a trained Kontext-inpaint transformer "
+            f"({KONTEXT_IN_FEATURES}) or FLUX.1-Fill-dev ({FILL_IN_FEATURES}, widened first)."
+        )
     return transformer
