@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..pipelines.ben2 import RemovalSettings, apply_matte, load_ben2, parse_hex_color, remove_background
+from ..pipelines.errors import EditKitError
 from ..pipelines.runtime import Component
 from . import comfy_bridge
+from .common import files_signature
 
 CATEGORY = "EditKit/background removal"
 MODEL_TYPE = "EDITKIT_BEN2"
@@ -89,6 +91,13 @@ class EditKitBEN2Loader:
                 ),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, model_name: str, **_):
+        try:
+            return files_signature([comfy_bridge.model_path(MODEL_FOLDER, model_name)])
+        except EditKitError:
+            return ""  # the load itself reports the missing file
 
     def load(self, model_name: str, precision: str):
         path = comfy_bridge.model_path(MODEL_FOLDER, model_name)

@@ -298,6 +298,9 @@ class ComfyRuntime(Runtime):
     def intermediate_device(self) -> torch.device:
         return _mm.intermediate_device()
 
+    def empty_cache(self) -> None:
+        _mm.soft_empty_cache()
+
 
 _RUNTIME: Runtime | None = None
 

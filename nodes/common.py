@@ -11,6 +11,7 @@ import logging
 import torch
 
 from ..pipelines.conditioning import FluxText, read_conditioning
+from ..pipelines.flux_loading import file_key
 
 log = logging.getLogger("EditKit")
 
@@ -55,6 +56,21 @@ def flux_text(conditioning, transformer_config, widget_guidance: float) -> tuple
         log.info("EditKit: using guidance %.2f from the CONDITIONING (widget: %.2f).", text.guidance, widget_guidance)
         guidance = text.guidance
     return text, guidance
+
+
+def files_signature(paths) -> str:
+    """Size and modification time of model files (or of every file in a model folder).
+
+    Loader nodes return this from IS_CHANGED, so replacing a checkpoint under the same name (e.g.
+    a newer training checkpoint) reloads it instead of reusing ComfyUI's cached output.
+    """
+    parts = []
+    for path in paths:
+        if path is None:
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        parts += [repr(file_key(p)) for p in files]
+    return "|".join(parts)
 
 
 def latent_dict(raw_latents: torch.Tensor) -> dict:

@@ -17,6 +17,7 @@ from .common import (
     NONE,
     batch_input,
     denoise_input,
+    files_signature,
     flux_text,
     guidance_input,
     latent_dict,
@@ -87,6 +88,15 @@ class EditKitFluxLoader:
                 }),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, **_):
+        try:
+            folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
+            return files_signature([folder, _choice(transformer_file, "diffusion_models"), _choice(vae_file, "vae"),
+                                    _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders")])
+        except EditKitError:
+            return ""  # the load itself reports the missing file
 
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
@@ -216,8 +226,8 @@ class EditKitFluxFillOutpaint:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Extends the canvas on any side and fills the new area with FLUX.1-Fill from a prompt. The canvas is "
-        "rounded up to a multiple of 16 (extra pixels go to an extended side). A feathered band of the original "
-        "along each extended edge is repainted too and blended, so the seam disappears."
+        "rounded up to a multiple of 16 (extra pixels go to an extended side, right/bottom first). A feathered "
+        "band of the original along each extended edge is repainted too and blended, so the seam disappears."
     )
     FUNCTION = "outpaint"
     RETURN_TYPES = ("IMAGE", "LATENT", "MASK")

@@ -62,6 +62,8 @@ class EditKitKontextInpaintLoader:
         })
         return spec
 
+    IS_CHANGED = EditKitFluxLoader.IS_CHANGED
+
     def load(self, widen_init="zeros", **files):
         model, text, vae = EditKitFluxLoader().load(**files)
         transformer = model.transformer.derived(

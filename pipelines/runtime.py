@@ -83,6 +83,11 @@ class Runtime(ABC):
         """Where results handed to other nodes live (ComfyUI keeps IMAGE/LATENT on the CPU)."""
         return torch.device("cpu")
 
+    def empty_cache(self) -> None:
+        """Return cached, unused accelerator memory (before retrying something that ran out of it)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
@@ -100,10 +105,16 @@ class TorchRuntime(Runtime):
     ``on_progress`` receives ``(value, total, preview_fn)`` for every update.
     """
 
-    def __init__(self, device: torch.device | str | None = None, on_progress=None):
+    def __init__(self, device: torch.device | str | None = None, on_progress=None,
+                 intermediate: torch.device | str = "cpu"):
         self.device = torch.device(device) if device is not None else default_device()
         self.on_progress = on_progress
+        self._intermediate = torch.device(intermediate)
         self._interrupt = threading.Event()
+
+    @property
+    def intermediate_device(self) -> torch.device:
+        return self._intermediate
 
     def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
         if component.device != self.device:

@@ -13,9 +13,14 @@ Encoding uses the distribution's mode (deterministic, as ComfyUI does) rather th
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from .runtime import Component, Runtime
+
+log = logging.getLogger("EditKit")
 
 DEFAULT_SCALE = 0.3611
 DEFAULT_SHIFT = 0.1159
@@ -38,34 +43,69 @@ def model_to_raw(vae: Component, latents: torch.Tensor) -> torch.Tensor:
     return latents.float() / scale + shift
 
 
-def _vae_bytes(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """Activation estimate for a FLUX.1 VAE pass (ComfyUI budgets ~2.2 KB per pixel in fp16)."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    return int(batch * height * width * element * 1100)
+# ComfyUI's own budgets for the FLUX.1 VAE, in values per pixel (times the dtype size).
+_ENCODE_PER_PIXEL = 1767
+_DECODE_PER_PIXEL = 2178
+# Tile size (pixels) for the retry after running out of memory.
+_TILE_PIXELS = 512
+
+
+def _bytes(per_pixel: int, batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+    return int(batch * height * width * per_pixel * torch.tensor([], dtype=dtype).element_size())
+
+
+@contextlib.contextmanager
+def _tiled(vae: Component):
+    """Temporarily process in overlapping 512-pixel tiles (diffusers' tiling, smaller tiles)."""
+    module = vae.module
+    saved = (module.use_tiling, module.tile_sample_min_size, module.tile_latent_min_size)
+    module.use_tiling = True
+    module.tile_sample_min_size, module.tile_latent_min_size = _TILE_PIXELS, _TILE_PIXELS // 8
+    try:
+        yield
+    finally:
+        module.use_tiling, module.tile_sample_min_size, module.tile_latent_min_size = saved
+
+
+def _in_chunks(vae: Component, run, batch: int, chunk: int, runtime: Runtime) -> torch.Tensor:
+    """Run ``run(start, stop)`` over the batch; after an out-of-memory error retry one by one, tiled.
+
+    Like ComfyUI's own VAE nodes, a picture too large for the free memory still decodes (slower)
+    instead of failing.
+    """
+    try:
+        return torch.cat([run(start, min(start + chunk, batch)) for start in range(0, batch, chunk)])
+    except torch.OutOfMemoryError:
+        log.warning("EditKit: out of memory in the VAE; retrying in %d-pixel tiles.", _TILE_PIXELS)
+    runtime.empty_cache()
+    with _tiled(vae):
+        return torch.cat([run(start, start + 1) for start in range(batch)])
 
 
 @torch.inference_mode()
 def encode(vae: Component, pixels: torch.Tensor, runtime: Runtime, chunk: int = 4) -> torch.Tensor:
     """Pixels ``[B,3,H,W]`` in 0..1 → model-space latents ``[B,16,H/8,W/8]`` (float32, runtime device)."""
     b, _, h, w = pixels.shape
-    device = runtime.acquire(vae, memory_required=_vae_bytes(min(b, chunk), h, w, vae.dtype))
-    out = []
-    for start in range(0, b, chunk):
-        x = pixels[start:start + chunk].to(device=device, dtype=vae.dtype) * 2.0 - 1.0
-        out.append(vae.module.encode(x).latent_dist.mode().float())
+    device = runtime.acquire(vae, memory_required=_bytes(_ENCODE_PER_PIXEL, min(b, chunk), h, w, vae.dtype))
     scale, shift = _scale_shift(vae)
-    return (torch.cat(out) - shift) * scale
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        x = pixels[start:stop].to(device=device, dtype=vae.dtype) * 2.0 - 1.0
+        return vae.module.encode(x).latent_dist.mode().float()
+
+    return (_in_chunks(vae, run, b, chunk, runtime) - shift) * scale
 
 
 @torch.inference_mode()
 def decode(vae: Component, latents: torch.Tensor, runtime: Runtime, chunk: int = 4) -> torch.Tensor:
     """Model-space latents ``[B,16,h,w]`` → pixels ``[B,3,8h,8w]`` in 0..1 (float32, runtime device)."""
     b, _, h, w = latents.shape
-    device = runtime.acquire(vae, memory_required=_vae_bytes(min(b, chunk), h * 8, w * 8, vae.dtype))
+    device = runtime.acquire(vae, memory_required=_bytes(_DECODE_PER_PIXEL, min(b, chunk), h * 8, w * 8, vae.dtype))
     scale, shift = _scale_shift(vae)
-    out = []
-    for start in range(0, b, chunk):
-        z = latents[start:start + chunk].to(device=device, dtype=torch.float32) / scale + shift
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        z = latents[start:stop].to(device=device, dtype=torch.float32) / scale + shift
         image = vae.module.decode(z.to(vae.dtype)).sample
-        out.append(((image.float() + 1.0) / 2.0).clamp(0.0, 1.0))
-    return torch.cat(out)
+        return ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    return _in_chunks(vae, run, b, chunk, runtime)

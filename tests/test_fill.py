@@ -202,3 +202,59 @@ def test_conditioning_from_native_nodes_is_accepted():
         read_conditioning([[states, {}]], 32, 64)
     with pytest.raises(EditKitError, match="width 768.*expects 32"):
         read_conditioning([[torch.randn(1, 77, 768), {"pooled_output": pooled}]], 32, 64)
+
+
+class _ZeroVelocity(torch.nn.Module):
+    """A stand-in transformer that predicts zero velocity: the sampler then returns its start point."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"guidance_embeds": True, "in_channels": 384})()
+
+    def forward(self, hidden_states, **kwargs):
+        return (torch.zeros(*hidden_states.shape[:2], 64),)
+
+
+def test_img2img_starts_from_the_noised_input():
+    """denoise < 1 starts at sigma0 * noise + (1 - sigma0) * init (ComfyUI's and diffusers' img2img)."""
+    from editkit.pipelines.runtime import Component
+
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True,
+              "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    schedule = flow.flux_schedule(4, 24, config, denoise=0.4)
+    sigma0 = float(schedule.sigmas[0])
+    noise, init = torch.randn(1, 24, 64), torch.randn(1, 24, 64)
+    inputs = flow.FlowInputs(noise=noise, text=torch.zeros(1, 3, 8), pooled=torch.zeros(1, 8), guidance=1.0,
+                             latent_h=4, latent_w=6, init=init)
+    out = flow.denoise(Component(_ZeroVelocity(), "diffusion", "stub", F32), inputs, schedule, TorchRuntime("cpu"))
+    torch.testing.assert_close(out, sigma0 * noise + (1 - sigma0) * init)
+    assert 0.0 < sigma0 < 0.95
+
+
+def test_last_preview_is_the_result(parts):
+    """Previews are the x0 estimate x - sigma * v: after the last step that is the final latent."""
+    previews = []
+    runtime = TorchRuntime("cpu", on_progress=lambda v, t, preview: previews.append(preview()))
+    result = _fill(parts, _picture(batch=2), _mask(), runtime=runtime, steps=3)
+    assert len(previews) == 3 and previews[-1].shape == (1, 16, 8, 12)  # ComfyUI previews the first sample
+    torch.testing.assert_close(previews[-1], result.latents[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_vae_retries_in_tiles_after_running_out_of_memory(parts, monkeypatch):
+    vae = parts["vae"]
+    untiled = vae_ops.decode(vae, torch.randn(2, 16, 8, 12), TorchRuntime("cpu"))
+    original = type(vae.module).decode
+    calls = []
+
+    def decode(module, z, *args, **kwargs):
+        calls.append(module.use_tiling)
+        if not module.use_tiling:
+            raise torch.OutOfMemoryError("simulated")
+        return original(module, z, *args, **kwargs)
+
+    monkeypatch.setattr(type(vae.module), "decode", decode)
+    latents = torch.randn(2, 16, 8, 12)
+    out = vae_ops.decode(vae, latents, TorchRuntime("cpu"))
+    assert out.shape == untiled.shape == (2, 3, 64, 96)
+    assert calls == [False, True, True] and vae.module.use_tiling is False  # one failed try, then 1 by 1 tiled

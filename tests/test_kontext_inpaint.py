@@ -186,3 +186,85 @@ def test_loader_node_widens_a_private_copy(models_root, torch_runtime):
     assert widened_model.module.config.in_channels == 192 and "widened" in widened_model.name
     assert shared_fill.module.config.in_channels == 384
     assert widened_model.module is not shared_fill.module
+
+
+def test_no_device_mixing_between_compute_and_results(folder, tiny_models):
+    """Compute on another device than where results are handed over (as on a GPU), simulated with the
+    meta device: a CPU LATENT source, chained rounds and Fill all keep their tensors on one device."""
+    from editkit.pipelines import fill as fill_ops
+
+    meta = TorchRuntime("meta", intermediate="meta")
+    transformer = fresh_fill(folder)
+    vae = vae_source(folder, None, F32).derived(f"meta-vae-{next(_FRESH)}", lambda c: c, "vae").get()
+    pixels, mask = torch.rand(1, 3, 64, 96), torch.zeros(1, 1, 64, 96)
+    mask[..., 16:48, 16:48] = 1
+    result = fill_ops.fill(transformer, vae, pixels, mask, _text(), steps=2, guidance=30.0, seed=1, denoise=0.5,
+                           per_image=2, scheduler_config=scheduler_config(folder), runtime=meta)
+    assert result.images.device.type == "meta" and result.images.shape == (2, 3, 64, 96)
+    ki.widen_fill_transformer(transformer.module)
+    source = torch.randn(1, 16, 8, 12)  # a CPU LATENT from an earlier node
+    mask_latent = ki.mask_image_latent(vae, None, 1, 64, 96, meta)
+    history = ki.multi_round(transformer, source, mask_latent, [_text(1), _text(2)], steps=2, guidance=30.0,
+                             seed=3, denoise=1.0, scheduler_config=scheduler_config(folder), runtime=meta)
+    assert [h.device.type for h in history] == ["meta", "meta"]
+
+
+@pytest.fixture()
+def kontext_nodes(models_root, torch_runtime):
+    from node_calls import call_node
+
+    loader = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintLoader"]
+    model, text_encoders, vae = call_node(loader, transformer_file="flux1-kontext-inpaint.safetensors")
+    encode = editkit.NODE_CLASS_MAPPINGS["EditKitFluxTextEncode"]
+    cond = call_node(encode, text_encoders=text_encoders, prompt="make it night")[0]
+    return {"model": model, "vae": vae, "text_encoders": text_encoders, "conditioning": cond, "call": call_node}
+
+
+def _edit(nodes, **inputs):
+    node = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintEdit"]
+    settings = dict(model=nodes["model"], vae=nodes["vae"], conditioning=nodes["conditioning"], steps=2, seed=5)
+    settings.update(inputs)
+    return nodes["call"](node, **settings)
+
+
+def test_edit_node_batches_sources_masks_and_references(kontext_nodes):
+    images = torch.rand(2, 64, 96, 3, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(2, 64, 96)
+    masks[0, :, :48] = 1
+    masks[1, :, 48:] = 1
+    pictures, latent = _edit(kontext_nodes, image=images, mask=masks, batch_size=2,
+                             reference=torch.rand(1, 32, 32, 3))
+    assert pictures.shape == (4, 64, 96, 3) and latent["samples"].shape == (4, 16, 8, 12)
+    assert 0 <= pictures.min() and pictures.max() <= 1
+    assert not torch.allclose(latent["samples"][0], latent["samples"][1])  # per-sample noise
+
+
+def test_edit_node_chains_through_latents_like_multi_round(kontext_nodes):
+    image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(2))
+    encode = editkit.NODE_CLASS_MAPPINGS["EditKitFluxTextEncode"]
+    multi = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintMultiRound"]
+    lines = ["make it night", "add snow"]
+    final, history, latent = kontext_nodes["call"](
+        multi, model=kontext_nodes["model"], vae=kontext_nodes["vae"], text_encoders=kontext_nodes["text_encoders"],
+        image=image, instructions="\n".join(lines), steps=2, seed=40,
+    )
+    assert history.shape == (2, 64, 96, 3) and torch.equal(final, history[-1:])
+    current = {"image": image}
+    for k, line in enumerate(lines):
+        cond = kontext_nodes["call"](encode, text_encoders=kontext_nodes["text_encoders"], prompt=line)[0]
+        _, chained = _edit(kontext_nodes, conditioning=cond, seed=ki.round_seed(40, k), **current)
+        current = {"source_latent": chained}
+    # Equal up to the float rounding of the LATENT's raw <-> model space conversion between nodes.
+    torch.testing.assert_close(chained["samples"], latent["samples"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("samples, match", [
+    (torch.zeros(1, 4, 8, 12), "needs a FLUX.1 LATENT"),
+    (torch.zeros(1, 16, 1, 8, 12), "needs a FLUX.1 LATENT"),
+    (torch.zeros(1, 16, 7, 12), "multiple of 16 pixels"),
+])
+def test_edit_node_refuses_wrong_latents_before_loading(kontext_nodes, samples, match):
+    with pytest.raises(EditKitError, match=match):
+        _edit(kontext_nodes, source_latent={"samples": samples})
+    with pytest.raises(EditKitError, match="Connect a source"):
+        _edit(kontext_nodes)

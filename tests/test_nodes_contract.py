@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import editkit
 from packload import ROOT
@@ -73,3 +74,59 @@ def test_pipelines_never_import_nodes():
     for path in (ROOT / "pipelines").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "from ..nodes" not in text and "from ...nodes" not in text and "import nodes" not in text, path
+
+
+@pytest.mark.parametrize("name, inputs", [
+    ("EditKitFluxLoader", {"diffusers_folder": "(none)", "transformer_file": "flux1-fill-dev.safetensors",
+                           "vae_file": "ae.safetensors", "clip_l_file": "(from folder)", "t5_file": "(from folder)"}),
+    ("EditKitKontextInpaintLoader", {"diffusers_folder": "FLUX.1-Fill-dev", "transformer_file": "(from folder)",
+                                     "vae_file": "(from folder)", "clip_l_file": "(from folder)",
+                                     "t5_file": "(from folder)", "widen_init": "zeros"}),
+    ("EditKitBEN2Loader", {"model_name": "BEN2_Base.safetensors", "precision": "auto"}),
+])
+def test_loaders_notice_replaced_files(name, inputs, models_root, tmp_path):
+    """IS_CHANGED follows the selected files, so a checkpoint replaced under the same name reloads."""
+    import os
+
+    cls = editkit.NODE_CLASS_MAPPINGS[name]
+    before = cls.IS_CHANGED(**inputs)
+    assert before and before == cls.IS_CHANGED(**inputs)
+    target = {"EditKitFluxLoader": models_root / "vae" / "ae.safetensors",
+              "EditKitKontextInpaintLoader": models_root / "diffusers" / "FLUX.1-Fill-dev" / "vae" / "config.json",
+              "EditKitBEN2Loader": models_root / "background_removal" / "BEN2_Base.safetensors"}[name]
+    stat = target.stat()
+    try:
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert cls.IS_CHANGED(**inputs) != before
+    finally:
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_dtype_policy(monkeypatch):
+    """bf16 where supported; fp16 only for the transformer and encoders on GPUs without bf16; the
+    FLUX.1 VAE never fp16 (it overflows to black pictures); fp32 on the CPU."""
+    import types
+
+    from editkit.nodes import comfy_bridge as bridge
+
+    assert bridge.default_dtype("diffusion") == torch.float32  # this machine: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert bridge.default_dtype("diffusion") == torch.float16
+    assert bridge.default_dtype("vae") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert {bridge.default_dtype(k) for k in ("diffusion", "vae", "text_encoder")} == {torch.bfloat16}
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    asked = []
+    fake = types.SimpleNamespace(
+        get_torch_device=lambda: gpu, unet_offload_device=lambda: cpu, vae_device=lambda: gpu,
+        vae_offload_device=lambda: cpu, text_encoder_device=lambda: cpu, text_encoder_offload_device=lambda: cpu,
+        is_device_cpu=lambda d: d.type == "cpu", cpu_mode=lambda: False, should_use_bf16=lambda d: False,
+        vae_dtype=lambda d, allowed: asked.append(list(allowed)) or torch.float32,
+    )
+    monkeypatch.setattr(bridge, "HAVE_COMFY", True)
+    monkeypatch.setattr(bridge, "_mm", fake)
+    assert bridge.default_dtype("diffusion") == torch.float16
+    assert bridge.default_dtype("vae") == torch.float32 and torch.float16 not in asked[0]
+    assert bridge.default_dtype("text_encoder") == torch.bfloat16  # low-VRAM: encoders on the CPU of a GPU box

@@ -148,12 +148,17 @@ def write_transformer_folder(model, state_dict: dict[str, torch.Tensor], folder:
 
 
 def write_bfl_file(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> None:
-    """One BFL-layout safetensors file (what ComfyUI's and EditKit's single-file loaders read)."""
-    tensors = {}
-    for key, tensor in diffusers_transformer_to_bfl(state_dict).items():
+    """One BFL-layout safetensors file (what ComfyUI's and EditKit's single-file loaders read).
+
+    Tensors are brought to the CPU one by one before the layout conversion concatenates the fused
+    projections, so a save never needs several GB of extra GPU memory in the middle of a run.
+    """
+    on_cpu = {}
+    for key, tensor in state_dict.items():
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        tensors[key] = tensor.detach().to("cpu").contiguous()
+        on_cpu[key] = tensor.detach().to("cpu")
+    tensors = {key: tensor.contiguous() for key, tensor in diffusers_transformer_to_bfl(on_cpu).items()}
     save_file(tensors, str(path), metadata={"format": "pt", "editkit_model": "kontext-inpaint",
                                             "in_channels": str(tensors["img_in.weight"].shape[1])})
 

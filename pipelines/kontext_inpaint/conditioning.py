@@ -35,13 +35,14 @@ def mask_image_latent(vae: Component, mask: torch.Tensor | None, batch: int, hei
     """Model-space latent ``[B,16,H/8,W/8]`` of the mask picture (encoded once when it is shared).
 
     The pure white picture (no mask) is the same for every edit of a size, so its latent is kept
-    on the VAE component (on the CPU) instead of VAE-encoding a constant on every run.
+    on the VAE component (where results are kept: the CPU in ComfyUI) instead of VAE-encoding a
+    constant on every run.
     """
     picture = mask_to_image(mask, batch, height, width)
     if mask is None:
         cache = vae.extras.setdefault("white_mask_latents", {})
         if (height, width) not in cache:
-            cache[(height, width)] = vae_ops.encode(vae, picture[:1], runtime).cpu()
+            cache[(height, width)] = vae_ops.encode(vae, picture[:1], runtime).to(runtime.intermediate_device)
         return cache[(height, width)].expand(batch, -1, -1, -1)
     if mask.shape[0] == 1:
         return vae_ops.encode(vae, picture[:1], runtime).expand(batch, -1, -1, -1)

@@ -77,8 +77,9 @@ def edit(
         raise EditKitError(f"Source is {w * 8}x{h * 8}; Kontext-inpaint needs multiples of 16 pixels.")
     if mask_latent.shape[-2:] != (h, w):
         raise EditKitError("The mask picture's latent does not match the source's size.")
-    # The source may be a CPU LATENT (a previous edit) while the mask latent was just encoded on the GPU.
-    cond = condition_tokens(source_latent, mask_latent.to(source_latent.device).expand(b, -1, -1, -1))
+    # The source may be a CPU LATENT (a previous edit) while the mask latent was just encoded on the GPU:
+    # bring the source to the mask latent's device (on the way to the transformer anyway).
+    cond = condition_tokens(source_latent.to(mask_latent.device), mask_latent.expand(b, -1, -1, -1))
     noise = flow.pack(flow.noise_like((b, flow.LATENT_CHANNELS, h, w), seed))
     init = flow.pack(source_latent.float()) if denoise < 1.0 else None
     ref_tokens = ref_ids = None
