@@ -14,7 +14,6 @@ the processing resolution.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import subprocess
@@ -25,18 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+from packload import load_pack  # noqa: E402  (scripts/ is on sys.path when this file runs)
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def load_pack():
-    """Import the repository as the package ``editkit`` (how ComfyUI loads it, without sys.path)."""
-    spec = importlib.util.spec_from_file_location(
-        "editkit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["editkit"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def rss_mib() -> float:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from packload import offline, pack_module  # noqa: E402
 
 FILL_FOLDER = "FLUX.1-Fill-dev"

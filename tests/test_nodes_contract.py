@@ -50,7 +50,7 @@ def test_node_contract(name, cls, models_root):
 def test_pack_imports_without_comfyui():
     """A fresh interpreter with no ComfyUI on the path imports the pack and finds its nodes."""
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from packload import load_pack; "
+        "import sys; sys.path.insert(0, 'scripts'); from packload import load_pack; "
         "pack = load_pack(); import editkit.nodes.comfy_bridge as b; "
         "assert not b.HAVE_COMFY and 'comfy' not in sys.modules; print(len(pack.NODE_CLASS_MAPPINGS))"
     )
