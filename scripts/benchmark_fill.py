@@ -160,13 +160,13 @@ def measure_load(path: str, device: str) -> dict:
 
 
 def write_shallow_files(folder: Path) -> tuple[Path, Path]:
-    from make_tiny_models import _save, shallow_fill_transformer, write_gguf_q8
+    from make_tiny_models import _save, shallow_fill_transformer, write_gguf
 
     layout = pack_module("pipelines.flux_layout")
     bfl = layout.diffusers_transformer_to_bfl(shallow_fill_transformer(torch.bfloat16).state_dict())
     safetensors_path, gguf_path = folder / "shallow-fill-bf16.safetensors", folder / "shallow-fill-Q8_0.gguf"
     _save(bfl, safetensors_path, torch.bfloat16)
-    write_gguf_q8(bfl, gguf_path)
+    write_gguf(bfl, gguf_path)
     return safetensors_path, gguf_path
 
 

@@ -149,16 +149,20 @@ def tiny_fill_pipeline():
     )
 
 
-def write_gguf_q8(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Write tensors as GGUF: 2-D weights whose rows split into 32-blocks as Q8_0, the rest F32."""
+def write_gguf(state_dict: dict[str, torch.Tensor], path: Path, quant: str = "Q8_0") -> None:
+    """Write tensors as GGUF: 2-D weights whose rows split into 32-blocks quantized, the rest F32.
+
+    ``quant`` is a GGML type gguf-py can write (Q8_0, Q5_1, Q4_0, ...); that is how city96's
+    FLUX.1 GGUF files are laid out.
+    """
     import gguf
 
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
     writer = gguf.GGUFWriter(str(path), arch="flux")
     for name, tensor in state_dict.items():
         array = tensor.float().contiguous().numpy()
         if array.ndim == 2 and array.shape[1] % 32 == 0:
-            quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, array.astype(np.float32))
     writer.write_header_to_file()
@@ -193,7 +197,7 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     paths["fill_bfl"] = out / "diffusion_models" / "flux1-fill-dev.safetensors"
     _save(bfl, paths["fill_bfl"], torch.bfloat16)
     paths["fill_gguf"] = out / "diffusion_models" / "flux1-fill-dev-Q8_0.gguf"
-    write_gguf_q8(bfl, paths["fill_gguf"])
+    write_gguf(bfl, paths["fill_gguf"])
 
     paths["vae"] = out / "vae" / "ae.safetensors"
     _save(layout.diffusers_vae_to_bfl(pipe.vae.state_dict()), paths["vae"])

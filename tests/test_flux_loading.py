@@ -85,6 +85,19 @@ def test_gguf_stays_quantized_and_matches_within_q8_tolerance(folder, tiny_model
     assert 0 < error < 0.03 * expected.abs().max().item()  # Q8_0 rounding: small but not zero
 
 
+@pytest.mark.parametrize("quant, tolerance", [("Q5_1", 0.08), ("Q4_0", 0.15)])
+def test_other_gguf_quantizations_load(folder, tiny_models, tmp_path, quant, tolerance):
+    from make_tiny_models import write_gguf
+
+    write_gguf(load_file(str(tiny_models / "diffusion_models" / "flux1-fill-dev.safetensors")),
+               tmp_path / f"fill-{quant}.gguf", quant)
+    loaded = transformer_source(None, tmp_path / f"fill-{quant}.gguf", F32).get()
+    assert loaded.module.transformer_blocks[0].attn.to_q.weight.quant_type.name == quant
+    expected = _forward(transformer_source(folder, None, F32).get())
+    error = (_forward(loaded) - expected).abs().max().item()
+    assert 0 < error < tolerance * expected.abs().max().item()
+
+
 def test_vae_paths_agree(folder, tiny_models):
     reference = vae_source(folder, None, F32).get()
     bfl = vae_source(None, tiny_models / "vae" / "ae.safetensors", F32).get()
