@@ -43,6 +43,10 @@ UPLOAD_WIDGET = ("upload", "IMAGEUPLOAD", "image")  # name, slot type, widget va
 UNHANDLED_OPTIONS = ("video_upload", "animated_image_upload", "remote", "widgetType", "socketless")
 
 
+class UnknownWidgetRules(Exception):
+    """A widget option whose UI serialization these rules do not know yet (fail loudly, never guess)."""
+
+
 class Linked:
     """Marks a widget whose API input is a link: its widget value is not part of the prompt."""
 
@@ -119,7 +123,7 @@ def expected_node(class_type: str, api_inputs: dict) -> tuple[list[tuple], list[
             continue
         unhandled = [key for key in UNHANDLED_OPTIONS if options.get(key)]
         if unhandled or (_is_combo(kind) and options.get("control_after_generate")):
-            raise NotImplementedError(f"{class_type}.{name} uses {unhandled or 'a combo control'}: the frontend "
+            raise UnknownWidgetRules(f"{class_type}.{name} uses {unhandled or 'a combo control'}: the frontend "
                                       "adds widgets for that; export a workflow with it and extend these rules")
         value = api_inputs.get(name)
         slots.append((name, "COMBO" if isinstance(kind, list) else kind, True))
@@ -550,7 +554,7 @@ def test_unhandled_widget_options_fail_loudly(monkeypatch):
             return {"required": {"video": (["a.mp4"], {"video_upload": True})}}
 
     monkeypatch.setitem(editkit.NODE_CLASS_MAPPINGS, "VideoProbe", VideoProbe)
-    with pytest.raises(NotImplementedError, match="video_upload"):
+    with pytest.raises(UnknownWidgetRules, match="video_upload"):
         expected_node("VideoProbe", {"video": "a.mp4"})
 
 
