@@ -110,6 +110,11 @@ def _mask(mask):
     return None if mask is None else mask_to_nchw(mask)
 
 
+_MODEL_INPUTS = {
+    "model": (MODEL_TYPE, {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
+    "vae": ("EDITKIT_VAE", {"tooltip": "FLUX.1 VAE from the loader."}),
+}
+
 _COMMON_OPTIONAL = {
     "mask": ("MASK", {"tooltip": "Optional: 1 (white) where the edit may change the picture. Unconnected: "
                                  "anything may change (a pure white mask picture)."}),
@@ -135,8 +140,7 @@ class EditKitKontextInpaintEdit:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL_TYPE, {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
-                "vae": ("EDITKIT_VAE", {"tooltip": "FLUX.1 VAE from the loader."}),
+                **_MODEL_INPUTS,
                 "conditioning": ("CONDITIONING", {"tooltip": "The edit instruction (EditKit · Flux Text Encode "
                                                              "or native CLIPTextEncode)."}),
                 "seed": seed_input(),
@@ -185,7 +189,7 @@ class EditKitKontextInpaintMultiRound:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Applies several edit instructions one after another (one per line). Round k edits round k-1's output "
-        "latent directly (no VAE decode/encode between rounds, so no VAE loss accumulates) with seed + k. "
+        "latent directly (no VAE decode/encode between rounds, so no VAE loss accumulates) with seed + k - 1. "
         "Outputs the final picture, every round's picture as one batch, and the final latent."
     )
     FUNCTION = "run"
@@ -201,8 +205,7 @@ class EditKitKontextInpaintMultiRound:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL_TYPE, {"tooltip": "From EditKit · Kontext-inpaint Loader."}),
-                "vae": ("EDITKIT_VAE", {"tooltip": "FLUX.1 VAE from the loader."}),
+                **_MODEL_INPUTS,
                 "text_encoders": ("EDITKIT_FLUX_TEXT", {"tooltip": "From the loader; encodes each instruction."}),
                 "image": ("IMAGE", {"tooltip": "Source picture (multiples of 16 px)."}),
                 "instructions": ("STRING", {"multiline": True, "default": "",

@@ -45,7 +45,10 @@ def read_conditioning(conditioning, joint_dim: int | None = None, pooled_dim: in
         log.warning("EditKit: CONDITIONING has %d entries; FLUX.1 samplers use the first one.", len(conditioning))
     states, extra = conditioning[0][0], conditioning[0][1]
     if not torch.is_tensor(states) or states.ndim != 3:
-        raise EditKitError("The CONDITIONING does not hold Flux text states [batch, tokens, width].")
+        raise EditKitError(
+            "The CONDITIONING does not hold Flux text states [batch, tokens, width]. Encode the prompt with "
+            "EditKit · Flux Text Encode, or with CLIPTextEncode fed by a DualCLIPLoader of type 'flux'."
+        )
     pooled = extra.get("pooled_output")
     if pooled is None:
         raise EditKitError(

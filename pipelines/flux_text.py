@@ -101,7 +101,11 @@ def _tokenizers(folder: Path | None, clip_dir: Path | None, t5_dir: Path | None)
         clip_tok = CLIPTokenizer.from_pretrained(str(clip_dir), local_files_only=True)
         t5_tok = T5TokenizerFast.from_pretrained(str(t5_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise EditKitError(f"Cannot read the tokenizer files in '{clip_dir}' / '{t5_dir}': {exc}") from exc
+        raise EditKitError(
+            f"Cannot read the tokenizer files in '{clip_dir}' / '{t5_dir}': {exc}. The diffusers folder needs "
+            "tokenizer/ and tokenizer_2/ as published with FLUX.1 (re-download them), or pick (none) as folder "
+            "inside ComfyUI to use its bundled tokenizers."
+        ) from exc
     return clip_tok, t5_tok
 
 

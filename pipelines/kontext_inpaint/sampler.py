@@ -76,7 +76,9 @@ def edit(
     if h % 2 or w % 2:
         raise EditKitError(f"Source is {w * 8}x{h * 8}; Kontext-inpaint needs multiples of 16 pixels.")
     if mask_latent.shape[-2:] != (h, w):
-        raise EditKitError("The mask picture's latent does not match the source's size.")
+        raise EditKitError(
+            "The mask's size does not match the source's. Give a mask of the source picture's size, or none."
+        )
     # The source may be a CPU LATENT (a previous edit) while the mask latent was just encoded on the GPU:
     # bring the source to the mask latent's device (on the way to the transformer anyway).
     cond = condition_tokens(source_latent.to(mask_latent.device), mask_latent.expand(b, -1, -1, -1))
