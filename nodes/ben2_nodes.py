@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..pipelines.ben2 import RemovalSettings, apply_matte, load_ben2, parse_hex_color, remove_background
-from ..pipelines.errors import EditKitError
-from ..pipelines.runtime import Component
+from ..pipelines.core.errors import EditKitError
+from ..pipelines.core.runtime import Component
 from . import comfy_bridge
 from .common import files_signature
 

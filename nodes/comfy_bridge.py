@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ..pipelines.errors import EditKitError, ModelFileError
-from ..pipelines.runtime import Component, Progress, Runtime, TorchRuntime
+from ..pipelines.core.errors import EditKitError, ModelFileError
+from ..pipelines.core.runtime import Component, Progress, Runtime, TorchRuntime
 
 log = logging.getLogger("EditKit")
 

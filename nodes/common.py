@@ -10,8 +10,8 @@ import logging
 
 import torch
 
-from ..pipelines.conditioning import FluxText, read_conditioning
-from ..pipelines.flux_loading import file_key
+from ..pipelines.flux.conditioning import FluxText, read_conditioning
+from ..pipelines.flux.loading import file_key
 
 log = logging.getLogger("EditKit")
 

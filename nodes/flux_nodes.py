@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..pipelines import fill as fill_ops
-from ..pipelines import vae as vae_ops
-from ..pipelines.conditioning import make_conditioning
-from ..pipelines.errors import EditKitError
-from ..pipelines.flux_loading import FluxModel, scheduler_config, transformer_source, vae_source
-from ..pipelines.flux_text import DEFAULT_T5_LENGTH, text_encoder_source
-from ..pipelines.images import check_multiple_of, image_to_nchw, mask_to_nchw, match_mask_to_images, nchw_to_image
+from ..pipelines.core.errors import EditKitError
+from ..pipelines.core.images import check_multiple_of, image_to_nchw, mask_to_nchw, match_mask_to_images, nchw_to_image
+from ..pipelines.flux import fill as fill_ops
+from ..pipelines.flux import vae as vae_ops
+from ..pipelines.flux.conditioning import make_conditioning
+from ..pipelines.flux.loading import FluxModel, scheduler_config, transformer_source, vae_source
+from ..pipelines.flux.text import DEFAULT_T5_LENGTH, text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,

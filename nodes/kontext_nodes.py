@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..pipelines import kontext_inpaint as ki
-from ..pipelines import vae as vae_ops
-from ..pipelines.conditioning import FluxText
-from ..pipelines.errors import EditKitError
-from ..pipelines.flux_loading import FluxModel
-from ..pipelines.flux_text import DEFAULT_T5_LENGTH
-from ..pipelines.images import check_multiple_of, image_to_nchw, mask_to_nchw, nchw_to_image, repeat_batch
+from ..pipelines.core.errors import EditKitError
+from ..pipelines.core.images import check_multiple_of, image_to_nchw, mask_to_nchw, nchw_to_image, repeat_batch
+from ..pipelines.flux import kontext_inpaint as ki
+from ..pipelines.flux import vae as vae_ops
+from ..pipelines.flux.conditioning import FluxText
+from ..pipelines.flux.loading import FluxModel
+from ..pipelines.flux.text import DEFAULT_T5_LENGTH
 from . import comfy_bridge as bridge
 from .common import batch_input, denoise_input, flux_text, guidance_input, latent_dict, seed_input, steps_input
 from .flux_nodes import EditKitFluxLoader

@@ -38,7 +38,7 @@ def rss_mib() -> float:
 def run_case(resolution: int, batch: int, repeats: int, device: str, dtype_name: str, tiny: bool) -> dict:
     load_pack()
     from editkit.pipelines.ben2 import BEN2Base, BEN2Config, predict_masks
-    from editkit.pipelines.runtime import Component, TorchRuntime
+    from editkit.pipelines.core.runtime import Component, TorchRuntime
 
     dtype = DTYPES[dtype_name]
     model = BEN2Base(BEN2Config.tiny() if tiny else None).eval().requires_grad_(False).to(device=device, dtype=dtype)

@@ -72,9 +72,9 @@ class StepClock:
 
 
 def time_editkit(component, vae, pixels, mask, text, scheduler_config, steps, device) -> float:
-    flow = pack_module("pipelines.flow")
-    fill = pack_module("pipelines.fill")
-    runtime_mod = pack_module("pipelines.runtime")
+    flow = pack_module("pipelines.flux.flow")
+    fill = pack_module("pipelines.flux.fill")
+    runtime_mod = pack_module("pipelines.core.runtime")
     with StepClock(component.module, device) as clock:
         runtime = runtime_mod.TorchRuntime(device, on_progress=clock.step_done)
         h, w = pixels.shape[-2] // 8, pixels.shape[-1] // 8
@@ -90,7 +90,7 @@ def time_editkit(component, vae, pixels, mask, text, scheduler_config, steps, de
 def time_diffusers(component, vae, pixels, mask, text, scheduler_config, steps, device) -> float:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 
-    flow = pack_module("pipelines.flow")
+    flow = pack_module("pipelines.flux.flow")
     pipe = FluxFillPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), vae=vae.module, text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=component.module,
@@ -108,7 +108,7 @@ def time_diffusers(component, vae, pixels, mask, text, scheduler_config, steps, 
 
 
 def compare_samplers(label, component, vae, scheduler_config, size, steps, device, results):
-    conditioning = pack_module("pipelines.conditioning")
+    conditioning = pack_module("pipelines.flux.conditioning")
     config = component.module.config
     g = torch.Generator().manual_seed(0)
     text = conditioning.FluxText(torch.randn(1, 512, config.joint_attention_dim, generator=g),
@@ -116,7 +116,7 @@ def compare_samplers(label, component, vae, scheduler_config, size, steps, devic
     pixels = torch.rand(1, 3, size, size, generator=g)
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
-    runtime = pack_module("pipelines.runtime").TorchRuntime(device)
+    runtime = pack_module("pipelines.core.runtime").TorchRuntime(device)
     runtime.acquire(component)
     runtime.acquire(vae)
     time_editkit(component, vae, pixels, mask, text, scheduler_config, 2, device)  # warm-up
@@ -135,7 +135,7 @@ def _proc_status_bytes(field: str) -> int:
 
 def measure_load(path: str, device: str) -> dict:
     """Child-process mode: load one transformer file and report peak memory."""
-    loading = pack_module("pipelines.flux_loading")
+    loading = pack_module("pipelines.flux.loading")
     import diffusers  # noqa: F401  (imported before the baseline so it is not counted as loading)
 
     baseline = _proc_status_bytes("VmRSS")
@@ -162,7 +162,7 @@ def measure_load(path: str, device: str) -> dict:
 def write_shallow_files(folder: Path) -> tuple[Path, Path]:
     from make_tiny_models import _save, shallow_fill_transformer, write_gguf
 
-    layout = pack_module("pipelines.flux_layout")
+    layout = pack_module("pipelines.flux.layout")
     bfl = layout.diffusers_transformer_to_bfl(shallow_fill_transformer(torch.bfloat16).state_dict())
     safetensors_path, gguf_path = folder / "shallow-fill-bf16.safetensors", folder / "shallow-fill-Q8_0.gguf"
     _save(bfl, safetensors_path, torch.bfloat16)
@@ -185,8 +185,8 @@ def main(argv=None) -> int:
 
     from make_tiny_models import make_tiny_models, shallow_fill_transformer
 
-    loading = pack_module("pipelines.flux_loading")
-    runtime_mod = pack_module("pipelines.runtime")
+    loading = pack_module("pipelines.flux.loading")
+    runtime_mod = pack_module("pipelines.core.runtime")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results: list[tuple[str, float, float]] = []

@@ -84,11 +84,11 @@ def _shallow(dtype, device):
 
 def sampler_rows(size: int, steps: int, text_length: int, repeats: int, dtype, device) -> list[dict]:
     """Per-step times of Fill and Kontext-inpaint sampling, alternating runs to share any drift."""
-    flow = pack_module("pipelines.flow")
-    runtime_mod = pack_module("pipelines.runtime")
-    ki = pack_module("pipelines.kontext_inpaint")
-    loading = pack_module("pipelines.flux_loading")
-    conditioning = pack_module("pipelines.conditioning")
+    flow = pack_module("pipelines.flux.flow")
+    runtime_mod = pack_module("pipelines.core.runtime")
+    ki = pack_module("pipelines.flux.kontext_inpaint")
+    loading = pack_module("pipelines.flux.loading")
+    conditioning = pack_module("pipelines.flux.conditioning")
 
     fill = _shallow(dtype, device)
     kontext = ki.widen_fill_transformer(copy.deepcopy(fill))
@@ -146,9 +146,9 @@ def _synced_clock(device) -> float:
 
 
 def train_case(case: dict) -> dict:
-    train = pack_module("pipelines.kontext_inpaint.train")
-    train_config = pack_module("pipelines.kontext_inpaint.config")
-    ki = pack_module("pipelines.kontext_inpaint")
+    train = pack_module("pipelines.flux.kontext_inpaint.train")
+    train_config = pack_module("pipelines.flux.kontext_inpaint.config")
+    ki = pack_module("pipelines.flux.kontext_inpaint")
     device = torch.device(case["device"])
     dtype = getattr(torch, case["dtype"])
     if case["model"] == "tiny":

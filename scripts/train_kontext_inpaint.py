@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     offline()
     load_pack()
-    errors = pack_module("pipelines.errors")
-    train = pack_module("pipelines.kontext_inpaint.train")
-    train_config = pack_module("pipelines.kontext_inpaint.config")
+    errors = pack_module("pipelines.core.errors")
+    train = pack_module("pipelines.flux.kontext_inpaint.train")
+    train_config = pack_module("pipelines.flux.kontext_inpaint.config")
     _show_progress()
     try:
         config = train_config.load_config(args.config, args.overrides)

@@ -41,7 +41,7 @@ def models_root(tiny_models):
 def torch_runtime():
     """An interruptible plain-torch runtime on the CPU, installed as the pack's runtime."""
     from editkit.nodes import comfy_bridge
-    from editkit.pipelines.runtime import TorchRuntime
+    from editkit.pipelines.core.runtime import TorchRuntime
 
     runtime = TorchRuntime("cpu")
     comfy_bridge.set_runtime(runtime)

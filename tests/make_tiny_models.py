@@ -140,7 +140,7 @@ def tiny_fill_pipeline():
         is_gated_act=True, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
     ))
     _round_(t5, torch.float16)
-    loading = pack_module("pipelines.flux_loading")
+    loading = pack_module("pipelines.flux.loading")
     scheduler_config = json.loads((loading.CONFIG_DIR / "flux_scheduler" / "scheduler_config.json").read_text())
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     return FluxFillPipeline(
@@ -183,7 +183,7 @@ def _save(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | 
 def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     """Write the whole tree into ``out_dir`` and return the main paths by role."""
     offline()
-    layout = pack_module("pipelines.flux_layout")
+    layout = pack_module("pipelines.flux.layout")
     out = Path(out_dir)
     paths: dict[str, Path] = {}
 
@@ -210,7 +210,7 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     _save(t5_sd, paths["t5"], torch.float16)
 
     # A "trained" Kontext-inpaint transformer: Fill widened with non-zero mask-image columns.
-    kontext = pack_module("pipelines.kontext_inpaint").widen_fill_transformer(
+    kontext = pack_module("pipelines.flux.kontext_inpaint").widen_fill_transformer(
         pipe.transformer, init="small_random", std=0.05, seed=SEED
     )
     _round_(kontext, torch.bfloat16)

@@ -10,7 +10,7 @@ import torch
 
 from editkit.pipelines.ben2 import BEN2Base, BEN2Config, load_ben2, read_state_dict, save_ben2_checkpoint
 from editkit.pipelines.ben2.checkpoint import infer_config
-from editkit.pipelines.errors import ModelFileError
+from editkit.pipelines.core.errors import ModelFileError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 
 from editkit.pipelines.ben2 import BEN2Base, BEN2Config, predict_masks, processing_size
 from editkit.pipelines.ben2.inference import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from editkit.pipelines.errors import EditKitError, Interrupted
-from editkit.pipelines.runtime import Component, TorchRuntime
+from editkit.pipelines.core.errors import EditKitError, Interrupted
+from editkit.pipelines.core.runtime import Component, TorchRuntime
 
 
 @pytest.fixture(scope="module")

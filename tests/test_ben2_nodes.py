@@ -9,8 +9,8 @@ import editkit
 from editkit.nodes.ben2_nodes import EditKitBEN2Loader, EditKitBEN2RemoveBackground
 from editkit.nodes.comfy_bridge import set_models_root
 from editkit.pipelines.ben2 import BEN2Base, BEN2Config, save_ben2_checkpoint
-from editkit.pipelines.errors import ModelFileError
-from editkit.pipelines.runtime import Component
+from editkit.pipelines.core.errors import ModelFileError
+from editkit.pipelines.core.runtime import Component
 from node_calls import call_node
 
 
@@ -86,5 +86,5 @@ def test_remove_background_rgba_and_keep_aspect(models_root, torch_runtime):
 def test_interruption_propagates_from_the_node(models_root, torch_runtime):
     (model,) = call_node(EditKitBEN2Loader, model_name="ben2_tiny.safetensors")
     torch_runtime.interrupt()
-    with pytest.raises(editkit.pipelines.errors.Interrupted):
+    with pytest.raises(editkit.pipelines.core.errors.Interrupted):
         call_node(EditKitBEN2RemoveBackground, ben2_model=model, image=torch.rand(2, 64, 64, 3), resolution=128)

@@ -28,8 +28,8 @@ from editkit.pipelines.ben2 import (
     threshold_mask,
 )
 from editkit.pipelines.ben2.postprocess import box_blur
-from editkit.pipelines.errors import EditKitError
-from editkit.pipelines.runtime import Component, TorchRuntime
+from editkit.pipelines.core.errors import EditKitError
+from editkit.pipelines.core.runtime import Component, TorchRuntime
 from node_calls import call_node
 
 SIZE = 256

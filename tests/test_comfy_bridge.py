@@ -33,7 +33,7 @@ def test_models_join_comfyui_memory_management(comfyui, tiny_models):
     import comfy.model_management as mm
 
     bridge = comfyui.pack_submodule("nodes.comfy_bridge")
-    loading = comfyui.pack_submodule("pipelines.flux_loading")
+    loading = comfyui.pack_submodule("pipelines.flux.loading")
     assert bridge.HAVE_COMFY and isinstance(bridge.runtime(), bridge.ComfyRuntime)
     mm.unload_all_models()
     for path in ("flux1-fill-dev.safetensors", "flux1-fill-dev-Q8_0.gguf"):
@@ -107,7 +107,7 @@ def test_background_removal_folder_is_registered(comfyui):
 
 
 def _forward(module, device, width=32, pooled=64):
-    from editkit.pipelines.flow import text_ids, token_ids
+    from editkit.pipelines.flux.flow import text_ids, token_ids
 
     g = torch.Generator().manual_seed(0)
     args = dict(hidden_states=torch.randn(1, 16, 384, generator=g), timestep=torch.tensor([0.5]),
@@ -119,7 +119,7 @@ def _forward(module, device, width=32, pooled=64):
 
 
 def _fresh(comfyui, tiny_models, kind):
-    loading = comfyui.pack_submodule("pipelines.flux_loading")
+    loading = comfyui.pack_submodule("pipelines.flux.loading")
     folder = tiny_models / "diffusers" / "FLUX.1-Fill-dev"
     source = loading.transformer_source if kind == "transformer" else loading.vae_source
     return source(folder, None, torch.float32).derived(f"lowvram-{kind}-{id(object())}", lambda c: c, kind).get()

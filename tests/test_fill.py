@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editkit.pipelines import fill, flow
-from editkit.pipelines import vae as vae_ops
-from editkit.pipelines.conditioning import FluxText, make_conditioning, read_conditioning
-from editkit.pipelines.errors import EditKitError, Interrupted
-from editkit.pipelines.flux_loading import scheduler_config, transformer_source, vae_source
-from editkit.pipelines.runtime import TorchRuntime
+from editkit.pipelines.core.errors import EditKitError, Interrupted
+from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.flux import fill, flow
+from editkit.pipelines.flux import vae as vae_ops
+from editkit.pipelines.flux.conditioning import FluxText, make_conditioning, read_conditioning
+from editkit.pipelines.flux.loading import scheduler_config, transformer_source, vae_source
 
 F32 = torch.float32
 
@@ -146,7 +146,7 @@ def test_bad_sizes_give_clear_errors(parts, pixels, mask, match):
 
 
 def test_wrong_transformer_is_refused(tiny_models, parts):
-    from editkit.pipelines.kontext_inpaint import widen_fill_transformer
+    from editkit.pipelines.flux.kontext_inpaint import widen_fill_transformer
 
     widened = transformer_source(None, tiny_models / "diffusion_models" / "flux1-fill-dev.safetensors", F32)
     component = widened.derived("test-widened", lambda c: (widen_fill_transformer(c.module), c)[1], "w").get()
@@ -218,7 +218,7 @@ class _ZeroVelocity(torch.nn.Module):
 
 def test_img2img_starts_from_the_noised_input():
     """denoise < 1 starts at sigma0 * noise + (1 - sigma0) * init (ComfyUI's and diffusers' img2img)."""
-    from editkit.pipelines.runtime import Component
+    from editkit.pipelines.core.runtime import Component
 
     config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True,
               "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from editkit.pipelines import flux_layout
-from editkit.pipelines.errors import EditKitError, ModelFileError
-from editkit.pipelines.flow import text_ids, token_ids
-from editkit.pipelines.flux_loading import transformer_source, vae_source
-from editkit.pipelines.flux_text import text_encoder_source
-from editkit.pipelines.runtime import TorchRuntime
+from editkit.pipelines.core.errors import EditKitError, ModelFileError
+from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.flux import layout as flux_layout
+from editkit.pipelines.flux.flow import text_ids, token_ids
+from editkit.pipelines.flux.loading import transformer_source, vae_source
+from editkit.pipelines.flux.text import text_encoder_source
 
 F32 = torch.float32
 

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 import editkit
-from editkit.pipelines import flow
-from editkit.pipelines import kontext_inpaint as ki
-from editkit.pipelines.conditioning import FluxText
-from editkit.pipelines.errors import EditKitError
-from editkit.pipelines.flux_layout import diffusers_transformer_to_bfl
-from editkit.pipelines.flux_loading import scheduler_config, transformer_source, vae_source
-from editkit.pipelines.runtime import TorchRuntime
+from editkit.pipelines.core.errors import EditKitError
+from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.flux import flow
+from editkit.pipelines.flux import kontext_inpaint as ki
+from editkit.pipelines.flux.conditioning import FluxText
+from editkit.pipelines.flux.layout import diffusers_transformer_to_bfl
+from editkit.pipelines.flux.loading import scheduler_config, transformer_source, vae_source
 
 F32 = torch.float32
 _FRESH = itertools.count()
@@ -191,7 +191,7 @@ def test_loader_node_widens_a_private_copy(models_root, torch_runtime):
 def test_no_device_mixing_between_compute_and_results(folder, tiny_models):
     """Compute on another device than where results are handed over (as on a GPU), simulated with the
     meta device: a CPU LATENT source, chained rounds and Fill all keep their tensors on one device."""
-    from editkit.pipelines import fill as fill_ops
+    from editkit.pipelines.flux import fill as fill_ops
 
     meta = TorchRuntime("meta", intermediate="meta")
     transformer = fresh_fill(folder)

@@ -17,13 +17,13 @@ from diffusers import FluxTransformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from editkit.pipelines.errors import EditKitError
-from editkit.pipelines.flux_loading import transformer_source
-from editkit.pipelines.kontext_inpaint import checkpoint as ckpt
-from editkit.pipelines.kontext_inpaint import config as train_config
-from editkit.pipelines.kontext_inpaint import dataset, train
-from editkit.pipelines.kontext_inpaint.widen import widen_fill_transformer
-from editkit.pipelines.runtime import TorchRuntime
+from editkit.pipelines.core.errors import EditKitError
+from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.flux.kontext_inpaint import checkpoint as ckpt
+from editkit.pipelines.flux.kontext_inpaint import config as train_config
+from editkit.pipelines.flux.kontext_inpaint import dataset, train
+from editkit.pipelines.flux.kontext_inpaint.widen import widen_fill_transformer
+from editkit.pipelines.flux.loading import transformer_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_YAML = """

@@ -27,7 +27,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..errors import ModelFileError
+from ..core.errors import ModelFileError
 from .config import BEN2Config
 from .model import BEN2Base
 from .swin import relative_position_index

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..errors import EditKitError
-from ..images import image_to_nchw
-from ..runtime import Component, Runtime
+from ..core.errors import EditKitError
+from ..core.images import image_to_nchw
+from ..core.runtime import Component, Runtime
 from .config import SIZE_MULTIPLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

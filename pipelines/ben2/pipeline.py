@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..images import image_to_nchw, mask_to_nchw, match_mask_to_images
-from ..runtime import Component, Runtime
+from ..core.images import image_to_nchw, mask_to_nchw, match_mask_to_images
+from ..core.runtime import Component, Runtime
 from .inference import DEFAULT_RESOLUTION, activation_bytes, iterate_chunks, predict_chunk, processing_size
 from .postprocess import composite, estimate_foreground, refine_mask
 

@@ -19,7 +19,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..errors import EditKitError
+from ..core.errors import EditKitError
 
 # Box sizes of the two blur-fusion passes: a wide pass that estimates smooth foreground and
 # background colours, then a narrow pass that restores detail near the edge.

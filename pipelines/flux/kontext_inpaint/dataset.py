@@ -27,10 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ...core.errors import EditKitError
+from ...core.runtime import Runtime
 from .. import vae as vae_ops
-from ..errors import EditKitError
-from ..flux_loading import LazyModel
-from ..runtime import Runtime
+from ..loading import LazyModel
 from .conditioning import mask_image_latent
 
 log = logging.getLogger("EditKit.train")

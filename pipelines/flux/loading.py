@@ -12,7 +12,7 @@ Supported sources (the ones ComfyUI users have):
   storage), with tokenizers from the diffusers folder or from ComfyUI's bundled tokenizer
   files.
 
-Single files are loaded with configs shipped in ``pipelines/configs``; sizes that tensor
+Single files are loaded with configs shipped in ``pipelines/flux/configs``; sizes that tensor
 shapes reveal (layer counts, widths, input features) are read from the file, so FLUX.1-dev,
 Fill-dev, EditKit's 192-feature Kontext-inpaint and the tiny test models load through the same
 code. Loaded models are shared: loading the same file twice (same size, mtime and dtype)
@@ -33,9 +33,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from . import flux_layout
-from .errors import EditKitError, ModelFileError
-from .runtime import Component
+from ..core.errors import EditKitError, ModelFileError
+from ..core.runtime import Component
+from . import layout as flux_layout
 
 log = logging.getLogger("EditKit")
 

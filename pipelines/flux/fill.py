@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from ..core.errors import EditKitError
+from ..core.images import check_multiple_of, match_mask_to_images, repeat_batch
+from ..core.runtime import Component, Runtime
 from . import flow
 from . import vae as vae_ops
 from .conditioning import FluxText, expand_text
-from .errors import EditKitError
-from .images import check_multiple_of, match_mask_to_images, repeat_batch
-from .runtime import Component, Runtime
 
 log = logging.getLogger("EditKit")
 

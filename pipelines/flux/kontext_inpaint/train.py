@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...core.errors import EditKitError
+from ...core.runtime import TorchRuntime
 from .. import flow
-from ..errors import EditKitError
-from ..flux_loading import LazyModel, transformer_source, vae_source
-from ..flux_text import text_encoder_source
-from ..runtime import TorchRuntime
+from ..loading import LazyModel, transformer_source, vae_source
+from ..text import text_encoder_source
 from . import checkpoint as ckpt
 from .conditioning import condition_tokens
 from .config import (

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.errors import EditKitError
+from ...core.runtime import Component, Runtime
 from .. import flow
 from ..conditioning import FluxText
-from ..errors import EditKitError
 from ..fill import check_in_features
-from ..runtime import Component, Runtime
 from .conditioning import condition_tokens
 from .widen import KONTEXT_IN_FEATURES
 

@@ -22,7 +22,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from einops import rearrange
 
-from .runtime import Component, Runtime
+from ..core.runtime import Component, Runtime
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8  # pixels per latent pixel

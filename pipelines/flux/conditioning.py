@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EditKitError
+from ..core.errors import EditKitError
 
 log = logging.getLogger("EditKit")
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import EditKitError
-from ..flux_layout import diffusers_transformer_to_bfl
+from ...core.errors import EditKitError
+from ..layout import diffusers_transformer_to_bfl
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .runtime import Component, Runtime
+from ..core.runtime import Component, Runtime
 
 log = logging.getLogger("EditKit")
 

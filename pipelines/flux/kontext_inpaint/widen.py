@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import EditKitError
+from ...core.errors import EditKitError
 from ..fill import FILL_IN_FEATURES
 
 KONTEXT_IN_FEATURES = 192

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EditKitError
+from ...core.errors import EditKitError
 from .widen import INIT_CHOICES
 
 ARCH = "flux_fill_inpaint"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ...core.errors import EditKitError
+from ...core.runtime import Component, Runtime
 from .. import flow
 from .. import vae as vae_ops
-from ..errors import EditKitError
-from ..runtime import Component, Runtime
 
 
 def mask_to_image(mask: torch.Tensor | None, batch: int, height: int, width: int) -> torch.Tensor:

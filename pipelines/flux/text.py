@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import EditKitError, ModelFileError
-from .flux_loading import (
+from ..core.errors import EditKitError, ModelFileError
+from ..core.runtime import Component, Runtime
+from .loading import (
     CLIP_EXPECTED,
     CONFIG_DIR,
     T5_EXPECTED,
@@ -26,7 +27,6 @@ from .flux_loading import (
     read_state_dict,
     unavailable,
 )
-from .runtime import Component, Runtime
 
 log = logging.getLogger("EditKit")
 

@@ -1,0 +1,1 @@
+"""What every model family shares: the runtime seam, errors, image/mask helpers, the sampling core, LoRA."""
