@@ -1,27 +1,22 @@
-"""FLUX.1 flow-matching sampling shared by every EditKit Flux sampler.
+"""FLUX.1 on the shared sampling core: token packing, position ids, the shifted schedule, the model call.
 
 The FLUX.1 transformer sees the image as a sequence of 2x2 latent patches ("tokens"), each
 with ``4 * C`` features, channel-major (feature = c*4 + py*2 + px), which is the packing of
 BFL's reference code, diffusers' pipelines and ComfyUI alike. Conditioning such as Fill's
 masked image or Kontext-inpaint's source and mask-image latents is concatenated to the noisy
 tokens along the feature axis; Kontext-style references are appended along the sequence axis
-with position index 1. :func:`denoise` runs the Euler loop over such inputs.
-
-The sigma schedule comes from diffusers' ``FlowMatchEulerDiscreteScheduler`` (so the
-resolution-dependent shift is exactly FLUX's); the loop itself does the one-line Euler update
-with precomputed step sizes, so it never looks up scheduler state or syncs the GPU per step.
+with position index 1. :func:`denoise` builds the Flux prediction function over such inputs
+and hands it to :func:`..core.sampling.sample`, which owns the loop, the sampler and CFG.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from einops import rearrange
 
+from ..core import sampling as core
 from ..core.runtime import Component, Runtime
 
 LATENT_CHANNELS = 16
@@ -51,51 +46,21 @@ def text_ids(length: int, device=None) -> torch.Tensor:
     return torch.zeros(length, 3, device=device, dtype=torch.float32)
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Sigmas from noisiest to 0 (``len == steps + 1``) and the matching model timesteps."""
-
-    sigmas: torch.Tensor  # float32, CPU
-    timesteps: torch.Tensor  # float32, CPU; what the transformer receives (sigma in 0..1 units)
-
-    @property
-    def steps(self) -> int:
-        return len(self.timesteps)
+Schedule = core.Schedule
 
 
-def flux_schedule(steps: int, image_seq_len: int, scheduler_config: dict, denoise: float = 1.0) -> Schedule:
-    """FLUX.1's shifted schedule for ``steps`` model calls.
-
-    ``denoise`` < 1 follows ComfyUI's KSampler: build the schedule for ``steps / denoise``
-    steps and run only its last ``steps`` (so ``steps`` is always the number of model calls
-    and the run starts at a lower noise level).
-    """
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError("denoise must be in (0, 1]")
-    total = steps if denoise >= 1.0 else max(steps, int(steps / denoise))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    mu = calculate_shift(
-        image_seq_len,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
+def flux_schedule(
+    steps: int, image_seq_len: int, scheduler_config: dict, denoise: float = 1.0, convention: str = "denoise"
+) -> Schedule:
+    """FLUX.1's resolution-shifted schedule for ``steps`` (see the core's denoise conventions)."""
+    return core.flow_schedule(
+        scheduler_config, steps, image_seq_len=image_seq_len, denoise=denoise, convention=convention
     )
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / total, total), mu=mu, device="cpu")
-    sigmas = scheduler.sigmas.float()[-(steps + 1):]
-    timesteps = (scheduler.timesteps.float() / scheduler.config.num_train_timesteps)[-steps:]
-    return Schedule(sigmas=sigmas, timesteps=timesteps)
 
 
 def noise_like(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Gaussian noise from ``seed`` on the CPU, in float32.
-
-    Generated on the CPU like ComfyUI does, so a seed gives the same picture on any GPU.
-    """
-    generator = torch.Generator("cpu").manual_seed(int(seed) % (2**64))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    """The initial noise: the CPU ``torch.randn`` of the unpacked latent shape from ``seed``."""
+    return core.seeded_noise(shape, seed)
 
 
 def flux_activation_bytes(batch: int, tokens: int, dtype: torch.dtype) -> int:
@@ -110,7 +75,7 @@ def flux_activation_bytes(batch: int, tokens: int, dtype: torch.dtype) -> int:
 
 @dataclass
 class FlowInputs:
-    """Everything one Euler run needs, already packed. Tensors may live on any device."""
+    """Everything one Flux run needs, already packed. Tensors may live on any device."""
 
     noise: torch.Tensor  # [B,N,64] packed noise
     text: torch.Tensor  # [B,T,joint_dim] T5 states
@@ -122,6 +87,8 @@ class FlowInputs:
     init: torch.Tensor | None = None  # [B,N,64] clean tokens to start from when denoise < 1
     ref_tokens: torch.Tensor | None = None  # [B,R,64+F] reference tokens (zeros in the cond features)
     ref_ids: torch.Tensor | None = None  # [R,3] their position ids (index 1)
+    negative_text: torch.Tensor | None = None  # [B,T',joint_dim] for true CFG (FluxPipeline's true_cfg_scale)
+    negative_pooled: torch.Tensor | None = None
 
 
 @torch.inference_mode()
@@ -131,65 +98,84 @@ def denoise(
     schedule: Schedule,
     runtime: Runtime,
     progress=None,
+    sampler: core.SamplerSettings | None = None,
+    cfg_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Run the Euler loop and return the clean packed latent ``[B,N,64]`` in float32 (on the device).
+    """Sample and return the clean packed latent ``[B,N,64]`` in float32 (on the device).
 
-    The running latent is kept in float32 and cast to the model dtype only as transformer
-    input. Per step the loop does one transformer call, one fused update and, only when the host
-    shows previews, an x0 estimate for the preview.
+    The transformer input is cast to the model dtype per call; the running latent stays
+    float32 inside the core. ``cfg_scale`` > 1 with ``negative_text`` runs true CFG (plain
+    ``uncond + s * (cond - uncond)``, as FluxPipeline's ``true_cfg_scale``); guidance-distilled
+    models keep their guidance embedding in both branches.
     """
     batch, tokens, _ = inputs.noise.shape
     model = transformer.module
     dtype = transformer.dtype
-    device = runtime.acquire(transformer, memory_required=flux_activation_bytes(batch, tokens, dtype))
+    use_cfg = inputs.negative_text is not None and cfg_scale != 1.0
+    batched = use_cfg and inputs.negative_text.shape[1] == inputs.text.shape[1]
+    calls = 2 if batched else 1
+    device = runtime.acquire(transformer, memory_required=flux_activation_bytes(batch * calls, tokens, dtype))
 
     def dev(t: torch.Tensor | None, to_dtype=dtype):
         return None if t is None else t.to(device=device, dtype=to_dtype, non_blocking=True)
 
-    x = dev(inputs.noise, torch.float32)
-    start = float(schedule.sigmas[0])
-    if inputs.init is not None and start < 1.0:
-        x = start * x + (1.0 - start) * dev(inputs.init, torch.float32)
     cond = dev(inputs.cond)
-    text = dev(inputs.text)
-    pooled = dev(inputs.pooled)
     img_ids = token_ids(inputs.latent_h, inputs.latent_w, 0, device)
     refs = dev(inputs.ref_tokens)
     if refs is not None:
         img_ids = torch.cat([img_ids, inputs.ref_ids.to(device)], dim=0)
-    txt_ids = text_ids(text.shape[1], device)
-    guidance = None
-    if model.config.guidance_embeds:
-        guidance = torch.full((batch,), float(inputs.guidance), device=device, dtype=torch.float32)
+    texts = {"cond": (dev(inputs.text), dev(inputs.pooled))}
+    if use_cfg:
+        texts["uncond"] = (dev(inputs.negative_text), dev(inputs.negative_pooled))
+    txt_ids = text_ids(inputs.text.shape[1], device)
+    neg_txt_ids = text_ids(inputs.negative_text.shape[1], device) if use_cfg else None
+    guidance_value = float(inputs.guidance)
+    with_guidance = bool(model.config.guidance_embeds)
     timesteps = schedule.timesteps.to(device=device, dtype=dtype)
-    sigmas = schedule.sigmas.tolist()
-    dts = (schedule.sigmas[1:] - schedule.sigmas[:-1]).tolist()
-    progress = progress if progress is not None else runtime.progress(schedule.steps)
+    extra_cache: dict[tuple, tuple] = {}
 
-    for i in range(schedule.steps):
-        runtime.check_interrupt()
+    def extras(branches: tuple) -> tuple:
+        """Per-branch-combination inputs that do not change over the steps, built once."""
+        found = extra_cache.get(branches)
+        if found is None:
+            text = torch.cat([texts[b][0] for b in branches])
+            pooled = torch.cat([texts[b][1] for b in branches])
+            n = batch * len(branches)
+            hint = torch.full((n,), guidance_value, device=device, dtype=torch.float32) if with_guidance else None
+            c = None if cond is None else cond.repeat(len(branches), 1, 1)
+            r = None if refs is None else refs.repeat(len(branches), 1, 1)
+            ids = neg_txt_ids if branches == ("uncond",) else txt_ids
+            found = extra_cache[branches] = (text, pooled, hint, c, r, ids, n)
+        return found
+
+    def predict(x: torch.Tensor, i: int, branches: tuple) -> torch.Tensor:
+        text, pooled, hint, c, r, ids, n = extras(branches)
         hidden = x.to(dtype)
-        if cond is not None:
-            hidden = torch.cat([hidden, cond], dim=-1)
-        if refs is not None:
-            hidden = torch.cat([hidden, refs], dim=1)
+        if c is not None:
+            hidden = torch.cat([hidden, c], dim=-1)
+        if r is not None:
+            hidden = torch.cat([hidden, r], dim=1)
         velocity = model(
             hidden_states=hidden,
-            timestep=timesteps[i].expand(batch),
-            guidance=guidance,
+            timestep=timesteps[i].expand(n),
+            guidance=hint,
             pooled_projections=pooled,
             encoder_hidden_states=text,
-            txt_ids=txt_ids,
+            txt_ids=ids,
             img_ids=img_ids,
             return_dict=False,
         )[0]
-        if refs is not None:
-            velocity = velocity[:, :tokens]
-        velocity = velocity.float()
+        return velocity[:, :tokens] if r is not None else velocity
 
-        def preview(x=x, v=velocity, s=sigmas[i]):  # ComfyUI previews the first sample only
-            return unpack(x[:1] - s * v[:1], inputs.latent_h, inputs.latent_w)
+    def preview_of(x0: torch.Tensor) -> torch.Tensor:
+        return unpack(x0, inputs.latent_h, inputs.latent_w)
 
-        x = x + dts[i] * velocity
-        progress.update(preview=preview)
-    return x
+    noise = dev(inputs.noise, torch.float32)
+    init = dev(inputs.init, torch.float32)
+    lh, lw = inputs.latent_h, inputs.latent_w
+    return core.sample(
+        predict, noise, schedule, runtime, init=init, sampler=sampler or core.SamplerSettings(),
+        guidance=core.Guidance(scale=cfg_scale, enabled=use_cfg, batched=batched),
+        noise_shape=(batch, LATENT_CHANNELS, lh, lw), to_sampler_layout=pack,
+        preview_of=preview_of, progress=progress,
+    )

@@ -1,0 +1,137 @@
+"""Loading pieces every model family shares: weakly cached models, lazy handles, reading weight files.
+
+Loaded models are shared: loading the same file twice (same size, mtime and dtype) returns the
+model already in memory for as long as anything still uses it; the cache holds weak references
+only, so ComfyUI's "free memory" really frees. Loader nodes return :class:`LazyModel` handles,
+so a loader output nothing uses never reads its file.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .errors import EditKitError, ModelFileError
+
+# --------------------------------------------------------------------------------------
+# Shared, weakly held models
+
+
+_CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def file_key(path: Path | None) -> tuple:
+    if path is None:
+        return (None,)
+    if not path.exists():
+        return (str(path), None, None)  # the loader reports the missing file when the model is used
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def shared(key: tuple, load: Callable[[], object]):
+    """Return the live object cached under ``key`` or load (and cache) a new one."""
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+    if found is not None:
+        return found
+    value = load()
+    with _CACHE_LOCK:
+        _CACHE[key] = value
+    return value
+
+
+class LazyModel:
+    """A model that is loaded the first time a node uses it, then kept by this handle.
+
+    Loader nodes return these, so an unconnected loader output (e.g. the text encoders when
+    the prompt comes from a native CLIPTextEncode) never costs memory or load time.
+    """
+
+    def __init__(self, key: tuple, load: Callable[[], object], description: str):
+        self.key = key
+        self.description = description
+        self._load = load
+        self._value = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._value is None:
+                self._value = shared(self.key, self._load)
+            return self._value
+
+    def derived(self, tag: str, transform: Callable[[object], object], description: str) -> LazyModel:
+        """A handle to ``transform`` applied to a fresh load of this model (never the shared copy).
+
+        Used where a model is modified in place (e.g. widening Fill into Kontext-inpaint), so
+        the unmodified model that other nodes may share stays intact.
+        """
+        return LazyModel((tag, *self.key), lambda: transform(self._load()), description)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._value is not None else "not loaded yet"
+        return f"<EditKit {self.description} ({state})>"
+
+
+def unavailable(description: str, message: str) -> LazyModel:
+    """A handle that explains, when first used, why its model cannot be loaded.
+
+    Loader outputs that nothing uses must not fail the loader, so the error waits for a user.
+    """
+
+    def fail():
+        raise EditKitError(message)
+
+    return LazyModel(("unavailable", message), fail, description)
+
+
+# --------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors``/``.sft`` or ``.gguf`` file, with a clear error on failure."""
+    if not path.is_file():
+        raise ModelFileError(path, "Model file not found", expected)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".safetensors", ".sft"):
+            return safetensors.torch.load_file(str(path), device="cpu")
+        if suffix == ".gguf":
+            from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+            return load_gguf_checkpoint(str(path))
+    except Exception as exc:  # corrupt or truncated files surface as many exception types
+        raise ModelFileError(path, f"Cannot read the file ({type(exc).__name__}: {exc})", expected) from exc
+    raise ModelFileError(path, f"Unsupported file type '{suffix}'", expected)
+
+
+def cast_stored_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Bring weights stored in a narrower format to ``dtype``, in place.
+
+    fp8-stored weights are cast up; ComfyUI's "scaled fp8" files also store a ``scale_weight``
+    per layer (and a ``scaled_fp8`` marker), which must multiply the weight or the model would
+    silently run with wrongly scaled weights. Other floating tensors are cast to ``dtype``;
+    quantized GGUF tensors (packed bytes, not floating) are left alone.
+    """
+    for key in [k for k in sd if k == "scaled_fp8" or k.endswith(".scale_input")]:
+        del sd[key]
+    scales = {k[: -len(".scale_weight")]: sd.pop(k) for k in [k for k in sd if k.endswith(".scale_weight")]}
+    for key, tensor in sd.items():
+        if not tensor.is_floating_point() or hasattr(tensor, "quant_type"):
+            continue
+        if tensor.element_size() == 1:
+            tensor = tensor.float()
+            scale = scales.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+            if scale is not None:
+                tensor = tensor * scale.float()
+        sd[key] = tensor.to(dtype)
+    return sd
