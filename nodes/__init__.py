@@ -11,7 +11,16 @@ import logging
 
 log = logging.getLogger("EditKit")
 
-_MODULES = ("flux_nodes", "ben2_nodes", "kontext_nodes")
+_MODULES = (
+    "flux_nodes",
+    "flux_generate_nodes",
+    "lora_nodes",
+    "redux_nodes",
+    "ben2_nodes",
+    "kontext_nodes",
+    "qwen_image_nodes",
+    "zimage_nodes",
+)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -26,3 +35,7 @@ for _name in _MODULES:
     for _cls in _module.NODES:
         NODE_CLASS_MAPPINGS[_cls.__name__] = _cls
         NODE_DISPLAY_NAME_MAPPINGS[_cls.__name__] = _cls.DISPLAY_NAME
+
+from .example_inputs import install_example_inputs  # noqa: E402  (inside ComfyUI: templates' pictures, if absent)
+
+install_example_inputs()

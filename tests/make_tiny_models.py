@@ -9,6 +9,7 @@ workflows use, so the workflows run unchanged on it (the pictures are noise: ran
     diffusion_models/flux1-fill-dev.safetensors        BFL layout, bf16 (as released)
     diffusion_models/flux1-fill-dev-Q8_0.gguf          GGUF Q8_0, BFL keys (as city96's files)
     diffusion_models/flux1-kontext-inpaint.safetensors 192-feature Kontext-inpaint, BFL layout
+    diffusion_models/flux1-dev.safetensors, flux1-dev-Q8_0.gguf   64-feature FLUX.1-dev, BFL layout
     vae/ae.safetensors                                  BFL layout
     text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors
     background_removal/BEN2_Base.safetensors, BEN2_Base.pth   tiny BEN2 (flat safetensors; .pth training dict)
@@ -149,6 +150,18 @@ def tiny_fill_pipeline():
     )
 
 
+def tiny_dev_transformer():
+    """A 64-feature FLUX.1-dev transformer of the tiny Fill's shape (its own seeded weights)."""
+    from diffusers import FluxTransformer2DModel
+
+    generator = torch.Generator().manual_seed(SEED + 1)
+    torch.manual_seed(SEED + 1)
+    transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "in_channels": 64, "out_channels": None})
+    _randomize_(transformer, generator)
+    _round_(transformer, torch.bfloat16)
+    return transformer.eval()
+
+
 def write_gguf(state_dict: dict[str, torch.Tensor], path: Path, quant: str = "Q8_0") -> None:
     """Write tensors as GGUF: 2-D weights whose rows split into 32-blocks quantized, the rest F32.
 
@@ -208,6 +221,12 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     paths["t5"] = out / "text_encoders" / "t5xxl_fp16.safetensors"
     t5_sd = {k: v for k, v in pipe.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
     _save(t5_sd, paths["t5"], torch.float16)
+
+    dev_bfl = layout.diffusers_transformer_to_bfl(tiny_dev_transformer().state_dict())
+    paths["dev_bfl"] = out / "diffusion_models" / "flux1-dev.safetensors"
+    _save(dev_bfl, paths["dev_bfl"], torch.bfloat16)
+    paths["dev_gguf"] = out / "diffusion_models" / "flux1-dev-Q8_0.gguf"
+    write_gguf(dev_bfl, paths["dev_gguf"])
 
     # A "trained" Kontext-inpaint transformer: Fill widened with non-zero mask-image columns.
     kontext = pack_module("pipelines.flux.kontext_inpaint").widen_fill_transformer(

@@ -127,11 +127,7 @@ def flow_schedule(
         keep = steps
     else:
         init = min(steps * float(denoise), steps)
-        keep = steps - int(max(steps - init, 0))
-        if keep < 1:
-            raise EditKitError(
-                f"strength {denoise} with {steps} steps runs no step at all. Raise the strength or the steps."
-            )
+        keep = steps - int(max(steps - init, 0))  # >= 1 for any strength > 0
     return Schedule(sigmas=sigmas[-(keep + 1):].clone(), timesteps=timesteps[-keep:].clone())
 
 

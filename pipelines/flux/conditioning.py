@@ -33,38 +33,41 @@ def make_conditioning(states: torch.Tensor, pooled: torch.Tensor, guidance: floa
     return [[states, extra]]
 
 
-def read_conditioning(conditioning, joint_dim: int | None = None, pooled_dim: int | None = None) -> FluxText:
+def read_conditioning(
+    conditioning, joint_dim: int | None = None, pooled_dim: int | None = None, what: str = "CONDITIONING"
+) -> FluxText:
     """Validate a Flux CONDITIONING and return its first entry.
 
     Only the first entry is used: FLUX.1 samplers take one prompt, and combining entries
-    (ConditioningCombine) has no meaning for them. A clear error names what is wrong.
+    (ConditioningCombine) has no meaning for them. A clear error names what is wrong; ``what``
+    names the input in it (e.g. "negative").
     """
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise EditKitError("The CONDITIONING input is empty. Connect EditKit · Flux Text Encode or CLIPTextEncode.")
+        raise EditKitError(f"The {what} input is empty. Connect EditKit · Flux Text Encode or CLIPTextEncode.")
     if len(conditioning) > 1:
-        log.warning("EditKit: CONDITIONING has %d entries; FLUX.1 samplers use the first one.", len(conditioning))
+        log.warning("EditKit: %s has %d entries; FLUX.1 samplers use the first one.", what, len(conditioning))
     states, extra = conditioning[0][0], conditioning[0][1]
     if not torch.is_tensor(states) or states.ndim != 3:
         raise EditKitError(
-            "The CONDITIONING does not hold Flux text states [batch, tokens, width]. Encode the prompt with "
+            f"The {what} does not hold Flux text states [batch, tokens, width]. Encode the prompt with "
             "EditKit · Flux Text Encode, or with CLIPTextEncode fed by a DualCLIPLoader of type 'flux'."
         )
     pooled = extra.get("pooled_output")
     if pooled is None:
         raise EditKitError(
-            "The CONDITIONING has no pooled_output (CLIP-L). Encode the prompt with EditKit · Flux Text Encode, or "
+            f"The {what} has no pooled_output (CLIP-L): it is not a FLUX.1 conditioning. Encode the prompt with EditKit · Flux Text Encode, or "
             "with CLIPTextEncode fed by a DualCLIPLoader of type 'flux'."
         )
     if pooled.ndim == 1:
         pooled = pooled.unsqueeze(0)
     if joint_dim is not None and states.shape[-1] != joint_dim:
         raise EditKitError(
-            f"The prompt was encoded to width {states.shape[-1]}, but this transformer expects {joint_dim} (T5-XXL). "
+            f"The {what} was encoded to width {states.shape[-1]}, but this transformer expects {joint_dim} (T5-XXL). "
             "Encode the prompt with the FLUX.1 text encoders (clip_l + t5xxl)."
         )
     if pooled_dim is not None and pooled.shape[-1] != pooled_dim:
         raise EditKitError(
-            f"The pooled prompt has width {pooled.shape[-1]}, but this transformer expects {pooled_dim} (CLIP-L). "
+            f"The {what}'s pooled vector has width {pooled.shape[-1]}, but this transformer expects {pooled_dim} (CLIP-L). "
             "Encode the prompt with the FLUX.1 text encoders (clip_l + t5xxl)."
         )
     guidance = extra.get("guidance")
