@@ -14,7 +14,8 @@ Reading BFL files uses diffusers' own converter. Two gaps are filled here:
 from __future__ import annotations
 
 import torch
-from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+from ..core.diffusers_compat import convert_flux_transformer_checkpoint_to_diffusers
 
 COMFY_PREFIX = "model.diffusion_model."
 _DIFFUSERS_FIXED_WIDTH = 3072  # the width diffusers' converter assumes

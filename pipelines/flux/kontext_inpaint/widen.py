@@ -25,7 +25,7 @@ def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     """The projection's weight as a dense float tensor (dequantizing GGUF weights)."""
     weight = layer.weight
     if hasattr(weight, "quant_type"):
-        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+        from ...core.diffusers_compat import dequantize_gguf_tensor
 
         return dequantize_gguf_tensor(weight).float()
     return weight.detach().float()
