@@ -163,3 +163,13 @@ def test_node_bad_input(dev_loader):
         call_node(EditKitFluxSampler, model=model, vae=vae, conditioning=cond, denoise=0.0, width=64, height=64)
     with pytest.raises(EditKitError, match="height 72 → 80|height 72 → 64"):
         call_node(EditKitFluxSampler, model=model, vae=vae, conditioning=cond, width=64, height=72)
+
+
+def test_schnell_from_single_files_uses_its_static_shift(parts):
+    from types import SimpleNamespace
+
+    schnell = SimpleNamespace(module=SimpleNamespace(config=SimpleNamespace(guidance_embeds=False)))
+    assert gen.schedule_config_for(schnell, parts["scheduler"]) == gen.SCHNELL_SCHEDULER
+    assert gen.schedule_config_for(parts["transformer"], parts["scheduler"]) is parts["scheduler"]
+    folder_config = {**gen.SCHNELL_SCHEDULER, "shift": 1.5}
+    assert gen.schedule_config_for(schnell, folder_config) is folder_config

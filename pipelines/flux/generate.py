@@ -24,6 +24,22 @@ from .fill import FluxResult, check_in_features
 
 DEV_IN_FEATURES = 64
 SIZE_MULTIPLE = 16
+# FLUX.1-schnell's published scheduler: a static shift of 1 (no resolution-dependent shift).
+SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                     "use_dynamic_shifting": False}
+
+
+def schedule_config_for(transformer: Component, scheduler_config: dict) -> dict:
+    """The scheduler config to sample ``transformer`` with.
+
+    A transformer without a guidance embedding is FLUX.1-schnell (timestep-distilled). Loaded from
+    single files it arrives with the shipped FLUX.1-dev config, whose resolution shift schnell was
+    not trained with; schnell's own static shift of 1 is used then. A diffusers folder's config is
+    always kept.
+    """
+    if not transformer.module.config.guidance_embeds and scheduler_config.get("use_dynamic_shifting"):
+        return SCHNELL_SCHEDULER
+    return scheduler_config
 
 
 def check_size(width: int, height: int) -> None:
@@ -88,7 +104,8 @@ def generate(
     if init_latents is not None:
         init = flow.pack(init_latents.float().repeat_interleave(per_start, 0))
     schedule = flow.flux_schedule(
-        settings.steps, noise.shape[1], scheduler_config, settings.denoise, settings.convention
+        settings.steps, noise.shape[1], schedule_config_for(transformer, scheduler_config), settings.denoise,
+        settings.convention,
     )
     inputs = flow.FlowInputs(
         noise=noise, text=text.states, pooled=text.pooled, guidance=settings.guidance, latent_h=lh, latent_w=lw,
