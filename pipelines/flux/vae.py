@@ -18,29 +18,36 @@ import logging
 
 import torch
 
+from ..core.latent_format import LatentFormat
 from ..core.runtime import Component, Runtime
 
 log = logging.getLogger("EditKit")
 
-DEFAULT_SCALE = 0.3611
-DEFAULT_SHIFT = 0.1159
+# FLUX.1's latent format (also Z-Image's, which uses the FLUX.1 VAE).
+FLUX_LATENT = LatentFormat(channels=16, spatial=8, scale=0.3611, shift=0.1159, preview="Flux")
+
+
+def latent_format(vae: Component) -> LatentFormat:
+    """FLUX.1's format, with the scale/shift a VAE's own config states (a diffusers folder may say so)."""
+    config = vae.module.config
+    scale, shift = config.get("scaling_factor"), config.get("shift_factor")
+    if (scale is None or scale == FLUX_LATENT.scale) and (shift is None or shift == FLUX_LATENT.shift):
+        return FLUX_LATENT
+    return LatentFormat(16, 8, float(scale or FLUX_LATENT.scale),
+                        float(FLUX_LATENT.shift if shift is None else shift), "Flux")
 
 
 def _scale_shift(vae: Component) -> tuple[float, float]:
-    config = vae.module.config
-    scale = config.get("scaling_factor") or DEFAULT_SCALE
-    shift = config.get("shift_factor")
-    return float(scale), float(DEFAULT_SHIFT if shift is None else shift)
+    fmt = latent_format(vae)
+    return float(fmt.scale), float(fmt.shift)
 
 
 def raw_to_model(vae: Component, latents: torch.Tensor) -> torch.Tensor:
-    scale, shift = _scale_shift(vae)
-    return (latents.float() - shift) * scale
+    return latent_format(vae).to_model(latents)
 
 
 def model_to_raw(vae: Component, latents: torch.Tensor) -> torch.Tensor:
-    scale, shift = _scale_shift(vae)
-    return latents.float() / scale + shift
+    return latent_format(vae).to_raw(latents)
 
 
 # ComfyUI's own budgets for the FLUX.1 VAE, in values per pixel (times the dtype size).
