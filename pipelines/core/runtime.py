@@ -71,8 +71,12 @@ class Runtime(ABC):
         """Make ``component`` usable and return the device to run it on."""
 
     @abstractmethod
-    def progress(self, total: int) -> Progress:
-        """A progress reporter for a loop of ``total`` steps."""
+    def progress(self, total: int, preview_format: str = "Flux") -> Progress:
+        """A progress reporter for a loop of ``total`` steps.
+
+        ``preview_format`` names the ComfyUI latent format whose RGB factors render previews of the
+        loop's latents (a :class:`~.latent_format.LatentFormat`'s ``preview``).
+        """
 
     @abstractmethod
     def check_interrupt(self) -> None:
@@ -121,7 +125,7 @@ class TorchRuntime(Runtime):
             component.module.to(self.device)
         return self.device
 
-    def progress(self, total: int) -> Progress:
+    def progress(self, total: int, preview_format: str = "Flux") -> Progress:
         return Progress(total, self.on_progress)
 
     def interrupt(self) -> None:

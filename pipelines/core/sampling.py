@@ -241,12 +241,14 @@ def sample(
     to_sampler_layout: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     preview_of: PreviewOf | None = None,
     progress: Progress | None = None,
+    preview_format: str = "Flux",
 ) -> torch.Tensor:
     """Run ``schedule`` from ``noise`` (and ``init`` when partially denoising); return the clean latent.
 
     ``noise`` and ``init`` are in the sampler layout (e.g. Flux's packed tokens) on the compute
     device; the result is float32 in the same layout. ``noise_shape`` / ``to_sampler_layout``
-    describe how ancestral noise is drawn (default: ``noise``'s own shape).
+    describe how ancestral noise is drawn (default: ``noise``'s own shape). ``preview_of`` maps the
+    first sample's x0 estimate to a model-space latent of the family's ``preview_format``.
     """
     x = start_latent(noise, schedule, init)
     sigmas = [float(s) for s in schedule.sigmas]
@@ -254,7 +256,7 @@ def sample(
     fresh = None
     if sampler.name == "euler_ancestral" and sampler.eta > 0:
         fresh = _ancestral_noise(sampler, schedule.steps, noise_shape or tuple(x.shape), to_sampler_layout, x.device)
-    progress = progress if progress is not None else runtime.progress(schedule.steps)
+    progress = progress if progress is not None else runtime.progress(schedule.steps, preview_format)
 
     for i in range(schedule.steps):
         runtime.check_interrupt()
