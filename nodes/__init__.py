@@ -19,6 +19,7 @@ _MODULES = (
     "ben2_nodes",
     "kontext_nodes",
     "qwen_image_nodes",
+    "qwen_layered_nodes",
     "zimage_nodes",
 )
 

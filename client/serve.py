@@ -1,0 +1,410 @@
+"""``python -m client serve``: the HTTP API the seed applications call, forwarding to ComfyUI.
+
+Endpoints: ``GET /api/image_editing/experiments``, ``POST /api/edit_with_comfyui``, ``POST /generate``
+(JSON), ``POST /generate/upload`` (multipart), ``GET /healthz`` (the process is up) and ``GET /readyz``
+(at least one ComfyUI server answers and has EditKit's nodes).
+
+Every error is ``{"success": false, "error": "..."}`` with a 4xx (the request is wrong: the message
+names the field) or 5xx (ComfyUI is down, 503; a node failed, 502; not configured, 501); tracebacks go
+to this process's log only. Bodies and pictures have size limits; unknown fields are refused so a
+misspelt parameter is not silently ignored. Bound to loopback by default; any other address needs an
+access token (``Authorization: Bearer <token>`` or ``X-Access-Token``), because the API makes a GPU
+server run work for whoever can reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import console
+from .comfy import ComfyServer, Timeouts
+from .errors import (
+    ClientError,
+    ExecutionFailed,
+    ExecutionInterrupted,
+    PromptRejected,
+    ServerUnavailable,
+    ValidationFailed,
+    WorkflowError,
+)
+from .experiments import EDIT_PARAMETERS, Experiments, Feature, Route
+from .files import picture_info
+from .workflow import add_preview
+
+log = logging.getLogger("editkit.client.serve")
+EDIT_FIELDS = {"experiment_id", "feature_id", "input_image_base64", *EDIT_PARAMETERS} - {"input_image"}
+GENERATE_FIELDS = {"mode", "input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "model_id"}
+GENERATE_DEFAULTS = {"prompt": "", "height": 1024, "width": 1024, "num_inference_steps": 50, "cfg": 2.5, "seed": 42,
+                     "model_id": None}
+OPEN_PATHS = {"/healthz", "/readyz"}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _json_error(status: int, message: str, **extra) -> web.Response:
+    return web.json_response({"success": False, "error": message, **extra}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except HttpError as exc:
+        return _json_error(exc.status, exc.message)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _json_error(413, f"the request body is larger than the limit ({exc.text or 'see --max-body-mb'})")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json_error(exc.status, exc.reason or "error")
+    except Exception as exc:  # never a stack trace to the caller
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+def token_middleware(token: str | None):
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if token and request.path not in OPEN_PATHS:
+            given = request.headers.get("X-Access-Token", "")
+            auth = request.headers.get("Authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise HttpError(401, "missing or wrong access token: send 'Authorization: Bearer <token>'")
+        return await handler(request)
+    return check
+
+
+class ServerPool:
+    """ComfyUI servers behind the API: the least busy one that answers takes each request."""
+
+    def __init__(self, urls: list[str], timeouts: Timeouts):
+        self.servers = [ComfyServer(u, timeouts) for u in dict.fromkeys(urls)]
+        self.busy = {s.url: 0 for s in self.servers}
+        self.down_until = {s.url: 0.0 for s in self.servers}
+
+    def order(self) -> list[ComfyServer]:
+        now = time.monotonic()
+        return sorted(self.servers, key=lambda s: (self.down_until[s.url] > now, self.busy[s.url]))
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.close()
+
+
+class Api:
+    def __init__(self, experiments: Experiments, pool: ServerPool, limits: Limits):
+        self.experiments = experiments
+        self.pool = pool
+        self.limits = limits
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _json_body(self, request: web.Request) -> dict:
+        raw = await request.read()
+        try:
+            body = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HttpError(400, f"the body is not valid JSON ({exc})") from exc
+        if not isinstance(body, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        return body
+
+    def _picture(self, value: Any, field_name: str) -> bytes:
+        if isinstance(value, (bytes, bytearray)):
+            data = bytes(value)
+        else:
+            if not isinstance(value, str) or not value.strip():
+                raise HttpError(400, f"'{field_name}' must be a base64-encoded picture")
+            text = value.strip()
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise HttpError(400, f"'{field_name}' is not valid base64 ({exc})") from exc
+        try:
+            picture_info(data, f"'{field_name}'", self.limits.max_pixels)
+        except WorkflowError as exc:
+            raise HttpError(400, str(exc)) from exc
+        return data
+
+    @staticmethod
+    def _number(body: dict, name: str, kind: type, low=None, high=None):
+        value = body[name]
+        if isinstance(value, str) and value.strip():
+            try:
+                value = kind(float(value)) if kind is int and "." not in value else kind(value)
+            except ValueError:
+                raise HttpError(400, f"'{name}' must be a {'whole number' if kind is int else 'number'}, "
+                                     f"got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and float(value) != int(value)):
+            raise HttpError(400, f"'{name}' must be a {'whole number' if kind is int else 'number'}, got {value!r}")
+        value = kind(value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise HttpError(400, f"'{name}' must be between {low} and {high}, got {value}")
+        return value
+
+    async def _execute(self, route: Route, values: dict[str, Any], picture: bytes | None) -> dict[str, bytes | None]:
+        """Fill the route's workflow, run it on a live server, return its pictures."""
+        errors = []
+        for server in self.pool.order():
+            self.pool.busy[server.url] += 1
+            try:
+                return await asyncio.wait_for(self._execute_on(server, route, values, picture),
+                                              self.experiments.timeout)
+            except ServerUnavailable as exc:
+                self.pool.down_until[server.url] = time.monotonic() + 5.0
+                errors.append(str(exc))
+            except asyncio.TimeoutError as exc:
+                raise HttpError(504, f"ComfyUI at {server.url} did not finish within {self.experiments.timeout:g} s "
+                                     "(comfyui.timeout in the experiments file)") from exc
+            finally:
+                self.pool.busy[server.url] -= 1
+        raise HttpError(503, "no ComfyUI server answers: " + " | ".join(errors))
+
+    async def _execute_on(self, server: ComfyServer, route: Route, values: dict, picture: bytes | None) -> dict:
+        prompt = json.loads(json.dumps(route.prompt))
+        info = await server.object_info()
+        for parameter, value in values.items():
+            for node_id, input_name in route.targets.get(parameter, []):
+                prompt[node_id]["inputs"][input_name] = value
+        if picture is not None:
+            for node_id, input_name in route.targets.get("input_image", []):
+                if prompt[node_id]["class_type"] == "LoadImage" or _is_upload_input(info, prompt[node_id], input_name):
+                    prompt[node_id]["inputs"][input_name] = await server.upload_image(picture, "request.png")
+                else:
+                    prompt[node_id]["inputs"][input_name] = base64.b64encode(picture).decode("ascii")
+        wanted = {"image": route.output_node}
+        if route.background is not None:
+            node_id, index, overrides = route.background
+            wanted["background_removed"] = add_preview(prompt, node_id, index, overrides)
+        try:
+            result = await server.run(prompt)
+        except ValidationFailed as exc:
+            blamed = [route.target_of(p.node_id, p.input) for p in exc.problems]
+            if any(blamed):
+                fields = ", ".join(sorted({b for b in blamed if b}))
+                raise HttpError(400, f"invalid value for {fields}: {exc}") from exc
+            raise HttpError(502, str(exc)) from exc
+        except (PromptRejected, ExecutionFailed, ExecutionInterrupted) as exc:
+            raise HttpError(502, str(exc)) from exc
+        out: dict[str, bytes | None] = {}
+        images = result.images()
+        for key, node_id in wanted.items():
+            refs = [ref for nid, ref in images if nid == node_id]
+            out[key] = await server.view(refs[0]) if refs else None
+        if out.get("image") is None:
+            raise HttpError(502, f"the workflow '{route.workflow_name}' finished without a picture from node "
+                                 f"{route.output_node}")
+        return out
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    async def experiments_list(self, request: web.Request) -> web.Response:
+        return web.json_response(self.experiments.public())
+
+    async def edit(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        body = await self._json_body(request)
+        _reject_unknown(body, EDIT_FIELDS)
+        exp_id = body.get("experiment_id")
+        if not isinstance(exp_id, str):
+            raise HttpError(400, "'experiment_id' is required (text)")
+        experiment = self.experiments.experiments.get(exp_id)
+        if experiment is None:
+            known = ", ".join(self.experiments.experiments) or "(none)"
+            raise HttpError(404, f"unknown experiment_id '{exp_id}' (known: {known})")
+        feature = _pick_feature(experiment.features, body.get("feature_id"), exp_id)
+        if "input_image_base64" not in body:
+            raise HttpError(400, "'input_image_base64' is required")
+        picture = self._picture(body["input_image_base64"], "input_image_base64")
+        values: dict[str, Any] = {}
+        for name in ("prompt", "negative_prompt"):
+            if body.get(name) is not None:
+                if not isinstance(body[name], str):
+                    raise HttpError(400, f"'{name}' must be text")
+                values[name] = body[name]
+        for name, kind, low, high in (("steps", int, 1, 10000), ("guidance_scale", float, 0, 1000),
+                                      ("strength", float, 0, 1), ("seed", int, 0, 2**64 - 1)):
+            if body.get(name) is not None:
+                values[name] = self._number(body, name, kind, low, high)
+        out = await self._execute(feature.route, values, picture)
+        return web.json_response({
+            "success": True, "experiment_id": experiment.id, "experiment_name": experiment.name,
+            "feature_id": feature.id,
+            "output_image_base64": base64.b64encode(out["image"]).decode("ascii"),
+            "background_removed_image_base64": (base64.b64encode(out["background_removed"]).decode("ascii")
+                                                if out.get("background_removed") else None),
+            "elapsed_time": round(time.monotonic() - started, 3)})
+
+    async def generate(self, request: web.Request) -> web.Response:
+        return await self._generate(await self._json_body(request))
+
+    async def generate_upload(self, request: web.Request) -> web.Response:
+        if not request.content_type.startswith("multipart/"):
+            raise HttpError(400, "POST /generate/upload takes multipart/form-data (use POST /generate for JSON)")
+        body: dict[str, Any] = {}
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            name = part.name or ""
+            if name in body:
+                raise HttpError(400, f"the form field '{name}' is given twice")
+            if part.filename is not None:
+                body[name] = bytes(await part.read(decode=False))
+            else:
+                body[name] = await part.text()
+        return await self._generate(body)
+
+    async def _generate(self, body: dict) -> web.Response:
+        _reject_unknown(body, GENERATE_FIELDS)
+        mode = body.get("mode")
+        if mode is None:
+            raise HttpError(400, "'mode' is required (supported: " + ", ".join(self.experiments.generate or ["redux"]) + ")")
+        if mode not in self.experiments.generate:
+            supported = ", ".join(self.experiments.generate) or "(none configured)"
+            raise HttpError(400 if mode != "redux" else 501, f"mode '{mode}' is not supported here (supported: "
+                            f"{supported}); add a generate.{mode} entry to {self.experiments.source}")
+        feature: Feature = self.experiments.generate[mode]
+        if feature.disabled:
+            raise HttpError(501, f"mode '{mode}' is not available: {feature.disabled}")
+        if body.get("input_image") in (None, b"", ""):
+            raise HttpError(400, "'input_image' is required (a base64 picture, or a file in /generate/upload)")
+        picture = self._picture(body["input_image"], "input_image")
+        merged = {**GENERATE_DEFAULTS, **{k: v for k, v in body.items() if v is not None}}
+        values: dict[str, Any] = {"prompt": str(merged["prompt"])}
+        for name, kind, low, high in (("height", int, 16, 8192), ("width", int, 16, 8192),
+                                      ("num_inference_steps", int, 1, 10000), ("cfg", float, 0, 1000),
+                                      ("seed", int, 0, 2**64 - 1)):
+            values[name] = self._number(merged, name, kind, low, high)
+        if merged.get("model_id") is not None:
+            values["model_id"] = str(merged["model_id"])
+        out = await self._execute(feature.route, values, picture)
+        return web.json_response({"success": True, "image_base64": base64.b64encode(out["image"]).decode("ascii"),
+                                  "error": None})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        async def check(server: ComfyServer) -> dict:
+            try:
+                spec = await server.node_info("EditKitFluxLoader", timeout=5.0)
+                return {"server": server.url, "answers": True, "editkit": spec is not None}
+            except ClientError as exc:
+                return {"server": server.url, "answers": False, "editkit": False, "error": str(exc)}
+
+        servers = await asyncio.gather(*(check(s) for s in self.pool.servers))
+        ready = any(s["answers"] and s["editkit"] for s in servers)
+        return web.json_response({"ready": ready, "servers": servers}, status=200 if ready else 503)
+
+
+def _is_upload_input(info: dict, node: dict, input_name: str) -> bool:
+    spec = (info.get(node["class_type"]) or {}).get("input") or {}
+    for section in ("required", "optional"):
+        raw = (spec.get(section) or {}).get(input_name)
+        if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], dict) and raw[1].get("image_upload"):
+            return True
+    return False
+
+
+def _reject_unknown(body: dict, allowed: set) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise HttpError(400, f"unknown field '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _pick_feature(features: list[Feature], feature_id, exp_id: str) -> Feature:
+    if feature_id is None:
+        enabled = [f for f in features if f.disabled is None]
+        if not enabled:
+            raise HttpError(501, f"experiment '{exp_id}' has no available feature")
+        return enabled[0]
+    for feature in features:
+        if feature.id == feature_id:
+            if feature.disabled:
+                raise HttpError(501, f"feature '{feature_id}' is not available: {feature.disabled}")
+            return feature
+    raise HttpError(404, f"experiment '{exp_id}' has no feature '{feature_id}' (features: "
+                         f"{', '.join(f.id for f in features)})")
+
+
+def build_app(experiments: Experiments, urls: list[str], token: str | None = None, limits: Limits | None = None,
+              timeouts: Timeouts | None = None) -> web.Application:
+    limits = limits or Limits()
+    pool = ServerPool(urls, timeouts or Timeouts())
+    api = Api(experiments, pool, limits)
+    app = web.Application(client_max_size=limits.max_body_bytes,
+                          middlewares=[error_middleware, token_middleware(token)])
+    app.router.add_get("/api/image_editing/experiments", api.experiments_list)
+    app.router.add_post("/api/edit_with_comfyui", api.edit)
+    app.router.add_post("/generate", api.generate)
+    app.router.add_post("/generate/upload", api.generate_upload)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+
+    async def close_pool(app: web.Application) -> None:
+        await pool.close()
+
+    app.on_cleanup.append(close_pool)
+    return app
+
+
+async def serve_command(args) -> int:
+    """Body of ``python -m client serve``: check everything, then serve until interrupted."""
+    from .experiments import load_experiments
+
+    token = args.token
+    if not is_loopback(args.host) and not token:
+        raise ClientError(f"serving on {args.host} makes the API reachable from other machines: pass --token TOKEN "
+                          "(or set EDITKIT_SERVE_TOKEN); clients then send 'Authorization: Bearer TOKEN'")
+    experiments = load_experiments(args.experiments)
+    for feature in [f for e in experiments.experiments.values() for f in e.features] + list(experiments.generate.values()):
+        if feature.disabled:
+            log.warning("disabled: %s (%s)", feature.id, feature.disabled)
+            console.err(f"note: '{feature.id}' is disabled: {feature.disabled}")
+    urls = args.server or ([experiments.base_url] if experiments.base_url else ["http://127.0.0.1:8188"])
+    app = build_app(experiments, urls, token, Limits(int(args.max_body_mb * 1024 * 1024), args.max_pixels),
+                    Timeouts(stall=args.stall_timeout))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    console.out(f"serving on http://{args.host}:{args.port} (ComfyUI: {', '.join(urls)})")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+    return 0

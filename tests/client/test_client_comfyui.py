@@ -1,0 +1,248 @@
+"""The client against real ComfyUI servers (subprocesses) running EditKit on the tiny models.
+
+Needs ``COMFYUI_ROOT`` (a ComfyUI 0.3.64 checkout) and ``COMFYUI_PYTHON`` (its virtualenv's python,
+with EditKit's requirements installed); skipped otherwise. Servers listen on free loopback ports, load
+the pack through an ``extra_model_paths`` file (``custom_nodes:`` → a folder holding a symlink named
+EditKit to this repository) and read the tiny models tree the suite generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from client_helpers import client_env, png_bytes
+from PIL import Image
+
+from client.batch import BatchRunner, picture_items
+from client.comfy import Timeouts
+from client.experiments import DEFAULT_FILE, load_experiments
+from client.fake_comfy import free_port
+from client.workflow import BUNDLED_DIR, load_workflow
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]  # ~95 s: two real servers start
+ROOT = Path(__file__).resolve().parents[2]
+BEN2_SET = ["--set", "3.resolution=128"]
+
+
+class ComfyProcess:
+    """One real ComfyUI server; ``kill`` is SIGKILL, as a crash."""
+
+    def __init__(self, root: Path, python: str, config: Path, work: Path):
+        self.root, self.python, self.config, self.work = root, python, config, work
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = work / "comfyui.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ComfyProcess:
+        for name in ("input", "output", "temp", "user"):
+            (self.work / name).mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--extra-model-paths-config", str(self.config), "--disable-auto-launch", "--disable-api-nodes",
+             "--input-directory", str(self.work / "input"), "--output-directory", str(self.work / "output"),
+             "--temp-directory", str(self.work / "temp"), "--user-directory", str(self.work / "user"),
+             "--database-url", "sqlite:///:memory:"],
+            cwd=self.root, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        return self
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}); log: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/object_info/EditKitBEN2Loader", timeout=5) as answer:
+                    if json.loads(answer.read()):
+                        return
+                    pytest.skip(f"EditKit did not load in ComfyUI (IMPORT FAILED?): {self.log_tail()}")
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not start within {timeout} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def comfy_pair(tiny_models, tmp_path_factory):
+    root = os.environ.get("COMFYUI_ROOT")
+    if not root:
+        pytest.skip("set COMFYUI_ROOT (and COMFYUI_PYTHON) to run the client against real ComfyUI servers")
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    base = tmp_path_factory.mktemp("comfy_client")
+    packs = base / "packs"
+    packs.mkdir()
+    (packs / "EditKit").symlink_to(ROOT, target_is_directory=True)
+    config = base / "extra_model_paths.yaml"
+    folders = {p.name: str(p) for p in tiny_models.iterdir() if p.is_dir()}  # every folder the tiny tree has
+    config.write_text(yaml.safe_dump({"editkit_client_tests": {"custom_nodes": str(packs), **folders}}))
+    servers = [ComfyProcess(Path(root), python, config, base / f"server{i}").start() for i in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
+
+
+def picture_folder(root: Path, count: int, size=(64, 64)) -> Path:
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", size, (30 * i % 256, 120, 200)).save(root / f"pic{i}.png")
+    return root
+
+
+def cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "client", *map(str, args)], cwd=ROOT, env=client_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_bundled_workflow_on_real_comfyui(comfy_pair, tmp_path):
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (96, 64), (200, 50, 50)).save(picture)
+    done = cli("run", "ben2_remove_background", "--server", comfy_pair[0].url, "--image", f"Picture={picture}",
+               *BEN2_SET, "--out", tmp_path / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads(done.stdout.splitlines()[-1])
+    assert saved["event"] == "saved" and len(saved["files"]) == 2
+    for path in saved["files"]:
+        assert saved["prompt_id"] in Path(path).name
+        with Image.open(path) as out:
+            assert out.size == (96, 64)
+    modes = sorted(Image.open(p).mode for p in saved["files"])
+    assert modes == ["RGB", "RGBA"]  # the mask picture and the transparent cut-out
+
+
+def test_run_reports_real_validation_errors(comfy_pair, tmp_path):
+    done = cli("run", "ben2_remove_background", "--server", comfy_pair[0].url, "--set", "1.model_name=missing.pth",
+               "--set", "3.resolution=100")
+    assert done.returncode == 1
+    assert "node 1 'Load BEN2 Base' (EditKitBEN2Loader): input 'model_name': 'missing.pth' is not one of" in done.stderr
+
+
+def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
+    import base64
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from client.serve import build_app
+
+    # the same bundled workflows with BEN2 at 128 px (the request has no BEN2 parameter), to stay quick on a CPU
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    for path in BUNDLED_DIR.glob("*.json"):
+        workflow = json.loads(path.read_text())
+        for node in workflow.values():
+            if "resolution" in node["inputs"]:
+                node["inputs"]["resolution"] = 128
+        (folder / path.name).write_text(json.dumps(workflow))
+    experiments = load_experiments(DEFAULT_FILE, folder)
+    picture = base64.b64encode(png_bytes((20, 200, 20), (64, 48))).decode()
+
+    async def go():
+        app = build_app(experiments, [comfy_pair[0].url, comfy_pair[1].url])
+        async with TestClient(TestServer(app)) as client:
+            ready = await client.get("/readyz")
+            listed = await client.get("/api/image_editing/experiments")
+            inpaint = await client.post("/api/edit_with_comfyui", json={
+                "experiment_id": "ben2_flux_fill", "feature_id": "inpainting", "input_image_base64": picture,
+                "prompt": "a beach", "steps": 1, "guidance_scale": 30, "strength": 1.0})
+            outpaint = await client.post("/api/edit_with_comfyui", json={
+                "experiment_id": "ben2_flux_fill", "feature_id": "outpainting", "input_image_base64": picture,
+                "prompt": "hills", "steps": 1})
+            redux = await client.post("/generate", json={"mode": "redux", "input_image": picture, "width": 64,
+                                                          "height": 48, "num_inference_steps": 1})
+            return [(r.status, await r.json()) for r in (ready, listed, inpaint, outpaint, redux)]
+
+    (rs, ready), (ls, listed), (i_s, inpaint), (o_s, outpaint), (gs, redux) = asyncio.run(asyncio.wait_for(go(), 400))
+    assert rs == 200 and ready["ready"] is True
+    assert ls == 200 and listed["experiments"][0]["id"] == "ben2_flux_fill"
+    assert i_s == 200, inpaint
+    out = Image.open(__import__("io").BytesIO(base64.b64decode(inpaint["output_image_base64"])))
+    cut = Image.open(__import__("io").BytesIO(base64.b64decode(inpaint["background_removed_image_base64"])))
+    assert out.size == (64, 48) and cut.size == (64, 48) and cut.mode == "RGBA"
+    assert o_s == 200, outpaint
+    wide = Image.open(__import__("io").BytesIO(base64.b64decode(outpaint["output_image_base64"])))
+    assert wide.size == (64 + 256, 48)
+    if "flux_redux_variations" in {p.stem for p in BUNDLED_DIR.glob("*.json")}:
+        assert gs == 200 and redux["success"], redux
+        variation = Image.open(__import__("io").BytesIO(base64.b64decode(redux["image_base64"])))
+        assert variation.size == (64, 48)
+    else:
+        assert gs == 501 and "flux_redux_variations" in redux["error"]
+
+
+def test_batch_resume_after_killing_the_client(comfy_pair, tmp_path):
+    folder = picture_folder(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "client", "batch", "ben2_remove_background", "--input", str(folder), "--out",
+           str(out), "--server", comfy_pair[0].url, "--server", comfy_pair[1].url, *BEN2_SET, "--json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=client_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "manifest.jsonl").exists() and (out / "manifest.jsonl").read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    first = (out / "manifest.jsonl").read_text().count("\n")
+    assert 1 <= first < 6
+    done = subprocess.run(cmd, cwd=ROOT, env=client_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["skipped"] >= first and summary["done"] + summary["skipped"] == 6
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 6
+
+
+def test_batch_over_two_real_servers_one_killed(comfy_pair, tmp_path):
+    """Last in this module: it kills a server for good."""
+    victim, survivor = comfy_pair
+    items = picture_items([picture_folder(tmp_path / "in", 6)])
+    events: list = []
+    killed = threading.Event()
+
+    def emit(event):
+        events.append(event)
+        if event["event"] == "item_done" and not killed.is_set():
+            killed.set()
+            threading.Thread(target=victim.kill, daemon=True).start()
+
+    workflow = load_workflow("ben2_remove_background")
+    workflow["3"]["inputs"]["resolution"] = 128
+    runner = BatchRunner(workflow_name="ben2_remove_background", workflow=copy.deepcopy(workflow), items=items,
+                         urls=[victim.url, survivor.url], out_dir=tmp_path / "out", in_flight=2,
+                         timeouts=Timeouts(connect=3, request=10, poll=1, poll_ws_down=0.3, stall=120, heartbeat=2),
+                         probe_interval=0.5, emit=emit, progress=False)
+    summary = asyncio.run(asyncio.wait_for(runner.run(), 300))
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert summary["done"] == 6 and summary["failed"] == 0
+    assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 6
+    assert all(r["status"] == "done" for r in records)
+    assert any(e["event"] == "server_down" and e["server"] == victim.url for e in events)
+    shutil.rmtree(tmp_path / "in", ignore_errors=True)
