@@ -192,7 +192,8 @@ class EditKitBEN2RemoveBackground:
                     {
                         "default": True,
                         "tooltip": "Remove the old background's colour from soft edges (hair, fur) so the cut-out "
-                        "has no halo on a new background. Changes only the IMAGE output.",
+                        "has no halo on a new background. Colours are estimated from the network's raw matte; "
+                        "threshold / grow / feather only shape the cut. Changes only the IMAGE output.",
                     },
                 ),
                 **_BACKGROUND_INPUTS,
@@ -244,7 +245,11 @@ class EditKitRefineForeground:
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Cuts out an image with a mask from any node (e.g. ComfyUI's Remove Background) and removes the old "
-        "background's colour from soft edges (blur-fusion foreground estimation), so hair and fur show no halo."
+        "background's colour from soft edges (blur-fusion foreground estimation), so hair and fur show no halo. "
+        "Give it the soft matte as the matting node outputs it, before any threshold, grow or feather: the "
+        "estimate assumes the mask is the true opacity of every pixel, so a shaped mask changes the colour of "
+        "pixels that are fully subject. To grow or feather the cut-out, use BEN2 Remove Background's own grow / "
+        "feather (it estimates colours from the raw matte and cuts out with the shaped mask)."
     )
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -256,7 +261,9 @@ class EditKitRefineForeground:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The original images."}),
-                "mask": ("MASK", {"tooltip": "1 = keep (the subject). One mask for all images or one per image."}),
+                "mask": ("MASK", {"tooltip": "1 = keep (the subject): the soft matte straight from the matting "
+                                             "node, not thresholded, grown or feathered. One mask for all images "
+                                             "or one per image."}),
                 **_BACKGROUND_INPUTS,
             }
         }

@@ -20,7 +20,13 @@ FROM_FOLDER = "(from folder)"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-def seed_input(tooltip: str = "Random seed. The same seed, inputs and device give the same result.") -> tuple:
+SEED_TOOLTIP = (
+    "Random seed. The starting noise is drawn on the CPU from it, so a seed gives the same noise on every machine; "
+    "pictures from different GPUs or settings agree closely but not bit for bit (their kernels differ)."
+)
+
+
+def seed_input(tooltip: str = SEED_TOOLTIP) -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": tooltip})
 
 

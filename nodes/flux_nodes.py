@@ -81,10 +81,12 @@ class EditKitFluxLoader:
                 }),
                 "weight_dtype": (list(DTYPES), {
                     "default": "auto",
-                    "tooltip": "Compute dtype of the transformer and text encoders. auto: bf16 on CUDA GPUs that "
-                               "support it (else fp16), fp32 on the CPU. The VAE uses bf16 or fp32 (never fp16: "
-                               "FLUX.1's VAE overflows in it); fp32 here makes it fp32 too. GGUF weights stay "
-                               "quantized whatever this says.",
+                    "tooltip": "How the transformer and text encoders store their weights. auto follows ComfyUI "
+                               "(its --bf16-unet, --fp16-text-enc... flags, else bf16 on GPUs that support it and "
+                               "fp32 on the CPU). Arithmetic runs in what the device is fast at: bf16/fp16 weights "
+                               "on a CPU are computed in fp32 (half the memory, about 20% slower than fp32; a "
+                               "warning says so). The VAE uses bf16 or fp32 (never fp16: FLUX.1's VAE overflows in "
+                               "it); fp32 here makes it fp32 too. GGUF weights stay quantized whatever this says.",
                 }),
             }
         }
@@ -101,15 +103,18 @@ class EditKitFluxLoader:
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, _choice(transformer_file, "diffusion_models"),
-                                         dtype or bridge.default_dtype("diffusion"))
+        # Storage and compute dtypes: auto follows ComfyUI's flags and per-device rules (docs/precision-and-gguf.md).
+        main = bridge.precision("diffusion", dtype)
+        transformer = transformer_source(folder, _choice(transformer_file, "diffusion_models"), main.compute,
+                                         storage=main.storage)
         # The VAE follows its own policy (never fp16, which turns FLUX.1 pictures black) unless fp32 is asked for.
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
+        encoders = bridge.precision("text_encoder", dtype)
         text = text_encoder_source(
-            folder, _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders"),
-            dtype or bridge.default_dtype("text_encoder"),
+            folder, _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders"), encoders.compute,
             clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"), t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"),
+            storage=encoders.storage,
         )
         return (FluxModel(transformer, scheduler_config(folder)), text, vae)
 
@@ -170,18 +175,20 @@ def _sampler_settings():
     }
 
 
-def _run_fill(model, vae, conditioning, pixels, mask, seed, steps, guidance, denoise, batch_size):
-    # Check the pictures before loading anything: a wrong size should fail in a second, not after 24 GB.
-    check_multiple_of(pixels.shape[-2], pixels.shape[-1], 16)
-    match_mask_to_images(mask, pixels)
+def _fill_parts(model, vae, conditioning, guidance):
     transformer = model.transformer.get()
     text, guidance = flux_text(conditioning, transformer.module.config, guidance)
-    vae_component = vae.get()
-    result = fill_ops.fill(
-        transformer, vae_component, pixels, mask, text, steps=steps, guidance=guidance, seed=seed,
-        denoise=denoise, per_image=batch_size, scheduler_config=model.scheduler_config, runtime=bridge.runtime(),
-    )
+    return transformer, vae.get(), text, guidance
+
+
+def _outputs(result, vae_component):
     return nchw_to_image(result.images), latent_dict(vae_ops.model_to_raw(vae_component, result.latents))
+
+
+_LATENT_TOOLTIP = (
+    "The latent of the image output (the blended result, encoded once more), in ComfyUI's raw VAE space: native "
+    "VAEDecode on it gives the image output up to the VAE's own loss."
+)
 
 
 class EditKitFluxFillInpaint:
@@ -197,7 +204,7 @@ class EditKitFluxFillInpaint:
     RETURN_NAMES = ("image", "latent")
     OUTPUT_TOOLTIPS = (
         "The inpainted images (batch = images x batch_size).",
-        "The raw generated latents (ComfyUI's raw VAE space: native VAEDecode works on them).",
+        _LATENT_TOOLTIP,
     )
 
     @classmethod
@@ -206,15 +213,25 @@ class EditKitFluxFillInpaint:
             "required": {
                 **_SAMPLER_INPUTS,
                 "mask": ("MASK", {"tooltip": "1 = repaint, 0 = keep. One mask for all images or one per image, "
-                                             "same size as the image."}),
+                                             "same size as the image. Soft values reach the model as they are "
+                                             "(ComfyUI's InpaintModelConditioning convention; the picture is "
+                                             "blanked where the mask is above 0.5) and blend the result in."}),
                 **_sampler_settings(),
             }
         }
 
     def inpaint(self, model, vae, conditioning, image, mask, seed, steps, guidance, denoise, batch_size):
         pixels = image_to_nchw(image)
-        return _run_fill(model, vae, conditioning, pixels, mask_to_nchw(mask), seed, steps, guidance, denoise,
-                         batch_size)
+        mask = mask_to_nchw(mask)
+        # Check the pictures before loading anything: a wrong size should fail in a second, not after 24 GB.
+        check_multiple_of(pixels.shape[-2], pixels.shape[-1], 16)
+        match_mask_to_images(mask, pixels)
+        transformer, vae_component, text, guidance = _fill_parts(model, vae, conditioning, guidance)
+        result = fill_ops.fill(
+            transformer, vae_component, pixels, mask, text, steps=steps, guidance=guidance, seed=seed,
+            denoise=denoise, per_image=batch_size, scheduler_config=model.scheduler_config, runtime=bridge.runtime(),
+        )
+        return _outputs(result, vae_component)
 
 
 def _side(tooltip: str) -> tuple:
@@ -225,17 +242,18 @@ class EditKitFluxFillOutpaint:
     DISPLAY_NAME = "EditKit · Flux Fill Outpaint"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Extends the canvas on any side and fills the new area with FLUX.1-Fill from a prompt. The canvas is "
-        "rounded up to a multiple of 16 (extra pixels go to an extended side, right/bottom first). A feathered "
-        "band of the original along each extended edge is repainted too and blended, so the seam disappears."
+        "Extends the canvas on any side and fills the new area with FLUX.1-Fill from a prompt. The output is "
+        "exactly the picture plus the pixels asked for (FLUX.1's multiple of 16 is handled inside and cropped "
+        "off). A feathered band of the original along each extended edge, and only those, is repainted and "
+        "blended so the seam disappears; sides that are not extended are returned unchanged."
     )
     FUNCTION = "outpaint"
     RETURN_TYPES = ("IMAGE", "LATENT", "MASK")
     RETURN_NAMES = ("image", "latent", "mask")
     OUTPUT_TOOLTIPS = (
-        "The extended images.",
-        "The raw generated latents (ComfyUI's raw VAE space).",
-        "The outpaint mask used (1 = new or repainted).",
+        "The extended images: width + left + right by height + top + bottom.",
+        _LATENT_TOOLTIP + " Latent cells are 8x8 pixels, so it covers the canvas rounded up to a multiple of 8.",
+        "The outpaint mask used, at the output size (1 = new, between 0 and 1 = the blended band).",
     )
 
     @classmethod
@@ -249,7 +267,9 @@ class EditKitFluxFillOutpaint:
                 "bottom": _side("Pixels to add at the bottom."),
                 "feathering": ("INT", {"default": 24, "min": 0, "max": 512, "step": 1,
                                        "tooltip": "Width in pixels of the band of the original, along each "
-                                                  "extended edge, that is repainted and blended."}),
+                                                  "extended edge only, that is repainted and blended. Limited to "
+                                                  "half the picture's width (left/right) or height (top/bottom), "
+                                                  "so the middle of the picture is never repainted."}),
                 **_sampler_settings(),
             }
         }
@@ -258,11 +278,14 @@ class EditKitFluxFillOutpaint:
                  guidance, denoise, batch_size):
         if left + top + right + bottom == 0:
             raise EditKitError("Nothing to outpaint: set at least one of left, top, right, bottom above 0.")
-        canvas, mask, _pads = fill_ops.outpaint_canvas(image_to_nchw(image), left, top, right, bottom, feathering)
-        images, latent = _run_fill(model, vae, conditioning, canvas, mask, seed, steps, guidance, denoise,
-                                   batch_size)
-        out_mask = mask.repeat_interleave(batch_size, 0)[:, 0]
-        return images, latent, out_mask
+        pixels = image_to_nchw(image)
+        transformer, vae_component, text, guidance = _fill_parts(model, vae, conditioning, guidance)
+        result, mask = fill_ops.outpaint(
+            transformer, vae_component, pixels, text, left=left, top=top, right=right, bottom=bottom,
+            feathering=feathering, steps=steps, guidance=guidance, seed=seed, denoise=denoise, per_image=batch_size,
+            scheduler_config=model.scheduler_config, runtime=bridge.runtime(),
+        )
+        return (*_outputs(result, vae_component), mask[:, 0].float().cpu())
 
 
 NODES = [EditKitFluxLoader, EditKitFluxTextEncode, EditKitFluxFillInpaint, EditKitFluxFillOutpaint]

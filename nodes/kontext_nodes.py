@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..pipelines.core.errors import EditKitError
-from ..pipelines.core.images import check_multiple_of, image_to_nchw, mask_to_nchw, nchw_to_image, repeat_batch
+from ..pipelines.core.images import (
+    check_multiple_of,
+    check_not_load_image_empty_mask,
+    image_to_nchw,
+    mask_to_nchw,
+    nchw_to_image,
+    repeat_batch,
+)
 from ..pipelines.flux import kontext_inpaint as ki
 from ..pipelines.flux import vae as vae_ops
 from ..pipelines.flux.conditioning import FluxText
@@ -15,9 +24,18 @@ from . import comfy_bridge as bridge
 from .common import batch_input, denoise_input, flux_text, guidance_input, latent_dict, seed_input, steps_input
 from .flux_nodes import EditKitFluxLoader
 
+log = logging.getLogger("EditKit")
+
 CATEGORY = "EditKit/kontext-inpaint"
 # Its own socket type, so the UI never lets a 192-feature model reach a FLUX.1-Fill sampler (or the reverse).
 MODEL_TYPE = "EDITKIT_KONTEXT_INPAINT"
+# Set on a transformer widened from FLUX.1-Fill in this session (value: the widen_init used).
+UNTRAINED_WIDENING = "untrained_widening"
+UNTRAINED_WARNING = (
+    "EditKit Kontext-inpaint: '%s' is FLUX.1-Fill widened on the fly and NOT trained: it returns the source "
+    "picture (exactly with widen_init zeros, nearly with small_random; this one: %s), whatever the instruction says. Pick a trained Kontext-inpaint transformer in the "
+    "loader's transformer_file (see the README's training section)."
+)
 
 
 def _as_kontext(component, init: str):
@@ -26,7 +44,16 @@ def _as_kontext(component, init: str):
     ki.ensure_kontext(component.module, component.name, init=init)
     if widened:
         component.name = f"{component.name} (widened for Kontext-inpaint)"
+        component.extras[UNTRAINED_WIDENING] = init
     return component
+
+
+def _warn_if_untrained(transformer) -> None:
+    """Log a warning on every run with an untrained widening (the loader's output is cached by
+    ComfyUI, so a warning there would show once and then never again)."""
+    init = transformer.extras.get(UNTRAINED_WIDENING)
+    if init is not None:
+        log.warning(UNTRAINED_WARNING, transformer.name, init)
 
 
 class EditKitKontextInpaintLoader:
@@ -35,15 +62,16 @@ class EditKitKontextInpaintLoader:
     DESCRIPTION = (
         "Loads a Kontext-inpaint transformer (192 input features: noisy latent + source latent + mask-image "
         "latent) from a diffusers folder or one .safetensors/.gguf file, with the FLUX.1 text encoders and VAE. "
-        "Given FLUX.1-Fill-dev instead, it widens Fill on the fly: the new mask-image channels start silent, so "
-        "that untrained model reproduces the source image until it is fine-tuned (see the README's training "
-        "section)."
+        "Given FLUX.1-Fill-dev instead (what a FLUX.1-Fill-dev folder holds, so the default choice), it widens "
+        "Fill on the fly: the new mask-image channels start silent, so that UNTRAINED model RETURNS THE SOURCE "
+        "PICTURE unchanged until it is fine-tuned (see the README's training section); every edit with it logs "
+        "a warning."
     )
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE, *EditKitFluxLoader.RETURN_TYPES[1:])
     RETURN_NAMES = EditKitFluxLoader.RETURN_NAMES
     OUTPUT_TOOLTIPS = (
-        "The Kontext-inpaint transformer (trained, or Fill widened on the fly).",
+        "The Kontext-inpaint transformer (trained, or Fill widened on the fly: untrained, returns the source).",
         "CLIP-L + T5-XXL, for EditKit · Flux Text Encode and multi-round edits.",
         "The FLUX.1 VAE.",
     )
@@ -53,12 +81,14 @@ class EditKitKontextInpaintLoader:
         spec = EditKitFluxLoader.INPUT_TYPES()
         spec["required"]["transformer_file"][1]["tooltip"] = (
             "A trained Kontext-inpaint transformer (.safetensors in BFL layout, as EditKit's trainer saves, or "
-            ".gguf), or flux1-fill-dev to widen on the fly. Replaces the folder's transformer."
+            ".gguf). Replaces the folder's transformer. Warning: (from folder) with a FLUX.1-Fill-dev folder, or "
+            "flux1-fill-dev itself, is widened on the fly and is untrained: edits return the source picture."
         )
         spec["required"]["widen_init"] = (list(ki.widen.INIT_CHOICES), {
             "default": "zeros",
-            "tooltip": "Only when widening FLUX.1-Fill: start the new mask-image channels at zero (the model "
-                       "reproduces the source) or at small random values (for A/B experiments).",
+            "tooltip": "Only when widening FLUX.1-Fill (untrained: edits return the source picture): start the "
+                       "new mask-image channels at zero (exactly the source) or at small random values (nearly "
+                       "the source; for A/B experiments before training).",
         })
         return spec
 
@@ -108,6 +138,17 @@ def _source_latent(vae, image, source_latent, runtime) -> torch.Tensor:
 
 def _mask(mask):
     return None if mask is None else mask_to_nchw(mask)
+
+
+def _check_mask(mask, image, source_latent) -> None:
+    """Before any model loads: Load Image's empty placeholder mask gets its own clear error."""
+    if mask is None:
+        return
+    if source_latent is not None:
+        height, width = (8 * n for n in source_latent["samples"].shape[-2:])
+    else:
+        height, width = image_to_nchw(image).shape[-2:]
+    check_not_load_image_empty_mask(mask_to_nchw(mask), height, width)
 
 
 _MODEL_INPUTS = {
@@ -162,6 +203,7 @@ class EditKitKontextInpaintEdit:
              source_latent=None, mask=None, reference=None):
         runtime = bridge.runtime()
         _check_source(image, source_latent)
+        _check_mask(mask, image, source_latent)
         vae_c = vae.get()
         source = _source_latent(vae_c, image, source_latent, runtime)
         sources = source.shape[0]
@@ -172,6 +214,7 @@ class EditKitKontextInpaintEdit:
             mask_t = repeat_batch(mask_t, batch_size)
         mask_latent = ki.mask_image_latent(vae_c, mask_t, b, h * 8, w * 8, runtime)
         transformer = model.transformer.get()
+        _warn_if_untrained(transformer)
         text, guidance = flux_text(conditioning, transformer.module.config, guidance)
         if text.states.shape[0] == sources and sources > 1:
             text = FluxText(repeat_batch(text.states, batch_size), repeat_batch(text.pooled, batch_size), None)
@@ -230,8 +273,10 @@ class EditKitKontextInpaintMultiRound:
         if not lines:
             raise EditKitError("No instructions: write one edit instruction per line.")
         _check_source(image, None)
+        _check_mask(mask, image, None)
         encoders = text_encoders.get()
         transformer = model.transformer.get()
+        _warn_if_untrained(transformer)
         config = transformer.module.config
         texts = []
         for line in lines:

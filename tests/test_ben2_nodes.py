@@ -88,3 +88,17 @@ def test_interruption_propagates_from_the_node(models_root, torch_runtime):
     torch_runtime.interrupt()
     with pytest.raises(editkit.pipelines.core.errors.Interrupted):
         call_node(EditKitBEN2RemoveBackground, ben2_model=model, image=torch.rand(2, 64, 64, 3), resolution=128)
+
+
+def test_file_errors_read_cleanly(models_root):
+    """No ``.:`` / ``)).`` seams where the problem, the file and the expectation are joined, and ComfyUI's
+    ``exception_type`` (module + qualname) reads as a class name, not the pack's folder path (issue 8)."""
+    with pytest.raises(ModelFileError) as info:
+        call_node(EditKitBEN2Loader, model_name="birefnet.safetensors")
+    message = str(info.value)
+    assert message.startswith("'birefnet.safetensors' in folder ")
+    for seam in (".:", "..", ")).", ".)", ". ."):
+        assert seam not in message, (seam, message)
+    assert message.count("Expected ") == 1 and message.endswith("folder.")
+    cls = type(info.value)
+    assert f"{cls.__module__}.{cls.__qualname__}" == "editkit.ModelFileError"

@@ -268,3 +268,54 @@ def test_refine_foreground_node_accepts_any_mask():
     assert refined < 0.5 * foreground_error(image, foreground, alpha)
     with pytest.raises(EditKitError, match="Mask is"):
         call_node(EditKitRefineForeground, image=images, mask=alpha[:, 0, :100])
+
+
+# --- issue 8, item 1: refine on the network's matte, cut out with the shaped mask ------------
+
+
+@pytest.mark.parametrize("grow, feather", [(0, 4), (0, 8), (-3, 6)])
+def test_refine_foreground_keeps_fully_subject_pixels_when_the_mask_is_shaped(grow, feather):
+    """Pixels the network calls fully subject keep their exact colour, however the mask is shaped.
+
+    Refining on the feathered/shrunk mask changed them by 0.003-0.014 on average (issue 8)."""
+    image, alpha, _, _ = synthetic_sample()
+    settings = RemovalSettings(resolution=SIZE, grow=grow, feather=feather, refine_foreground=True, background=None)
+    out, mask = remove_background(stand_in(alpha), as_comfy_image(image), runtime=TorchRuntime("cpu"), settings=settings)
+    torch.testing.assert_close(mask[0], refine_mask(alpha, grow=grow, feather=feather)[0, 0])  # shaped MASK output
+    torch.testing.assert_close(out[..., 3], mask)  # cut out with the shaped mask
+    subject = (alpha == 1).expand(-1, 3, -1, -1)
+    assert subject.sum() > 5000
+    rgb = out[..., :3].movedim(-1, 1)
+    assert (rgb - image).abs()[subject].max() < 1e-5
+
+
+def test_refine_foreground_with_a_shrunk_feathered_mask_beats_no_refine():
+    """grow -3, feather 6: refining must lower the edge-colour error, not raise it (issue 8: it rose)."""
+    image, alpha, foreground, _ = synthetic_sample()
+    errors = {}
+    for refine in (True, False):
+        settings = RemovalSettings(resolution=SIZE, grow=-3, feather=6, refine_foreground=refine, background=None)
+        out, _ = remove_background(
+            stand_in(alpha), as_comfy_image(image), runtime=TorchRuntime("cpu"), settings=settings
+        )
+        errors[refine] = foreground_error(out[..., :3].movedim(-1, 1), foreground, alpha)
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_inverted_refine_estimates_the_background_colour_from_the_raw_matte():
+    """With invert the kept region is the background: its colours come from 1 - matte, unchanged where the
+    network saw pure background, and the shaped (inverted, feathered) mask is the alpha."""
+    image, alpha, _, background = synthetic_sample()
+    settings = RemovalSettings(resolution=SIZE, feather=5, invert=True, refine_foreground=True, background=None)
+    out, mask = remove_background(stand_in(alpha), as_comfy_image(image), runtime=TorchRuntime("cpu"), settings=settings)
+    torch.testing.assert_close(mask[0], 1 - feather_mask(alpha, 5)[0, 0])
+    rgb = out[..., :3].movedim(-1, 1)
+    pure_background = (alpha == 0).expand(-1, 3, -1, -1)
+    assert (rgb - image).abs()[pure_background].max() < 1e-5
+    naive = foreground_error(image, background, 1 - alpha)
+    assert foreground_error(rgb, background, 1 - alpha) < 0.5 * naive
+
+
+def test_refine_foreground_node_says_which_mask_it_expects():
+    text = EditKitRefineForeground.DESCRIPTION
+    assert "soft matte" in text and "before" in text and "feather" in text

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from editkit.pipelines.core.errors import EditKitError, Interrupted
+from editkit.pipelines.core.images import match_mask_to_images
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.flux import fill, flow
 from editkit.pipelines.flux import vae as vae_ops
@@ -81,17 +82,107 @@ def test_sampler_equals_diffusers_fill_pipeline(parts, monkeypatch):
 
 
 def test_fill_conditioning_layout(parts):
-    """Masked-image latent then the 8x8-folded binarised mask, as FLUX.1-Fill was trained."""
+    """Masked-picture latent, then the 8x8-folded SOFT mask (ComfyUI's convention; issue 8 changed this
+    test, which used to require a binarised mask)."""
     runtime = TorchRuntime("cpu")
     pixels = _picture()
-    soft = _mask() * 0.6  # > 0.5 counts as masked
+    soft = _mask() * 0.6  # > 0.5: the picture is blanked there
     cond = fill.fill_condition_tokens(parts["vae"], pixels, soft, runtime)
     assert cond.shape == (1, 4 * 6, 320)
     folded = flow.unpack(cond[..., 64:], 8, 12)  # [1, 64, 8, 12]: one channel per pixel of an 8x8 cell
-    assert set(folded.unique().tolist()) == {0.0, 1.0}
-    assert folded[0, :, 2:6, 4:10].min() == 1 and folded[0, :, :2].max() == 0
+    inside = torch.zeros_like(folded, dtype=torch.bool)
+    inside[0, :, 2:6, 4:10] = True
+    torch.testing.assert_close(folded[inside], torch.full_like(folded[inside], 0.6))
+    assert folded[~inside].abs().max() == 0
     blanked = pixels * (1 - (soft > 0.5).float()) + 0.5 * (soft > 0.5).float()
     torch.testing.assert_close(flow.unpack(cond[..., :64], 8, 12), vae_ops.encode(parts["vae"], blanked, runtime))
+
+
+def _soft_mask(h=64, w=96):
+    """Values below, at and above 0.5: a horizontal ramp inside a box, 0 elsewhere."""
+    mask = torch.zeros(1, 1, h, w)
+    ramp = torch.linspace(0.05, 1.0, 48)
+    mask[..., 16:48, 32:80] = ramp.view(1, 1, 1, -1)
+    mask[..., 20:24, 40:44] = 0.5  # exactly 0.5: ComfyUI's round() keeps the picture there
+    return mask
+
+
+def _comfyui_reference_condition(vae_module, pixels, mask):
+    """Fill conditioning built from ComfyUI's documented recipe, independently of EditKit's code:
+    InpaintModelConditioning blanks the picture with ``1 - mask.round()`` in NHWC 0..1 and VAE-encodes it
+    (here: diffusers' VAE mode, then (z - shift) * scale); the Flux Fill model folds the soft mask 8x8 with
+    view(b, h/8, 8, w/8, 8).permute(0, 2, 4, 1, 3), and the 2x2 patchify packs both channel-major."""
+    from diffusers import FluxFillPipeline
+
+    nhwc = pixels.movedim(1, -1).clone()
+    keep = (1.0 - mask[:, 0].round()).unsqueeze(-1)
+    nhwc = (nhwc - 0.5) * keep + 0.5
+    config = vae_module.config
+    with torch.inference_mode():
+        z = vae_module.encode(nhwc.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+    z = (z - config.shift_factor) * config.scaling_factor
+    b, _, h, w = mask.shape
+    folded = mask.view(b, h // 8, 8, w // 8, 8).permute(0, 2, 4, 1, 3).reshape(b, 64, h // 8, w // 8)
+    pack = FluxFillPipeline._pack_latents
+    return torch.cat([pack(z, b, 16, h // 8, w // 8), pack(folded, b, 64, h // 8, w // 8)], dim=-1)
+
+
+def test_soft_mask_follows_comfyui_convention(parts):
+    """The model reads the soft mask; only the masked picture uses the rounded mask (issue 8, item 3)."""
+    runtime = TorchRuntime("cpu")
+    pixels, mask = _picture(), _soft_mask()
+    reference = _comfyui_reference_condition(parts["vae"].module, pixels, mask)
+    ours = fill.fill_condition_tokens(parts["vae"], pixels, mask, runtime)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_mask_sampling_equals_diffusers_given_comfyui_conditioning(parts, monkeypatch):
+    """Whole fill() with a soft mask == diffusers' FluxFillPipeline whose mask preparation is replaced by the
+    ComfyUI-convention conditioning, from the same noise (CPU randn of the unpacked latent shape from the seed).
+    (diffusers 0.42.1's own ``masked_image_latents`` argument cannot be used: the pipeline still preprocesses
+    ``image``, which must then be None.)"""
+    from diffusers import FluxFillPipeline
+
+    pixels, mask, text = _picture(), _soft_mask(), _text()
+    result = _fill(parts, pixels, mask, text=text, steps=4, seed=21)
+    reference = _comfyui_reference_condition(parts["vae"].module, pixels, mask)
+    noise = flow.pack(torch.randn((1, 16, 8, 12), generator=torch.Generator("cpu").manual_seed(21)))
+    pipe = FluxFillPipeline.from_pretrained(str(parts["folder"]), local_files_only=True,
+                                            transformer=parts["transformer"].module, vae=parts["vae"].module)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(pipe, "prepare_mask_latents", lambda *args, **kwargs: (reference[..., 64:], reference[..., :64]))
+    with torch.inference_mode():
+        theirs = pipe(
+            image=pixels, mask_image=mask, latents=noise, prompt_embeds=text.states,
+            pooled_prompt_embeds=text.pooled, height=64, width=96, num_inference_steps=4, guidance_scale=30.0,
+            output_type="latent",
+        ).images
+    torch.testing.assert_close(flow.pack(result.generated), theirs.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_faint_mask_is_sampled_and_seen_by_the_model(parts):
+    """A mask of 0.3 runs the sampler AND reaches the model (before issue 8 the model saw an empty mask
+    while the sampler still ran and blended). The short-cut and the model use the same rule."""
+    runtime = TorchRuntime("cpu")
+    pixels, faint = _picture(), _mask() * 0.3
+    folded = flow.unpack(fill.fill_condition_tokens(parts["vae"], pixels, faint, runtime)[..., 64:], 8, 12)
+    assert folded[0, :, 2:6, 4:10].min() == pytest.approx(0.3)
+    assert fill.has_changes(faint) and not fill.has_changes(torch.zeros_like(faint))
+    result = _fill(parts, pixels, faint)
+    assert result.generated is not None  # sampled, not short-cut
+    inside = (faint > 0).expand_as(pixels)
+    assert (result.images - pixels).abs()[inside].mean() > 1e-3
+    assert torch.equal(result.images[~inside], pixels[~inside])
+
+
+def test_latent_output_is_the_latent_of_the_image_output(parts):
+    """Decoding the LATENT output gives the IMAGE output: it is the blended result, encoded (issue 8)."""
+    runtime = TorchRuntime("cpu")
+    pixels, mask = _picture(), _mask()
+    result = _fill(parts, pixels, mask, steps=1)
+    torch.testing.assert_close(result.latents, vae_ops.encode(parts["vae"], result.images, runtime),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(result.latents, result.generated, atol=1e-3)  # not the unblended generation
 
 
 def test_outside_the_mask_is_kept_and_batches_multiply(parts):
@@ -176,17 +267,126 @@ def test_previews_are_model_space_latents(parts):
     assert shapes == [(1, 16, 8, 12)] * 2
 
 
-def test_outpaint_canvas_rounds_to_16_and_feathers():
+def test_previews_are_the_x0_estimate_unpacked_in_model_space():
+    """With a constant velocity c, step i is at x_i = noise + (sigma_i - 1) c, so the x0 estimate x_i - sigma_i c
+    is noise - c at every step: each preview must be exactly that, for the first sample only, unpacked to
+    [1,16,h,w] the way diffusers unpacks Flux latents, with no VAE scale/shift applied (model space, what
+    ComfyUI's Flux latent format previews). A preview of x_i instead of x0, of packed tokens, of another sample
+    or in raw VAE space fails."""
+    from diffusers import FluxPipeline
+
+    from editkit.pipelines.core.runtime import Component
+
+    velocity = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(3))
+
+    class ConstantVelocity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+            self.config = type("Config", (), {"guidance_embeds": True, "in_channels": 384})()
+
+        def forward(self, hidden_states, **kwargs):
+            return (velocity.expand(hidden_states.shape[0], -1, -1).clone(),)
+
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True,
+              "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    schedule = flow.flux_schedule(3, 24, config, denoise=1.0)
+    noise = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(4))
+    previews = []
+    runtime = TorchRuntime("cpu", on_progress=lambda v, t, preview: previews.append(preview().clone()))
+    inputs = flow.FlowInputs(noise=noise, text=torch.zeros(2, 3, 8), pooled=torch.zeros(2, 8), guidance=1.0,
+                             latent_h=8, latent_w=12)
+    flow.denoise(Component(ConstantVelocity(), "diffusion", "stub", F32), inputs, schedule, runtime)
+    expected = FluxPipeline._unpack_latents(noise[:1] - velocity, 64, 96, 8)  # 64x96 pixels, VAE factor 8
+    assert len(previews) == 3
+    for preview in previews:
+        assert preview.shape == (1, 16, 8, 12)
+        torch.testing.assert_close(preview, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_outpaint_canvas_is_exact_and_feathers_only_extended_sides():
+    """The canvas is exactly the size asked for; only the extended sides get a feather band (issue 8
+    changed this test: the canvas used to be rounded up to 16 with the extra pixels repainted)."""
     pixels = torch.rand(1, 3, 50, 40)
-    canvas, mask, pads = fill.outpaint_canvas(pixels, left=8, top=0, right=10, bottom=0, feathering=6)
-    left, top, right, bottom = pads
-    assert canvas.shape[-2:] == (64, 64) and (left, top) == (8, 0) and right >= 10 and bottom == 14
-    assert torch.equal(canvas[..., :50, 8:48], pixels)
-    assert mask[0, 0, 10, 0] == 1 and mask[0, 0, 10, 60] == 1  # new columns
+    canvas, mask = fill.outpaint_canvas(pixels, left=8, top=0, right=10, bottom=0, feathering=6)
+    assert canvas.shape == (1, 3, 50, 58) and mask.shape == (1, 1, 50, 58)
+    assert torch.equal(canvas[..., 8:48], pixels)
+    assert mask[0, 0, 10, 0] == 1 and mask[0, 0, 10, 57] == 1  # new columns
     ramp = mask[0, 0, 10, 8:16]
     assert torch.all(ramp[1:] <= ramp[:-1]) and 0 < ramp[0] < 1 and ramp[-1] == 0  # feathered into the original
-    assert mask[0, 0, 60, 30] == 1  # rows added at the bottom to reach a multiple of 16
+    assert mask[0, 0, :, 14:42].max() == 0  # top and bottom were not extended: no band there
     assert mask.min() >= 0 and mask.max() <= 1
+
+
+def test_outpaint_feathering_is_clamped_to_the_picture():
+    """A huge feathering on a small picture leaves the middle of the original untouched."""
+    pixels = torch.rand(1, 3, 32, 48)
+    _, mask = fill.outpaint_canvas(pixels, left=16, top=0, right=16, bottom=0, feathering=512)
+    original = mask[0, 0, :, 16:64]
+    assert original[:, 23:25].max() == 0  # the centre columns of the 48-wide original
+    assert original[:, 0].min() > 0.9  # still a strong band at the seam
+    _, tall = fill.outpaint_canvas(pixels, left=0, top=0, right=0, bottom=8, feathering=512)
+    assert tall[0, 0, :15].max() == 0 and tall[0, 0, 31].min() > 0  # at most half of the 32 rows
+
+
+def test_outpaint_returns_exactly_the_canvas_asked_for(parts):
+    """500x512 extended at the bottom by 64: 500x576 back, nothing along the untouched right edge repainted
+    (issue 8: it came back 512 wide with a feather band down the whole right edge)."""
+    pixels = torch.rand(1, 3, 512, 500, generator=torch.Generator().manual_seed(8))
+    result, mask = fill.outpaint(parts["transformer"], parts["vae"], pixels, _text(), left=0, top=0, right=0,
+                                 bottom=64, feathering=24, steps=1, guidance=30.0, seed=2, denoise=1.0, per_image=1,
+                                 scheduler_config=parts["scheduler"], runtime=TorchRuntime("cpu"))
+    assert result.images.shape == (1, 3, 576, 500) and mask.shape == (1, 1, 576, 500)
+    assert result.latents.shape == (1, 16, 72, 63)  # ceil(576 / 8) x ceil(500 / 8) cells
+    original_mask = mask[0, 0, :512]
+    assert original_mask[:, -1][:512 - 24].max() == 0  # the original right edge, above the bottom band
+    assert original_mask[: 512 - 24].max() == 0 and (original_mask > 0.5).sum() <= 500 * 12
+    assert mask[0, 0, 512:].min() == 1
+    kept = (mask[:, :, :512] == 0).expand(-1, 3, -1, -1)
+    assert torch.equal(result.images[:, :, :512][kept], pixels[kept])
+
+
+def test_pad_to_multiple_repeats_the_edge():
+    x = torch.arange(2 * 1 * 5 * 7, dtype=torch.float32).view(2, 1, 5, 7)
+    padded = fill.pad_to_multiple(x, 4)
+    assert padded.shape == (2, 1, 8, 8)
+    assert torch.equal(padded[..., :5, :7], x) and torch.equal(padded[..., 7, :7], x[..., 4, :])
+    assert fill.pad_to_multiple(padded, 4) is padded
+
+
+def test_load_image_empty_mask_gets_a_paint_a_mask_error(parts):
+    """Load Image's 64x64 zero mask with a bigger picture: say what to do, not that sizes differ (issue 8)."""
+    from editkit.nodes.flux_nodes import EditKitFluxFillInpaint
+
+    with pytest.raises(EditKitError, match="(?i)paint a mask or load a picture with transparency") as info:
+        EditKitFluxFillInpaint().inpaint(None, None, None, torch.rand(1, 768, 768, 3), torch.zeros(1, 64, 64),
+                                         seed=0, steps=1, guidance=30.0, denoise=1.0, batch_size=1)
+    assert "64x64" in str(info.value) and "768" not in str(info.value)
+    # A painted (non-zero) 64x64 mask of the wrong size is still a size error, and a 64x64 picture may have
+    # an empty mask (then nothing is repainted).
+    painted = torch.zeros(1, 1, 64, 64)
+    painted[..., 3, 3] = 1
+    with pytest.raises(EditKitError, match="Mask is 64x64 but the image is 768x768"):
+        match_mask_to_images(painted, torch.rand(1, 3, 768, 768))
+    small = torch.rand(1, 3, 64, 64)
+    assert torch.equal(_fill(parts, small, torch.zeros(1, 1, 64, 64)).images, small)
+
+
+def test_errors_read_as_class_names_in_comfyui(parts):
+    """ComfyUI reports ``exception_type`` as module + qualname, and imports the pack under its folder path:
+    EditKit's errors must still read as class names (issue 8, item 9)."""
+    with pytest.raises(EditKitError) as info:
+        _fill(parts, _picture(h=60), _mask(h=60))
+    cls = type(info.value)
+    assert f"{cls.__module__}.{cls.__qualname__}" == "editkit.EditKitError"
+    assert f"{Interrupted.__module__}.{Interrupted.__qualname__}" == "editkit.Interrupted"
+
+
+def test_seed_tooltip_does_not_promise_identical_pictures_across_gpus():
+    from editkit.nodes.flux_nodes import EditKitFluxFillInpaint
+
+    tooltip = EditKitFluxFillInpaint.INPUT_TYPES()["required"]["seed"][1]["tooltip"]
+    assert "same noise" in tooltip and "not bit for bit" in tooltip
 
 
 def test_conditioning_from_native_nodes_is_accepted():
@@ -238,23 +438,42 @@ def test_last_preview_is_the_result(parts):
     runtime = TorchRuntime("cpu", on_progress=lambda v, t, preview: previews.append(preview()))
     result = _fill(parts, _picture(batch=2), _mask(), runtime=runtime, steps=3)
     assert len(previews) == 3 and previews[-1].shape == (1, 16, 8, 12)  # ComfyUI previews the first sample
-    torch.testing.assert_close(previews[-1], result.latents[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(previews[-1], result.generated[:1], atol=1e-5, rtol=1e-5)
 
 
 def test_vae_retries_in_tiles_after_running_out_of_memory(parts, monkeypatch):
+    """The latent is larger than the retry's tile (512 px = 64 latent rows), so the retry really tiles: the
+    VAE's own tiled decoder runs and calls the plain decoder once per overlapping tile."""
     vae = parts["vae"]
-    untiled = vae_ops.decode(vae, torch.randn(2, 16, 8, 12), TorchRuntime("cpu"))
-    original = type(vae.module).decode
-    calls = []
+    latents = torch.randn(2, 16, 72, 8, generator=torch.Generator().manual_seed(6))  # 576 px high > 512-px tile
+    untiled = vae_ops.decode(vae, latents[:1], TorchRuntime("cpu"))
+    module_type = type(vae.module)
+    original, original_tiled = module_type._decode, module_type.tiled_decode
+    calls, tiles = [], []
 
-    def decode(module, z, *args, **kwargs):
-        calls.append(module.use_tiling)
+    def plain_decode(module, z, *args, **kwargs):
+        calls.append((module.use_tiling, tuple(z.shape[-2:])))
         if not module.use_tiling:
             raise torch.OutOfMemoryError("simulated")
         return original(module, z, *args, **kwargs)
 
-    monkeypatch.setattr(type(vae.module), "decode", decode)
-    latents = torch.randn(2, 16, 8, 12)
-    out = vae_ops.decode(vae, latents, TorchRuntime("cpu"))
-    assert out.shape == untiled.shape == (2, 3, 64, 96)
-    assert calls == [False, True, True] and vae.module.use_tiling is False  # one failed try, then 1 by 1 tiled
+    def tiled_decode(module, z, *args, **kwargs):
+        tiles.append(tuple(z.shape))
+        return original_tiled(module, z, *args, **kwargs)
+
+    monkeypatch.setattr(module_type, "_decode", plain_decode)
+    monkeypatch.setattr(module_type, "tiled_decode", tiled_decode)
+    decoded_tiles = []
+    hook = vae.module.decoder.register_forward_pre_hook(lambda _m, args: decoded_tiles.append(tuple(args[0].shape)))
+    try:
+        out = vae_ops.decode(vae, latents, TorchRuntime("cpu"))
+    finally:
+        hook.remove()
+    assert out.shape == (2, 3, 576, 64)
+    assert calls[0] == (False, (72, 8))  # the whole latent first: out of memory
+    assert tiles == [(1, 16, 72, 8), (1, 16, 72, 8)]  # then one picture at a time, through the tiled decoder
+    # 64-row tiles with a quarter overlap: rows 0-63 and 48-71 of each picture, never the whole latent at once.
+    assert decoded_tiles == [(1, 16, 64, 8), (1, 16, 24, 8)] * 2
+    assert vae.module.use_tiling is False  # the user's setting is restored
+    # Tiles blend at their seams, so the picture is close to, not equal to, the untiled decode.
+    assert (out[:1] - untiled).abs().mean() < 0.05, (out[:1] - untiled).abs().mean()

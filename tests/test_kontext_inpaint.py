@@ -268,3 +268,76 @@ def test_edit_node_refuses_wrong_latents_before_loading(kontext_nodes, samples, 
         _edit(kontext_nodes, source_latent={"samples": samples})
     with pytest.raises(EditKitError, match="Connect a source"):
         _edit(kontext_nodes)
+
+
+# --- issue 8 -----------------------------------------------------------------------------
+
+
+def test_reference_token_ids_are_index_1_for_every_reference(folder, widened, vae, monkeypatch):
+    """Position ids (1, row, col) for each reference, after the target's (0, row, col): the design contract
+    (KONTEXT_INPAINT.md) and diffusers' Kontext; before issue 8 the k-th reference used index k."""
+    references = [torch.randn(1, 16, 4, 4), torch.randn(1, 16, 2, 6)]
+    seen = []
+    forward = widened.module.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["img_ids"].clone())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(widened.module, "forward", recording)
+    runtime = TorchRuntime("cpu")
+    source = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(6))
+    mask_latent = ki.mask_image_latent(vae, None, 1, 64, 96, runtime)
+    ki.edit(widened, source, mask_latent, _text(), references=references, **_settings(folder, steps=1))
+    target = [[0, r, c] for r in range(4) for c in range(6)]
+    first = [[1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1]]  # 4x4 latent = 2x2 tokens
+    second = [[1, 0, 0], [1, 0, 1], [1, 0, 2]]  # 2x6 latent = 1x3 tokens
+    assert len(seen) == 1
+    assert seen[0].tolist() == target + first + second
+
+
+@pytest.fixture()
+def widened_nodes(models_root, torch_runtime):
+    from node_calls import call_node
+
+    loader = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintLoader"]
+    model, text_encoders, vae = call_node(loader, transformer_file="flux1-fill-dev.safetensors")
+    encode = editkit.NODE_CLASS_MAPPINGS["EditKitFluxTextEncode"]
+    cond = call_node(encode, text_encoders=text_encoders, prompt="make it night")[0]
+    return {"model": model, "vae": vae, "text_encoders": text_encoders, "conditioning": cond, "call": call_node}
+
+
+def _untrained_warnings(caplog):
+    return [r for r in caplog.records if r.levelname == "WARNING" and "NOT trained" in r.getMessage()]
+
+
+def test_untrained_widening_warns_on_every_run(widened_nodes, caplog):
+    """The Loader's default (FLUX.1-Fill widened on the fly) returns the source: say so each run (issue 8)."""
+    caplog.set_level("WARNING", logger="EditKit")
+    image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(3))
+    for run in (1, 2):
+        _edit(widened_nodes, image=image, seed=run, steps=1)
+        assert len(_untrained_warnings(caplog)) == run
+    assert "returns the source picture" in _untrained_warnings(caplog)[0].getMessage()
+    multi = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintMultiRound"]
+    widened_nodes["call"](multi, model=widened_nodes["model"], vae=widened_nodes["vae"],
+                          text_encoders=widened_nodes["text_encoders"], image=image, instructions="a", steps=1)
+    assert len(_untrained_warnings(caplog)) == 3
+    loader = editkit.NODE_CLASS_MAPPINGS["EditKitKontextInpaintLoader"]
+    tooltip = loader.INPUT_TYPES()["required"]["transformer_file"][1]["tooltip"]
+    assert "untrained" in tooltip and "return the source picture" in tooltip
+    assert "RETURNS THE SOURCE" in loader.DESCRIPTION
+
+
+def test_trained_model_gives_no_untrained_warning(kontext_nodes, caplog):
+    caplog.set_level("WARNING", logger="EditKit")
+    _edit(kontext_nodes, image=torch.rand(1, 64, 96, 3))
+    assert _untrained_warnings(caplog) == []
+
+
+def test_load_image_empty_mask_is_refused_with_a_paint_a_mask_error(kontext_nodes):
+    image = torch.rand(1, 64, 96, 3)
+    with pytest.raises(EditKitError, match="(?i)paint a mask or load a picture with transparency"):
+        _edit(kontext_nodes, image=image, mask=torch.zeros(1, 64, 64))
+    with pytest.raises(EditKitError, match="(?i)paint a mask"):
+        _edit(kontext_nodes, source_latent={"samples": torch.zeros(1, 16, 16, 16)}, mask=torch.zeros(1, 64, 64))

@@ -153,12 +153,12 @@ def _mismatch_report(state_dict: dict[str, torch.Tensor], config: BEN2Config) ->
     missing = [k for k in expected if k not in state_dict and not k.startswith(_OPTIONAL_PREFIXES)]
     unexpected = [k for k in state_dict if k not in expected]
     misshaped = [
-        f"{k} (file {tuple(state_dict[k].shape)}, BEN2 {tuple(v.shape)})"
+        f"{k} [file {tuple(state_dict[k].shape)}, BEN2 {tuple(v.shape)}]"
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
     wrong_kind = [
-        f"{k} ({state_dict[k].dtype})"
+        f"{k} [{state_dict[k].dtype}]"
         for k, v in expected.items()
         if k in state_dict and state_dict[k].is_floating_point() != v.is_floating_point()
     ]
@@ -172,7 +172,7 @@ def _mismatch_report(state_dict: dict[str, torch.Tensor], config: BEN2Config) ->
         count += len(names)
         if names:
             shown = ", ".join(names[:_LISTED]) + (
-                f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+                f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
             )
             parts.append(f"{len(names)} tensors {label}: {shown}")
     return count, "; ".join(parts)
@@ -194,7 +194,7 @@ def validate_state_dict(
     reports = [(_mismatch_report(state_dict, c), c) for c in candidates]
     (problems, report), config = min(reports, key=lambda item: item[0][0])
     if problems:
-        raise ModelFileError(path, f"Not a BEN2 Base checkpoint ({report}).{_foreign_hint(state_dict)}", EXPECTED_FILE)
+        raise ModelFileError(path, f"Not a BEN2 Base checkpoint: {report}.{_foreign_hint(state_dict)}", EXPECTED_FILE)
     index = relative_position_index(config.window_size)
     for key, tensor in state_dict.items():
         if key.endswith("relative_position_index") and not torch.equal(tensor.long(), index):

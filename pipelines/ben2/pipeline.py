@@ -36,10 +36,26 @@ class RemovalSettings:
 
 
 def cut_out(
-    images: torch.Tensor, alpha: torch.Tensor, *, refine_foreground: bool, background: tuple[float, float, float] | None
+    images: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    refine_foreground: bool,
+    background: tuple[float, float, float] | None,
+    matte: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B,3,H,W]`` images and ``[B,1,H,W]`` matte → IMAGE ``[B,H,W,3|4]`` (see :func:`.postprocess.composite`)."""
-    foreground = estimate_foreground(images, alpha) if refine_foreground else images
+    """``[B,3,H,W]`` images and ``[B,1,H,W]`` mask → IMAGE ``[B,H,W,3|4]`` (see :func:`.postprocess.composite`).
+
+    ``alpha`` is the mask the picture is cut out with (possibly thresholded, grown, feathered);
+    ``matte`` is the true soft matte of the kept region, from which the foreground colours are
+    estimated (default: ``alpha``). They must be kept apart: blur-fusion solves
+    ``image = matte * F + (1 - matte) * B`` for ``F``, which only holds for the real matte. Fed a
+    feathered mask it "removes background" from pixels that are fully subject and changes their
+    colour; fed a shrunk mask it pulls the background into the edge.
+    """
+    if refine_foreground:
+        foreground = estimate_foreground(images, alpha if matte is None else matte)
+    else:
+        foreground = images
     return composite(foreground, alpha, background)
 
 
@@ -48,7 +64,9 @@ def remove_background(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE ``[B,H,W,C]`` → (IMAGE ``[B,H,W,3|4]``, MASK ``[B,H,W]``), both float32 on the host.
 
-    MASK is 1 on the subject (0 with ``invert``); the IMAGE keeps what the mask selects.
+    MASK is 1 on the subject (0 with ``invert``); the IMAGE keeps what the mask selects. With
+    ``refine_foreground`` the edge colours are estimated from the network's raw matte, not from
+    the thresholded / grown / feathered MASK (see :func:`cut_out`).
     """
     images = image_to_nchw(images)
     count, _, height, width = images.shape
@@ -66,15 +84,21 @@ def remove_background(
     )
     for batch, device in chunks:
         chunk = images[batch].to(device)
-        alpha = predict_chunk(component.module, chunk, size, component.dtype)
+        matte = predict_chunk(component.module, chunk, size, component.dtype)
         alpha = refine_mask(
-            alpha,
+            matte,
             threshold=settings.threshold,
             grow=settings.grow,
             feather=settings.feather,
             invert=settings.invert,
         )
-        cut = cut_out(chunk, alpha, refine_foreground=settings.refine_foreground, background=settings.background)
+        # Colours come from the network's own matte (of the kept region: the background's when inverted);
+        # the shaped mask only decides how much of each pixel is kept.
+        kept_matte = 1 - matte if settings.invert else matte
+        cut = cut_out(
+            chunk, alpha, refine_foreground=settings.refine_foreground, background=settings.background,
+            matte=kept_matte,
+        )
         out_images[batch] = cut.to(host)
         out_masks[batch] = alpha[:, 0].to(host)
     return out_images, out_masks

@@ -54,12 +54,33 @@ def check_multiple_of(height: int, width: int, multiple: int, what: str = "Image
         )
 
 
+# ComfyUI's Load Image outputs an all-zero 64x64 MASK when the picture has no transparency and
+# nothing was painted in the mask editor.
+LOAD_IMAGE_EMPTY_MASK_SIZE = 64
+
+
+def check_not_load_image_empty_mask(mask: torch.Tensor, height: int, width: int) -> None:
+    """Raise a clear error for Load Image's placeholder mask given with a picture of another size.
+
+    Without this the user reads "Mask is 64x64 but the image is 768x768", which points at sizes
+    when the real problem is that no mask was painted.
+    """
+    size = LOAD_IMAGE_EMPTY_MASK_SIZE
+    if tuple(mask.shape[-2:]) == (size, size) and (height, width) != (size, size) and not bool(mask.any()):
+        raise EditKitError(
+            f"The mask is empty: Load Image gives an empty {size}x{size} mask when nothing was painted and the "
+            "picture has no transparency. Paint a mask or load a picture with transparency (transparent pixels "
+            "are the area to change); to paint, right-click the Load Image node and choose Open in MaskEditor."
+        )
+
+
 def match_mask_to_images(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Check a ``[Bm,1,H,W]`` mask against ``[B,3,H,W]`` images and broadcast its batch.
 
     A single mask applies to every image; otherwise the batch sizes must match.
     """
     b, _, h, w = images.shape
+    check_not_load_image_empty_mask(mask, h, w)
     if mask.shape[-2:] != (h, w):
         raise EditKitError(
             f"Mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {w}x{h}. Give a mask of the image's size "

@@ -2,9 +2,19 @@
 
 FLUX.1-Fill's transformer reads 384 features per token: the noisy latent (64), the latent of
 the image with the masked area blanked (64) and the pixel mask folded 8x8 into each latent
-pixel (256). The mask is binarised at 0.5 for the model, as BFL's and diffusers' Fill code do;
-the soft mask is kept for blending the result back into the original, so feathered masks give
-seamless edges and pixels outside the mask come back unchanged.
+pixel (256).
+
+Mask convention: ComfyUI's (``InpaintModelConditioning`` with its Flux Fill model), which is what
+users compare against. The model's mask features receive the **soft** mask as given; only the
+masked picture uses the mask rounded at 0.5 (pixels above 0.5 are blanked to grey). diffusers'
+``FluxFillPipeline`` binarises the mask features too, so the two agree exactly for binary masks
+and differ only for soft ones. The soft mask is also used to blend the result back into the
+original, so feathered masks give seamless edges and pixels outside the mask come back
+unchanged. A mask that is zero everywhere is the one case the model sees "nothing to change":
+that run is skipped (:func:`has_changes`).
+
+Outpainting (:func:`outpaint`) builds the canvas the user asked for and pads it to FLUX.1's
+multiple of 16 only internally; results are cropped back to the exact canvas.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ FILL_IN_FEATURES = 384
 class FluxResult:
     images: torch.Tensor  # [B,3,H,W] in 0..1, on the runtime's intermediate device
     latents: torch.Tensor  # [B,16,H/8,W/8] model space, same device
+    # Fill: ``latents`` encode the returned (blended) images; ``generated`` holds the sampler's own
+    # output before blending (None where the two are the same thing).
+    generated: torch.Tensor | None = None
 
 
 def check_in_features(transformer: Component, expected: int, what: str) -> None:
@@ -44,64 +57,82 @@ def check_in_features(transformer: Component, expected: int, what: str) -> None:
         )
 
 
+def masked_picture_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask rounded at 0.5 (``torch.round``: exactly 0.5 stays unmasked), for blanking the picture."""
+    return torch.round(mask)
+
+
+def has_changes(mask: torch.Tensor) -> bool:
+    """Whether the model is asked to change anything: its mask features are the soft mask itself, so any
+    value above 0 counts. The empty-mask short-cut and the conditioning use this one rule."""
+    return bool((mask > 0).any())
+
+
 def fill_condition_tokens(vae: Component, pixels: torch.Tensor, mask: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """Fill's conditioning features ``[B,N,320]``: masked-image latent (64) + folded mask (256)."""
-    binary = (mask > 0.5).to(pixels.dtype)
-    # In the VAE's -1..1 range the masked area becomes 0, i.e. 0.5 grey in 0..1.
-    masked = pixels * (1.0 - binary) + 0.5 * binary
-    latent = vae_ops.encode(vae, masked, runtime)
-    folded = rearrange(binary.to(latent.device), "b 1 (h p) (w q) -> b (p q) h w", p=flow.VAE_SCALE, q=flow.VAE_SCALE)
-    return torch.cat([flow.pack(latent), flow.pack(folded.float())], dim=-1)
+    """Fill's conditioning features ``[B,N,320]``: masked-picture latent (64) + folded soft mask (256).
 
-
-def _round_pads(size: int, before: int, after: int, multiple: int) -> tuple[int, int]:
-    """Grow the padding so ``before + size + after`` is a multiple of ``multiple``.
-
-    The extra pixels go to a side that is already padded (after first), so an image that is
-    only extended to the left is not also extended to the right.
+    ComfyUI's convention (see the module docstring): the picture is blanked where the mask
+    rounds to 1, the mask features are the soft mask.
     """
-    extra = (-(before + size + after)) % multiple
-    if after > 0 or before == 0:
-        return before, after + extra
-    return before + extra, after
+    blank = masked_picture_mask(mask).to(pixels.dtype)
+    # In the VAE's -1..1 range the masked area becomes 0, i.e. 0.5 grey in 0..1.
+    masked = pixels * (1.0 - blank) + 0.5 * blank
+    latent = vae_ops.encode(vae, masked, runtime)
+    soft = mask.to(device=latent.device, dtype=torch.float32)
+    folded = rearrange(soft, "b 1 (h p) (w q) -> b (p q) h w", p=flow.VAE_SCALE, q=flow.VAE_SCALE)
+    return torch.cat([flow.pack(latent), flow.pack(folded)], dim=-1)
+
+
+def _feather_limit(size: int) -> int:
+    """Widest feather band on an axis of ``size`` pixels: half of it, so the middle of the original
+    (its centre row or column) is never repainted, even when both opposite sides are extended."""
+    return max(0, (size - 1) // 2)
 
 
 def outpaint_canvas(
-    pixels: torch.Tensor, left: int, top: int, right: int, bottom: int, feathering: int, multiple: int = 16
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
-    """Extend ``[B,3,H,W]`` pixels and return (canvas, mask ``[B,1,H',W']``, final pads l,t,r,b).
+    pixels: torch.Tensor, left: int, top: int, right: int, bottom: int, feathering: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend ``[B,3,H,W]`` pixels to exactly ``(H + top + bottom) x (W + left + right)``.
 
-    New pixels repeat the nearest edge (a better start than grey when denoise < 1); the mask
-    is 1 on new pixels and ramps down linearly over ``feathering`` pixels into the original
-    along each extended side, so the seam is repainted and blended.
+    Returns (canvas, mask ``[B,1,H',W']``). New pixels repeat the nearest edge (a better start
+    than grey when denoise < 1); the mask is 1 on new pixels and ramps down linearly over
+    ``feathering`` pixels into the original, only along the sides that were extended, so the seam
+    is repainted and blended and every other original pixel keeps mask 0. The band is limited to
+    half the picture's width (left/right) or height (top/bottom): see :func:`_feather_limit`.
     """
     b, _, h, w = pixels.shape
-    left, right = _round_pads(w, left, right, multiple)
-    top, bottom = _round_pads(h, top, bottom, multiple)
     canvas = torch.nn.functional.pad(pixels, (left, right, top, bottom), mode="replicate")
     height, width = canvas.shape[-2:]
     ys = torch.arange(height, dtype=torch.float32).view(-1, 1)
     xs = torch.arange(width, dtype=torch.float32).view(1, -1)
-    # Distance of each pixel from the original image's extended edges (inside: >= 0).
-    distances = []
-    if left:
-        distances.append(xs - left)
-    if right:
-        distances.append((left + w - 1) - xs)
-    if top:
-        distances.append(ys - top)
-    if bottom:
-        distances.append((top + h - 1) - ys)
-    if not distances:
-        mask = torch.zeros(height, width)
-    else:
-        nearest = torch.stack(torch.broadcast_tensors(*distances)).amin(0)
-        if feathering > 0:
-            mask = (1.0 - (nearest + 1.0) / (feathering + 1.0)).clamp(0.0, 1.0)
-        else:
-            mask = torch.zeros_like(nearest)
-        mask = torch.where(nearest < 0, torch.ones_like(mask), mask)
-    return canvas, mask.expand(b, 1, height, width).clone(), (left, top, right, bottom)
+    feather_x = min(max(feathering, 0), _feather_limit(w))
+    feather_y = min(max(feathering, 0), _feather_limit(h))
+    if (feather_x, feather_y) != (feathering, feathering) and (left or right or top or bottom):
+        log.info("EditKit Outpaint: feathering %d limited to %d px across and %d px down (half the picture).",
+                 feathering, feather_x, feather_y)
+    mask = torch.zeros(height, width)
+    sides = [(left, xs - left, feather_x), (right, (left + w - 1) - xs, feather_x),
+             (top, ys - top, feather_y), (bottom, (top + h - 1) - ys, feather_y)]
+    for extended, distance, band in sides:
+        if not extended:
+            continue
+        ramp = (1.0 - (distance + 1.0) / (band + 1.0)).clamp(0.0, 1.0) if band > 0 else torch.zeros_like(distance)
+        side = torch.where(distance < 0, torch.ones_like(ramp), ramp)
+        mask = torch.maximum(mask, side)
+    return canvas, mask.expand(b, 1, height, width).clone()
+
+
+def pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad ``[B,C,H,W]`` at the right and bottom to multiples of ``multiple`` by repeating the edge.
+
+    Used on the outpaint canvas and its mask alike: the padding continues whatever is at the
+    edge (new area stays "new", kept original stays "kept"), and it is cropped off again.
+    """
+    h, w = tensor.shape[-2:]
+    extra_h, extra_w = (-h) % multiple, (-w) % multiple
+    if not (extra_h or extra_w):
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, extra_w, 0, extra_h), mode="replicate")
 
 
 @torch.inference_mode()
@@ -123,7 +154,9 @@ def fill(
     """Inpaint ``pixels [B,3,H,W]`` (0..1) where ``mask [B|1,1,H,W]`` is 1.
 
     Returns ``B * per_image`` results: the decoded images blended into the originals with the
-    soft mask, and the model-space latents of the raw generation.
+    soft mask, the model-space latents of those blended images (so decoding ``latents`` gives
+    ``images`` up to VAE loss; one extra VAE encode, small next to the sampling) and, in
+    ``generated``, the sampler's own latents before blending.
     """
     check_in_features(transformer, FILL_IN_FEATURES, "FLUX.1-Fill inpainting")
     _, _, h, w = pixels.shape
@@ -135,7 +168,7 @@ def fill(
     mask = repeat_batch(mask, per_image)
     out_device = runtime.intermediate_device
 
-    if not bool((mask > 0).any()):
+    if not has_changes(mask):
         log.info("EditKit Fill: the mask is empty, returning the input unchanged (no sampling).")
         latents = vae_ops.encode(vae, pixels, runtime)
         return FluxResult(pixels.to(out_device), latents.to(out_device))
@@ -154,4 +187,43 @@ def fill(
     decoded = vae_ops.decode(vae, latents, runtime)
     soft = mask.to(decoded.device)
     blended = pixels.to(decoded.device) * (1.0 - soft) + decoded * soft
-    return FluxResult(blended.to(out_device), latents.to(out_device))
+    blended_latents = vae_ops.encode(vae, blended, runtime)
+    return FluxResult(blended.to(out_device), blended_latents.to(out_device), latents.to(out_device))
+
+
+def outpaint(
+    transformer: Component,
+    vae: Component,
+    pixels: torch.Tensor,
+    text: FluxText,
+    *,
+    left: int,
+    top: int,
+    right: int,
+    bottom: int,
+    feathering: int,
+    **settings,
+) -> tuple[FluxResult, torch.Tensor]:
+    """Extend ``pixels [B,3,H,W]`` and fill the new area; ``settings`` are :func:`fill`'s keywords.
+
+    Returns (result, mask ``[B*per_image,1,H',W']``) with ``H' = H + top + bottom`` and
+    ``W' = W + left + right`` exactly. The model runs on the canvas padded at the right/bottom to
+    a multiple of 16 (:func:`pad_to_multiple`); images and mask are cropped back. LATENT cells
+    cover 8x8 pixels, so ``latents`` are cropped to ``ceil(H'/8) x ceil(W'/8)`` cells.
+    """
+    if min(left, top, right, bottom) < 0:
+        raise EditKitError("Outpaint sizes must be 0 or more pixels.")
+    if left + top + right + bottom == 0:
+        raise EditKitError("Nothing to outpaint: set at least one of left, top, right, bottom above 0.")
+    canvas, mask = outpaint_canvas(pixels, left, top, right, bottom, feathering)
+    height, width = canvas.shape[-2:]
+    multiple = flow.VAE_SCALE * flow.PATCH
+    result = fill(transformer, vae, pad_to_multiple(canvas, multiple), pad_to_multiple(mask, multiple), text,
+                  **settings)
+    lh, lw = -(-height // flow.VAE_SCALE), -(-width // flow.VAE_SCALE)
+    cropped = FluxResult(
+        result.images[..., :height, :width],
+        result.latents[..., :lh, :lw],
+        None if result.generated is None else result.generated[..., :lh, :lw],
+    )
+    return cropped, repeat_batch(mask, settings.get("per_image", 1))

@@ -3,8 +3,9 @@
 Everything works in model-space latents so that rounds chain without a VAE decode/encode in
 between (which would add VAE loss at every round). Optional Kontext-style references are
 appended as extra tokens (their packed latent in features 0:64, zeros in 64:192, position
-index 1, 2, ... per reference) whose predictions are dropped; they are off unless connected,
-because the untrained widening never saw them.
+ids ``(1, row, col)`` for every reference, as the design contract and diffusers' Kontext
+pipeline use; ComfyUI's default instead offsets each reference spatially) whose predictions
+are dropped; they are off unless connected, because the untrained widening never saw them.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def round_seed(seed: int, round_index: int) -> int:
     return (int(seed) + round_index) % (2**64)
 
 
+# Position index (first id component) of every reference token; the target's tokens use 0.
+REFERENCE_INDEX = 1
+
+
 def _reference_tokens(references: list[torch.Tensor], batch: int, cond_features: int):
+    """Reference tokens ``[B,R,64+F]`` and their ids ``[R,3]``: ``(1, row, col)`` for each reference."""
     tokens, ids = [], []
-    for index, ref in enumerate(references, start=1):
+    for ref in references:
         _, _, rh, rw = ref.shape
         if rh % 2 or rw % 2:
             raise EditKitError("Reference images must be multiples of 16 pixels wide and high.")
@@ -46,7 +52,7 @@ def _reference_tokens(references: list[torch.Tensor], batch: int, cond_features:
             raise EditKitError(f"Got {packed.shape[0]} reference images for {batch} edits; give one or one per edit.")
         packed = packed.expand(batch, -1, -1)
         tokens.append(torch.cat([packed, packed.new_zeros(*packed.shape[:2], cond_features)], dim=-1))
-        ids.append(flow.token_ids(rh, rw, index))
+        ids.append(flow.token_ids(rh, rw, REFERENCE_INDEX))
     return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
 
 
