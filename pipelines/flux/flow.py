@@ -17,6 +17,7 @@ import torch
 from einops import rearrange
 
 from ..core import sampling as core
+from ..core.lora import applies_loras
 from ..core.runtime import Component, Runtime
 
 LATENT_CHANNELS = 16
@@ -92,6 +93,7 @@ class FlowInputs:
 
 
 @torch.inference_mode()
+@applies_loras  # a LoRA'd transformer runs with its LoRAs for this call only (core.lora)
 def denoise(
     transformer: Component,
     inputs: FlowInputs,
