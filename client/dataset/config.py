@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "mask": "decomposition",
         "mask_layer": -1,
         "seed": 0,
-        "targets": {"image": "", "instruction": "prompt", "seed": "seed"},
+        "targets": {"image": "", "instruction": "2.prompt", "seed": "4.seed"},
         "overrides": {},
     },
     "services": {

@@ -36,7 +36,7 @@ from ..errors import ClientError
 from ..files import atomic_write, clear_partials
 from ..manifest import Manifest
 from ..validate import find_problems
-from ..workflow import load_workflow
+from ..workflow import apply_overrides, load_workflow, split_target
 from . import export as export_stage
 from . import imaging, mock, qa
 from .ingest import Issue, Sample, ingest
@@ -229,6 +229,12 @@ class Factory:
         if not urls:
             raise ClientError(f"services.{service}.endpoint is empty: give one or more ComfyUI URLs, or use --mock")
         workflow = load_workflow(workflow_name)
+        if items:  # a target that does not exist in the workflow is a config error, not N failed items
+            try:
+                apply_overrides(workflow, [(*split_target(t), v) for t, v in items[0].sets.items()])
+            except ClientError as exc:
+                section = "decompose" if service == "layered" else "generate"
+                raise ClientError(f"{section}.targets/overrides do not fit the workflow '{workflow_name}': {exc}") from exc
         timeouts = Timeouts(stall=float(self.config["services"][service]["timeout"]))
         asyncio.run(health_check(urls, workflow, service, timeouts))
         out_dir = self.staging / "comfy" / service

@@ -290,3 +290,73 @@ def test_quality_measures_against_direct_formulas():
     assert imaging.ssim(a, b) < 0.99
     assert imaging.hamming(imaging.phash(a), imaging.phash(a)) == 0
     assert imaging.hamming(imaging.phash(a), imaging.phash(rng.random((32, 40, 3)).astype(np.float32))) > 10
+
+
+def test_kontext_trainer_trains_one_step_on_the_export(built, tiny_models):
+    """The exported kontext/ folder is the trainer's layout as is: one optimisation step, no conversion."""
+    from test_kontext_train import make_config
+
+    from editkit.pipelines.flux.kontext_inpaint import train
+
+    result = train.train(make_config(tiny_models / "diffusers" / "FLUX.1-Fill-dev", stage1=1, stage2=0),
+                         built["root"] / "outputs" / "dataset" / "kontext", built["root"] / "train_out")
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+
+
+def _server_config(root: Path, data: Path, urls: list[str]) -> Path:
+    return write_config(root, data, decompose={"enabled": False},
+                        generate={"workflow": "flux_fill_inpaint", "mask": "none"},
+                        services={"edit": {"endpoint": urls, "timeout": 30}, "in_flight": 1, "max_failures": 2})
+
+
+def test_server_mode_survives_an_edit_server_going_away(tmp_path, fake_pair):
+    """Edits run as ComfyUI prompts over two servers; one dies mid-run, the other finishes every pair once."""
+    import threading
+
+    first, second = fake_pair
+    first.faults.node_seconds = second.faults.node_seconds = 0.05
+    tree = make_tree(tmp_path, samples=6)
+    config = _server_config(tmp_path, tree["data"], [first.url, second.url])
+    comfy_manifest = tmp_path / "outputs" / "manifests" / "comfy_edit.jsonl"
+
+    def kill_when_started():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if comfy_manifest.exists() and comfy_manifest.read_bytes().count(b"\n") >= 2:
+                first.kill()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    assert main(["dataset", "--config", str(config)]) == 0
+    killer.join()
+    lines = [json.loads(line) for line in (tmp_path / "outputs" / "manifests" / "generate.jsonl").read_text(
+        "utf-8").splitlines()]
+    done = [line["item"] for line in lines if line["status"] == "done"]
+    report = json.loads((tmp_path / "outputs" / "reports" / "qa" / "report.json").read_text("utf-8"))
+    assert len(done) == len(set(done)) == report["summary"]["pairs"] > 8
+    servers = {json.loads(x)["server"] for x in comfy_manifest.read_text("utf-8").splitlines()
+               if json.loads(x)["status"] == "done"}
+    assert second.url in servers
+
+
+def test_server_mode_stops_early_when_a_server_lacks_a_model(tmp_path, fake, object_info):
+    spec = fake.object_info["EditKitFluxLoader"]["input"]["required"]["diffusers_folder"]
+    spec[0] = [c for c in spec[0] if c != "FLUX.1-Fill-dev"]
+    tree = make_tree(tmp_path, samples=2)
+    with pytest.raises(ClientError, match=r"(?s)services.edit is not ready:.*diffusers_folder.*FLUX.1-Fill-dev. is not one of"):
+        from client.dataset.stages import Factory
+
+        Factory(load_config(_server_config(tmp_path, tree["data"], [fake.url])), mock_mode=False).run(
+            ["generate"])
+    assert not (tmp_path / "outputs" / "manifests" / "generate.jsonl").exists()
+
+
+def test_server_mode_refuses_targets_that_do_not_fit_the_workflow(tmp_path, fake):
+    tree = make_tree(tmp_path, samples=2)
+    config = load_config(_server_config(tmp_path, tree["data"], [fake.url]), ["generate.targets.instruction=9.text"])
+    from client.dataset.stages import Factory
+
+    with pytest.raises(ClientError, match=r"generate.targets/overrides do not fit the workflow 'flux_fill_inpaint'"):
+        Factory(config, mock_mode=False).run(["generate"])
