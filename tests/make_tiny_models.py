@@ -242,6 +242,18 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     network = ben2.BEN2Base(ben2.BEN2Config.tiny())
     for suffix in ("safetensors", "pth"):
         paths[f"ben2_{suffix}"] = ben2.save_ben2_checkpoint(network, out / "background_removal" / f"BEN2_Base.{suffix}")
+
+    from tiny_redux_models import make_tiny_redux_models  # FLUX.1 Redux prior + FLUX.1-dev transformer
+
+    paths.update(make_tiny_redux_models(out))
+
+    from zimage_models import make_zimage_models  # Z-Image-Turbo: folder, ComfyUI files, GGUF, Qwen3
+
+    paths.update(make_zimage_models(out))
+
+    from qwen_image_models import make_qwen_image_models  # Qwen-Image-Edit-2509: folder, ComfyUI files, GGUF
+
+    paths.update({f"qwen_{role}": path for role, path in make_qwen_image_models(out).items()})
     return paths
 
 
