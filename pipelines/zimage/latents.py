@@ -1,0 +1,34 @@
+"""Resizing raw latents between progressive stages, the way ComfyUI's LatentUpscale nodes do.
+
+ComfyUI's LatentUpscale / LatentUpscaleBy resize the raw-space LATENT with
+``torch.nn.functional.interpolate(samples, size=(h, w), mode=method)`` (its ``common_upscale``
+without cropping), LatentUpscale to ``pixels // 8`` and LatentUpscaleBy to
+``round(latent_side * factor)``. The progressive recipe resizes with the same call on the same
+raw-space tensor, so the one-node recipe and the modular graph of native nodes agree exactly.
+``bislerp`` (ComfyUI's own slerp interpolation) is not offered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import EditKitError
+
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+VAE_SCALE = 8
+
+
+def upscale_raw(latents: torch.Tensor, width: int, height: int, method: str = "nearest-exact") -> torch.Tensor:
+    """Resize raw latents ``[B,C,h,w]`` to the latent size of a ``width`` x ``height`` picture."""
+    if method not in UPSCALE_METHODS:
+        raise EditKitError(f"Unknown upscale method '{method}'. Use one of: {', '.join(UPSCALE_METHODS)}.")
+    size = (height // VAE_SCALE, width // VAE_SCALE)
+    if tuple(latents.shape[-2:]) == size:
+        return latents
+    return F.interpolate(latents, size=size, mode=method)
+
+
+def scaled_size(latent_w: int, latent_h: int, factor: float) -> tuple[int, int]:
+    """Picture size LatentUpscaleBy gives a ``latent_w`` x ``latent_h`` latent (``round(side * factor)``)."""
+    return round(latent_w * factor) * VAE_SCALE, round(latent_h * factor) * VAE_SCALE

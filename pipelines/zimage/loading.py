@@ -1,0 +1,199 @@
+"""Loading Z-Image-Turbo offline: the transformer, its schedule and the FLUX.1 VAE.
+
+Sources (the ones ComfyUI users have):
+
+* the diffusers folder ``models/diffusers/Z-Image-Turbo`` (every component, tokenizer included);
+* ComfyUI's single file ``z_image_turbo_bf16.safetensors`` in ``models/diffusion_models``: the
+  original key layout (fused ``attention.qkv``, ``x_embedder``, ``final_layer``), with or without
+  ComfyUI's ``model.diffusion_model.`` prefix; diffusers-layout single files load too;
+* GGUF files of the same layout (weights stay quantized and are dequantized layer by layer);
+* the FLUX.1 VAE ``ae.safetensors`` (Z-Image uses FLUX.1's VAE and latent format), through the
+  FLUX.1 loader's code.
+
+The original → diffusers key conversion is diffusers' own (``from_single_file`` runs it when the
+keys differ). Sizes that tensor shapes reveal are read from the file; the rest comes from the
+config shipped in ``configs/zimage_transformer``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..core.errors import EditKitError, ModelFileError
+from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.runtime import Component
+from ..flux import loading as flux_loading
+
+log = logging.getLogger("EditKit")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TRANSFORMER_CONFIG_DIR = CONFIG_DIR / "zimage_transformer"
+SCHEDULER_CONFIG = CONFIG_DIR / "zimage_scheduler" / "scheduler_config.json"
+COMFY_PREFIX = "model.diffusion_model."
+PATCH = 2  # latent pixels per token side (all_patch_size)
+
+TRANSFORMER_EXPECTED = (
+    "a Z-Image transformer (z_image_turbo_bf16.safetensors as ComfyUI distributes it, keys like "
+    "'layers.0.attention.qkv.weight'; a diffusers-layout file; or a .gguf of either)"
+)
+
+
+def _load_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the weight a tensor stands for (GGUF tensors store packed bytes)."""
+    return tuple(getattr(tensor, "quant_shape", tensor.shape))
+
+
+def transformer_layout(sd: dict[str, torch.Tensor]) -> str | None:
+    """``"original"`` (Tongyi's / ComfyUI's keys), ``"diffusers"``, ``"flux"`` or ``None``."""
+    if "all_x_embedder.2-1.weight" in sd and "cap_embedder.1.weight" in sd:
+        return "diffusers"
+    if "x_embedder.weight" in sd and "cap_embedder.1.weight" in sd and "layers.0.adaLN_modulation.0.weight" in sd:
+        return "original"
+    if any(k.startswith(("double_blocks.", "transformer_blocks.")) for k in sd):
+        return "flux"
+    return None
+
+
+def transformer_config_from_state_dict(sd: dict[str, torch.Tensor], layout: str) -> dict:
+    """ZImageTransformer2DModel settings that a state dict of either layout determines."""
+    x_key = "all_x_embedder.2-1.weight" if layout == "diffusers" else "x_embedder.weight"
+    q_norm = "layers.0.attention.norm_q.weight" if layout == "diffusers" else "layers.0.attention.q_norm.weight"
+    dim, features = _shape(sd[x_key])
+    head_dim = _shape(sd[q_norm])[0]
+    if layout == "diffusers":
+        kv_rows = _shape(sd["layers.0.attention.to_k.weight"])[0]
+    else:
+        kv_rows = (_shape(sd["layers.0.attention.qkv.weight"])[0] - dim) // 2
+    axes = _load_json(TRANSFORMER_CONFIG_DIR / "config.json")["axes_dims"]
+    if sum(axes) != head_dim:
+        raise EditKitError(
+            f"Attention heads are {head_dim} wide, but Z-Image's rotary embedding covers {sum(axes)}: "
+            "this is not a Z-Image transformer."
+        )
+    return {
+        "dim": dim,
+        "in_channels": features // (PATCH * PATCH),
+        "n_layers": flux_loading.count_blocks(sd, "layers."),
+        "n_refiner_layers": flux_loading.count_blocks(sd, "noise_refiner."),
+        "n_heads": dim // head_dim,
+        "n_kv_heads": kv_rows // head_dim,
+        "cap_feat_dim": _shape(sd["cap_embedder.1.weight"])[1],
+    }
+
+
+def _dequantize_parameters(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Dequantize GGUF tensors that are plain parameters, not linear weights (``x_pad_token``, ``cap_pad_token``).
+
+    GGUF converters quantize every large 2-D tensor; diffusers keeps quantized bytes only for
+    linear layers (``GGUFLinear``), so a quantized pad token would reach the model as raw bytes.
+    """
+    from ..core.diffusers_compat import dequantize_gguf_tensor
+
+    for key in [k for k, v in sd.items() if hasattr(v, "quant_type") and not k.endswith(".weight")]:
+        sd[key] = dequantize_gguf_tensor(sd[key]).to(dtype)
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
+    from diffusers import ZImageTransformer2DModel
+
+    quantized = path.suffix.lower() == ".gguf"
+    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
+    if not quantized:
+        cast_stored_weights(sd, dtype)
+    for key in [k for k in sd if k.startswith(COMFY_PREFIX)]:
+        sd[key[len(COMFY_PREFIX):]] = sd.pop(key)
+    if quantized:
+        _dequantize_parameters(sd, dtype)
+    layout = transformer_layout(sd)
+    if layout == "flux":
+        raise ModelFileError(path, "This is a FLUX.1 transformer, not Z-Image (load it with EditKit · Flux Loader)",
+                             TRANSFORMER_EXPECTED)
+    if layout is None:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a Z-Image transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
+    try:
+        config = transformer_config_from_state_dict(sd, layout)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ModelFileError(path, f"Incomplete Z-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    kwargs = {}
+    if quantized:
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        model = ZImageTransformer2DModel.from_single_file(
+            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **config, **kwargs
+        )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelFileError(path, f"Weights do not fit a Z-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    return Component(model, "diffusion", path.name, dtype, quantized=quantized)
+
+
+def _transformer_from_folder(folder: Path, dtype: torch.dtype) -> Component:
+    from diffusers import ZImageTransformer2DModel
+
+    sub = folder / "transformer"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
+    config = _load_json(sub / "config.json")
+    if config.get("_class_name") not in (None, "ZImageTransformer2DModel"):
+        raise ModelFileError(sub, f"This folder holds a {config.get('_class_name')}, not Z-Image",
+                             "a Z-Image diffusers folder such as Tongyi-MAI/Z-Image-Turbo")
+    try:
+        model = ZImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a diffusers ZImageTransformer2DModel") from exc
+    model.eval().requires_grad_(False)
+    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+
+
+def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
+    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``."""
+    if file is None and folder is None:
+        return unavailable("Z-Image transformer", "No transformer: pick a diffusers folder or a transformer file "
+                           "(z_image_turbo_bf16.safetensors) in EditKit · Z-Image Loader.")
+    if file is not None:
+        return LazyModel(("zimage_transformer", file_key(file), dtype), lambda: _transformer_from_file(file, dtype),
+                         f"Z-Image transformer {file.name}")
+    return LazyModel(("zimage_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype),
+                     lambda: _transformer_from_folder(folder, dtype), f"Z-Image transformer of {folder.name}")
+
+
+def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
+    """The FLUX.1 VAE (Z-Image's): ``ae.safetensors`` or the folder's ``vae``."""
+    if file is None and folder is None:
+        return unavailable("Z-Image VAE", "No VAE: pick a diffusers folder or the FLUX.1 VAE file (ae.safetensors) "
+                           "in EditKit · Z-Image Loader.")
+    return flux_loading.vae_source(folder, file, dtype)
+
+
+def scheduler_config(folder: Path | None) -> dict:
+    """The folder's scheduler config, or Z-Image-Turbo's (shipped) when loading from single files."""
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        return _load_json(folder / "scheduler" / "scheduler_config.json")
+    return _load_json(SCHEDULER_CONFIG)
+
+
+class ZImageModel:
+    """What EditKit's Z-Image loader hands to samplers: a lazily loaded transformer and its schedule.
+
+    LoRA nodes return a copy whose ``transformer`` also applies their LoRAs while a sampler runs
+    (:func:`..core.lora.add_lora`); the shared base model is never changed.
+    """
+
+    def __init__(self, transformer, scheduler_config: dict):
+        self.transformer = transformer
+        self.scheduler_config = scheduler_config
+
+    def __repr__(self) -> str:
+        return f"<EditKit ZImageModel {self.transformer!r}>"
