@@ -19,6 +19,7 @@ PRIVATE_HELPERS = {
     "convert_flux_transformer": ("diffusers.loaders.single_file_utils", "convert_flux_transformer_checkpoint_to_diffusers"),
     "load_gguf_checkpoint": ("diffusers.models.model_loading_utils", "load_gguf_checkpoint"),
     "dequantize_gguf_tensor": ("diffusers.quantizers.gguf.utils", "dequantize_gguf_tensor"),
+    "convert_wan_vae": ("diffusers.loaders.single_file_utils", "convert_wan_vae_to_diffusers"),
 }
 
 
@@ -46,3 +47,8 @@ def load_gguf_checkpoint(path: str) -> dict:
 
 def dequantize_gguf_tensor(tensor):
     return helper("dequantize_gguf_tensor")(tensor)
+
+
+def convert_wan_vae_to_diffusers(checkpoint: dict) -> dict:
+    """Wan-2.1 / ComfyUI key layout → diffusers' (also Qwen-Image's VAE, which shares the layout)."""
+    return helper("convert_wan_vae")(checkpoint)

@@ -1,0 +1,297 @@
+"""Qwen-Image-Edit(-2509) nodes: loader, the edit, LoRA (thin glue over pipelines/qwen_image)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..pipelines.core import sampling as core
+from ..pipelines.core.errors import EditKitError
+from ..pipelines.core.images import image_to_nchw, mask_to_nchw, nchw_to_image
+from ..pipelines.qwen_image import sizes
+from ..pipelines.qwen_image import vae as vae_ops
+from ..pipelines.qwen_image.edit import check_prompt, edit
+from ..pipelines.qwen_image.loading import (
+    VARIANTS,
+    QwenImageModel,
+    scheduler_config,
+    transformer_source,
+    vae_source,
+)
+from ..pipelines.qwen_image.lora import QWEN_IMAGE_LORA
+from ..pipelines.qwen_image.text import text_encoder_source
+from . import comfy_bridge as bridge
+from .common import FROM_FOLDER, NONE, batch_input, files_signature, latent_dict, seed_input, steps_input
+from .lora_nodes import lora_node_class
+
+log = logging.getLogger("EditKit")
+
+CATEGORY = "EditKit/qwen-image"
+MODEL_TYPE = "EDITKIT_QWEN_IMAGE"
+TEXT_TYPE = "EDITKIT_QWEN_IMAGE_TEXT"
+VAE_TYPE = "EDITKIT_QWEN_IMAGE_VAE"
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+AUTO_VARIANT = "auto"
+MAX_REFERENCE_SIDE = 4096
+
+
+def _choice(value: str, folder: str):
+    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
+
+
+def _folder(value: str):
+    return None if value in (NONE, "", None) else bridge.model_path("diffusers", value)
+
+
+def _model_dtype(kind: str, chosen: torch.dtype | None) -> torch.dtype:
+    """The widget's dtype, else ComfyUI's choice; Qwen-Image overflows in fp16, so fp16 becomes bf16 or fp32.
+
+    (ComfyUI's own Qwen-Image support lists only bf16 and fp32 as inference dtypes.)
+    """
+    dtype = chosen or bridge.default_dtype(kind)
+    if dtype == torch.float16:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    return dtype
+
+
+class EditKitQwenImageLoader:
+    DISPLAY_NAME = "EditKit · Qwen-Image Loader"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Loads Qwen-Image-Edit-2509 from the diffusers folder models/diffusers/Qwen-Image-Edit-2509, from ComfyUI's "
+        "single files (qwen_image_edit_2509_bf16 / _fp8_e4m3fn .safetensors or a .gguf in models/diffusion_models, "
+        "qwen_2.5_vl_7b(_fp8_scaled).safetensors in models/text_encoders, qwen_image_vae.safetensors in models/vae), "
+        "or a mix: a chosen file replaces the folder's component. Nothing is read until a node uses an output. GGUF "
+        "weights stay quantized. The original Qwen-Image-Edit also works (one picture, its own template)."
+    )
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL_TYPE, TEXT_TYPE, VAE_TYPE)
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The Qwen-Image-Edit transformer, for EditKit · Qwen-Image Edit and Qwen-Image LoRA.",
+        "Qwen2.5-VL-7B (reads the instruction together with the pictures), for EditKit · Qwen-Image Edit.",
+        "The Qwen-Image VAE, for EditKit · Qwen-Image Edit.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = bridge.list_diffusers_folders()
+        qwen = [f for f in folders if "qwen" in f.lower()]
+        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
+        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
+        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
+        return {
+            "required": {
+                "diffusers_folder": ([NONE, *folders], {
+                    "default": qwen[0] if qwen else NONE,
+                    "tooltip": "The Qwen-Image-Edit-2509 diffusers folder in models/diffusers (every component, with "
+                               "tokenizer and processor). (none): everything comes from the single files below and "
+                               "the tokenizer from ComfyUI's bundled copy.",
+                }),
+                "transformer_file": ([FROM_FOLDER, *transformers], {
+                    "tooltip": "Transformer from models/diffusion_models: qwen_image_edit_2509_bf16.safetensors, "
+                               "qwen_image_edit_2509_fp8_e4m3fn.safetensors or a .gguf (Q8_0, Q6_K, Q4_K, ...). "
+                               "Replaces the folder's transformer.",
+                }),
+                "text_encoder_file": ([FROM_FOLDER, *encoders], {
+                    "tooltip": "Qwen2.5-VL-7B from models/text_encoders: qwen_2.5_vl_7b.safetensors or "
+                               "qwen_2.5_vl_7b_fp8_scaled.safetensors (the vision tower must be in the file).",
+                }),
+                "vae_file": ([FROM_FOLDER, *vaes], {
+                    "tooltip": "Qwen-Image VAE from models/vae: qwen_image_vae.safetensors.",
+                }),
+                "variant": ([AUTO_VARIANT, *VARIANTS], {
+                    "default": AUTO_VARIANT,
+                    "tooltip": "Which Qwen-Image edit model the transformer is. auto: read from the folder's "
+                               "model_index.json or the file's name/metadata (the weights cannot tell). "
+                               "Qwen-Image-Edit (the original) takes one picture with its own prompt template.",
+                }),
+                "weight_dtype": (list(DTYPES), {
+                    "default": "auto",
+                    "tooltip": "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the "
+                               "device (bf16 on recent GPUs, fp32 on the CPU); Qwen-Image overflows in fp16, so fp16 "
+                               "becomes bf16 (or fp32). GGUF weights stay quantized whatever this says.",
+                }),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
+        try:
+            return files_signature([_folder(diffusers_folder), _choice(transformer_file, "diffusion_models"),
+                                    _choice(text_encoder_file, "text_encoders"), _choice(vae_file, "vae")])
+        except EditKitError:
+            return ""  # the load itself reports the missing file
+
+    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
+             weight_dtype="auto"):
+        folder = _folder(diffusers_folder)
+        file = _choice(transformer_file, "diffusion_models")
+        chosen = DTYPES[weight_dtype]
+        transformer = transformer_source(folder, file, _model_dtype("diffusion", chosen))
+        vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
+        vae = vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
+        text = text_encoder_source(folder, _choice(text_encoder_file, "text_encoders"),
+                                   _model_dtype("text_encoder", chosen), bridge.comfy_tokenizer_dir("qwen25"))
+        model = QwenImageModel(transformer, scheduler_config(folder), requested_variant=variant, folder=folder,
+                               file=file)
+        return (model, text, vae)
+
+
+def _one_picture(image: torch.Tensor, name: str) -> torch.Tensor:
+    pixels = image_to_nchw(image)
+    if pixels.shape[0] != 1:
+        raise EditKitError(
+            f"'{name}' holds {pixels.shape[0]} pictures, but it takes one. Give the pictures to edit one per run "
+            "(e.g. split the batch with ImageFromBatch), and connect extra reference pictures to image2..image5 or "
+            "to 'references' (a batch there is several references)."
+        )
+    return pixels
+
+
+def _size_input(default: int, tooltip: str) -> tuple:
+    return ("INT", {"default": default, "min": 16, "max": 8192, "step": 16, "tooltip": tooltip})
+
+
+class EditKitQwenImageEdit:
+    DISPLAY_NAME = "EditKit · Qwen-Image Edit"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Edits a picture with Qwen-Image-Edit-2509 following an instruction: recolour or replace things, add or "
+        "remove objects, change text, restyle, or combine several pictures ('put the person in picture 1 in the "
+        "jacket from picture 2'). Any number of reference pictures (image2..image5 plus a 'references' batch). "
+        "With the 'no shift' reference size the output stays aligned with image 1 pixel for pixel; with a mask only "
+        "that area changes and every pixel outside it comes back exactly. The instruction is encoded together with "
+        "the pictures once and cached, so changing only seed, steps or CFG does not re-run the 7B encoder."
+    )
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("image", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The edited pictures (batch_size of them). With a mask they have image 1's exact size.",
+        "The generated latents in ComfyUI's raw VAE space (native VAEDecode with the Qwen-Image VAE works on them).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From EditKit · Qwen-Image Loader (or a Qwen-Image LoRA node)."}),
+                "text_encoder": (TEXT_TYPE, {"tooltip": "Qwen2.5-VL from EditKit · Qwen-Image Loader."}),
+                "vae": (VAE_TYPE, {"tooltip": "Qwen-Image VAE from EditKit · Qwen-Image Loader."}),
+                "image": ("IMAGE", {"tooltip": "The picture to edit (picture 1 in the prompt). One picture."}),
+                "prompt": ("STRING", {
+                    "multiline": True, "dynamicPrompts": True, "default": "",
+                    "tooltip": "The edit instruction, e.g. 'change the blue tracksuit to red' or 'dress the person in "
+                               "picture 1 in the jacket from picture 2'. Put text to write in quotes.",
+                }),
+                "negative_prompt": ("STRING", {
+                    "multiline": True, "default": " ",
+                    "tooltip": "What to steer away from when true_cfg_scale is above 1. ' ' (a blank) is Qwen's "
+                               "reference; an empty field is treated the same way.",
+                }),
+                "true_cfg_scale": ("FLOAT", {
+                    "default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                    "tooltip": "Qwen's true classifier-free guidance (two transformer passes per step, run as one "
+                               "batch). 4 as the reference; 2-7 is useful; 1 turns it off (Lightning LoRAs).",
+                }),
+                "steps": steps_input(28),
+                "seed": seed_input(),
+                "denoise": ("FLOAT", {
+                    "default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                    "tooltip": "1.0: a full edit from noise. Lower starts from image 1 noised to that level and keeps "
+                               "more of it (0.5-0.8 for small changes). Steps stays the number of transformer calls.",
+                }),
+                "sampler": (list(core.SAMPLERS), {
+                    "default": "euler",
+                    "tooltip": "euler as Qwen's reference; euler_ancestral adds fresh noise each step "
+                               "(seeded from the seed).",
+                }),
+                "batch_size": batch_input(),
+                "output_size": (list(sizes.OUTPUT_MODES), {
+                    "default": sizes.MATCH_IMAGE_1,
+                    "tooltip": "match image 1: image 1's aspect ratio and size (sides rounded to multiples of 16), "
+                               "scaled down to max_megapixels if larger. explicit: width x height.",
+                }),
+                "width": _size_input(1024, "Output width with output_size 'explicit' (a multiple of 16)."),
+                "height": _size_input(1024, "Output height with output_size 'explicit' (a multiple of 16)."),
+                "max_megapixels": ("FLOAT", {
+                    "default": 1.0, "min": 0.01, "max": 16.0, "step": 0.05,
+                    "tooltip": "Largest output, in megapixels (2^20 pixels). Qwen-Image-Edit was trained at about 1.",
+                }),
+                "reference_size": (list(sizes.REFERENCE_PRESETS), {
+                    "default": sizes.NO_SHIFT,
+                    "tooltip": "Sizes of the copies of each picture the model reads. no shift: image 1 goes to the "
+                               "VAE at the output size, so the result lines up with it pixel for pixel (others as "
+                               "the reference). Qwen reference pipeline: exactly diffusers' (384x384-area copy for "
+                               "the vision encoder, 1 MP for the VAE; may zoom/shift). custom: the two sizes below "
+                               "for every picture.",
+                }),
+                "custom_vl_size": ("INT", {
+                    "default": 384, "min": 56, "max": 2048, "step": 8,
+                    "tooltip": "With reference_size 'custom': side of the square whose area each picture's "
+                               "vision-language copy gets (384 as the reference; larger reads finer detail).",
+                }),
+                "custom_vae_size": ("INT", {
+                    "default": 1024, "min": 64, "max": MAX_REFERENCE_SIDE, "step": 32,
+                    "tooltip": "With reference_size 'custom' (and for pictures 2+ with 'no shift'): side of the "
+                               "square whose area each picture's VAE copy gets (1024 as the reference).",
+                }),
+            },
+            "optional": {
+                **{f"image{i}": ("IMAGE", {"tooltip": f"Reference picture {i} (picture {i} in the prompt)."})
+                   for i in range(2, 6)},
+                "references": ("IMAGE", {"tooltip": "More reference pictures as a batch (pictures 6, 7, ... or "
+                                                    "following the connected imageN). Any count."}),
+                "mask": ("MASK", {"tooltip": "Optional: only this area of image 1 may change (1 = change). The "
+                                             "result is blended back with it, so every pixel outside comes back "
+                                             "exactly. Best with reference_size 'no shift'."}),
+            },
+        }
+
+    def run(self, model, text_encoder, vae, image, prompt, negative_prompt=" ", true_cfg_scale=4.0, steps=28,
+            seed=0, denoise=1.0, sampler="euler", batch_size=1, output_size=sizes.MATCH_IMAGE_1, width=1024,
+            height=1024, max_megapixels=1.0, reference_size=sizes.NO_SHIFT, custom_vl_size=384,
+            custom_vae_size=1024, image2=None, image3=None, image4=None, image5=None, references=None, mask=None):
+        # Check everything cheap before loading 20+ GB of weights.
+        check_prompt(prompt)
+        core.SamplerSettings(name=sampler, seed=seed)
+        pictures = [_one_picture(image, "image")]
+        for index, extra in enumerate((image2, image3, image4, image5), start=2):
+            if extra is not None:
+                pictures.append(_one_picture(extra, f"image{index}"))
+        if references is not None:
+            pictures += list(image_to_nchw(references).split(1))
+        pixel_mask = None
+        if mask is not None:
+            pixel_mask = mask_to_nchw(mask)
+            if pixel_mask.shape[0] != 1:
+                raise EditKitError(f"Got {pixel_mask.shape[0]} masks; give one mask for image 1.")
+        output = sizes.OutputSize(output_size, width, height, max_megapixels)
+        output.resolve(pictures[0].shape[-1], pictures[0].shape[-2])
+        if reference_size == sizes.REFERENCE:
+            references_plan = sizes.ReferenceSizes(sizes.REFERENCE)
+        else:
+            references_plan = sizes.ReferenceSizes(reference_size, custom_vl_size ** 2, custom_vae_size ** 2)
+        variant = model.variant
+        transformer = model.transformer.get()
+        vae_component = vae.get()
+        result = edit(
+            transformer, text_encoder.get(), vae_component, pictures, prompt, bridge.runtime(),
+            scheduler_config=model.schedule, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            steps=steps, seed=seed, denoise=denoise, mask=pixel_mask,
+            sampler=core.SamplerSettings(name=sampler, seed=seed), batch_size=batch_size, output=output,
+            references=references_plan, variant=variant,
+        )
+        raw = vae_ops.latent_format(vae_component).to_raw(result.latents)
+        return nchw_to_image(result.images), latent_dict(raw)
+
+
+EditKitQwenImageLora = lora_node_class(
+    QWEN_IMAGE_LORA, MODEL_TYPE, class_name="EditKitQwenImageLora", display_name="EditKit · Qwen-Image LoRA",
+    category=CATEGORY, family_models="Qwen-Image-Edit",
+)
+
+NODES = [EditKitQwenImageLoader, EditKitQwenImageEdit, EditKitQwenImageLora]

@@ -1,0 +1,1 @@
+"""Qwen-Image-Edit(-2509) on EditKit's sampling core: loading, prompt encoding with pictures, the edit."""

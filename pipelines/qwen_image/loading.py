@@ -1,0 +1,401 @@
+"""Loading Qwen-Image-Edit offline: the diffusers folder or ComfyUI's single files.
+
+Sources (the ones ComfyUI users have):
+
+* the diffusers folder ``models/diffusers/Qwen-Image-Edit-2509``: every component;
+* the transformer from one file in ``models/diffusion_models``: ComfyUI's ``.safetensors``
+  (keys as diffusers' with a ``model.diffusion_model.`` prefix, bf16 or fp8-stored) or a ``.gguf``
+  (Q8_0 and every other type diffusers reads; the weights stay quantized in memory);
+* the VAE from ``qwen_image_vae.safetensors`` in ``models/vae`` (ComfyUI's Wan-VAE key layout,
+  converted with diffusers' own Wan converter) or a diffusers-layout file;
+* the Qwen2.5-VL text encoder: see :mod:`.text`.
+
+Qwen-Image, Qwen-Image-Edit and Qwen-Image-Edit-2509 share one architecture, so the weights
+cannot tell them apart. The variant is read from the folder's ``model_index.json``, else from
+the file's metadata (GGUF ``general.name``, safetensors header) or name; the loader's ``variant``
+widget overrides it. Single files load with the configs in ``configs/``; sizes that tensor
+shapes reveal are read from the file. Loaded models are shared through the weak cache of
+:mod:`..core.loading`, exactly like the Flux loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from ..core.errors import EditKitError, ModelFileError
+from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.precision import Precision, apply_precision
+from ..core.runtime import Component
+
+log = logging.getLogger("EditKit")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+TRANSFORMER_EXPECTED = (
+    "a Qwen-Image-Edit-2509 transformer (ComfyUI's qwen_image_edit_2509_bf16.safetensors or "
+    "qwen_image_edit_2509_fp8_e4m3fn.safetensors, or a .gguf such as Qwen-Image-Edit-2509-Q8_0.gguf)"
+)
+VAE_EXPECTED = "the Qwen-Image VAE (qwen_image_vae.safetensors, 16 latent channels)"
+
+# Variants: what the weights are, read from names because the architecture is identical.
+EDIT_2509 = "Qwen-Image-Edit-2509"
+EDIT = "Qwen-Image-Edit"
+TEXT_TO_IMAGE = "Qwen-Image"
+VARIANTS = (EDIT_2509, EDIT)
+
+
+def _load_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def count_blocks(keys, prefix: str) -> int:
+    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+# --------------------------------------------------------------------------------------
+# Variant detection
+
+
+def variant_from_text(text: str) -> str | None:
+    """The variant a model name or title names, or None when it names none."""
+    t = re.sub(r"[\s\-.]+", "_", text.lower())
+    if "edit" in t:
+        return EDIT_2509 if re.search(r"2509|2511|plus", t) else EDIT
+    if "qwen_image" in t or "qwenimage" in t:
+        return TEXT_TO_IMAGE
+    return None
+
+
+def variant_from_folder(folder: Path) -> str | None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    name = _load_json(index).get("_class_name", "")
+    if name.startswith("QwenImageEditPlus"):
+        return EDIT_2509
+    if name.startswith("QwenImageEdit"):
+        return EDIT
+    if name.startswith("QwenImage"):
+        return TEXT_TO_IMAGE
+    return None
+
+
+def _file_titles(path: Path) -> list[str]:
+    """Names a weight file gives itself: GGUF ``general.*`` names, safetensors header metadata."""
+    titles: list[str] = []
+    try:
+        if path.suffix.lower() == ".gguf":
+            import gguf
+
+            reader = gguf.GGUFReader(str(path))
+            for key in ("general.name", "general.basename", "general.finetune"):
+                found = reader.get_field(key)
+                if found is not None:
+                    titles.append(bytes(found.parts[found.data[0]]).decode("utf-8", "replace"))
+        elif path.suffix.lower() in (".safetensors", ".sft"):
+            import safetensors
+
+            with safetensors.safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+            titles += [v for k, v in meta.items() if re.search(r"title|name|model", k, re.I) and isinstance(v, str)]
+    except Exception as exc:  # unreadable headers are reported by the real load
+        log.debug("EditKit: no metadata from %s (%s)", path.name, exc)
+    return titles
+
+
+def detect_variant(folder: Path | None, file: Path | None) -> tuple[str | None, str]:
+    """``(variant or None, where it was read)`` for a transformer file or folder."""
+    if file is not None:
+        for title in _file_titles(file):
+            found = variant_from_text(title)
+            if found:
+                return found, f"the file's metadata ('{title}')"
+        found = variant_from_text(file.name)
+        if found:
+            return found, f"the file name '{file.name}'"
+        return None, f"the file '{file.name}'"
+    if folder is not None:
+        found = variant_from_folder(folder)
+        if found:
+            return found, f"{folder.name}/model_index.json"
+        found = variant_from_text(folder.name)
+        return found, f"the folder name '{folder.name}'"
+    return None, "nothing"
+
+
+def resolve_variant(requested: str, folder: Path | None, file: Path | None) -> str:
+    """The variant to run: the widget's choice, else the detected one; refuses text-to-image Qwen-Image."""
+    if requested in VARIANTS:
+        return requested
+    found, source = detect_variant(folder, file)
+    if found == TEXT_TO_IMAGE:
+        raise EditKitError(
+            f"This is Qwen-Image (the text-to-image model), found from {source}, not an edit model. Load "
+            "Qwen-Image-Edit-2509 (qwen_image_edit_2509_*.safetensors or the Qwen-Image-Edit-2509 diffusers folder). "
+            "If the file really is an Edit model with another name, set 'variant' in EditKit · Qwen-Image Loader."
+        )
+    if found is None:
+        log.info("EditKit: %s does not say which Qwen-Image model it is; assuming %s.", source, EDIT_2509)
+        return EDIT_2509
+    if found == EDIT:
+        log.info("EditKit: %s is the original Qwen-Image-Edit (found from %s); using its one-picture template.",
+                 file.name if file else folder.name, source)
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Transformer
+
+
+def strip_comfy_prefix(sd: dict) -> dict:
+    for prefix in COMFY_PREFIXES:
+        if any(k.startswith(prefix + "img_in.") for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    """Logical shape, also for GGUF tensors (stored as packed bytes)."""
+    quant = getattr(tensor, "quant_type", None)
+    if quant is None:
+        return tuple(tensor.shape)
+    from gguf import GGML_QUANT_SIZES
+
+    block, type_size = GGML_QUANT_SIZES[quant]
+    return (*tensor.shape[:-1], tensor.shape[-1] // type_size * block)
+
+
+def _describe_foreign(sd: dict) -> str:
+    keys = set(sd)
+    if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.")) for k in keys) or \
+            any(".double_blocks." in k for k in keys):
+        return "a FLUX.1 transformer (use EditKit · Flux Loader for it)"
+    if any("layers.0.adaLN_modulation" in k or k.startswith("cap_embedder") for k in keys):
+        return "a Z-Image / Lumina transformer"
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "a VAE"
+    sample = ", ".join(list(sd)[:3]) or "no tensors"
+    return f"not a Qwen-Image transformer (found keys like {sample})"
+
+
+def transformer_config_from_state_dict(sd: dict) -> dict:
+    """QwenImageTransformer2DModel settings a (diffusers-key) state dict determines."""
+    width, in_channels = _shape(sd["img_in.weight"])
+    head_dim = _shape(sd["transformer_blocks.0.attn.norm_q.weight"])[0]
+    axes = _load_json(CONFIG_DIR / "transformer" / "config.json")["axes_dims_rope"]
+    if sum(axes) != head_dim:
+        raise EditKitError(
+            f"Transformer attention heads are {head_dim} wide, but Qwen-Image's rotary embedding covers {sum(axes)}: "
+            "this is not a Qwen-Image transformer."
+        )
+    return {
+        "in_channels": in_channels,
+        "out_channels": _shape(sd["proj_out.weight"])[0] // 4,
+        "num_layers": count_blocks(sd, "transformer_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": _shape(sd["txt_in.weight"])[1],
+    }
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    """Load a single-file transformer computing in ``dtype``, dense weights stored in ``storage``.
+
+    GGUF files are mapped and stay quantized whatever ``storage`` says (as the Flux loader).
+    """
+    from diffusers import QwenImageTransformer2DModel
+
+    quantized = path.suffix.lower() == ".gguf"
+    precision = Precision(storage or dtype, dtype)
+    extras = {}
+    if quantized:
+        from ..core.gguf import MappedFile
+
+        extras["source"] = MappedFile(path)  # before reading: the identity of the bytes that get mapped
+    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
+    sd = strip_comfy_prefix(sd)
+    if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
+        raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
+    if not quantized:
+        cast_stored_weights(sd, precision.storage)
+    try:
+        config = transformer_config_from_state_dict(sd)
+    except (KeyError, IndexError) as exc:
+        raise ModelFileError(path, f"Incomplete Qwen-Image transformer (missing {exc})", TRANSFORMER_EXPECTED) from exc
+    kwargs = {}
+    if quantized:
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        model = QwenImageTransformer2DModel.from_single_file(
+            sd, config=str(CONFIG_DIR / "transformer"), torch_dtype=dtype if quantized else precision.storage,
+            local_files_only=True, **config, **kwargs
+        )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelFileError(path, f"Weights do not fit a Qwen-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    if not quantized:
+        apply_precision(model, precision)
+    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+
+
+def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    from diffusers import QwenImageTransformer2DModel
+
+    precision = Precision(storage or dtype, dtype)
+    sub = folder / "transformer"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
+    if _load_json(sub / "config.json").get("_class_name") != "QwenImageTransformer2DModel":
+        raise ModelFileError(sub, "Not a Qwen-Image transformer folder", "a QwenImageTransformer2DModel")
+    try:
+        model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
+                                                            local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a QwenImageTransformer2DModel") from exc
+    model.eval().requires_grad_(False)
+    apply_precision(model, precision)
+    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+
+
+def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
+                       storage: torch.dtype | None = None) -> LazyModel:
+    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``.
+
+    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``)
+    and cast layer by layer (core.precision), as the Flux loader does.
+    """
+    storage = None if storage == dtype else storage
+    if file is None and folder is None:
+        return unavailable("Qwen-Image transformer", "No transformer: pick the Qwen-Image-Edit-2509 diffusers folder or "
+                           "a transformer file in EditKit · Qwen-Image Loader.")
+    if file is not None:
+        return LazyModel(("qwen_transformer", file_key(file), dtype, storage),
+                         lambda: _transformer_from_file(file, dtype, storage), f"Qwen-Image transformer {file.name}")
+    return LazyModel(("qwen_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
+                     lambda: _transformer_from_folder(folder, dtype, storage), f"Qwen-Image transformer of {folder.name}")
+
+
+# --------------------------------------------------------------------------------------
+# VAE
+
+
+def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKLQwenImage
+
+    from ..core.diffusers_compat import convert_wan_vae_to_diffusers
+
+    sd = read_state_dict(path, VAE_EXPECTED)
+    sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
+    if "encoder.conv1.weight" in sd:  # ComfyUI / Wan original layout
+        sd = convert_wan_vae_to_diffusers(sd)
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
+    if not any(k.endswith(".gamma") for k in sd):  # Qwen-Image's (Wan) VAE uses RMS norms with 'gamma' weights
+        raise ModelFileError(path, "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image's", VAE_EXPECTED)
+    cast_stored_weights(sd, dtype)
+    config = _load_json(CONFIG_DIR / "vae" / "config.json")
+    config.pop("_class_name", None)
+    try:
+        config["base_dim"] = sd["encoder.conv_in.weight"].shape[0]
+        config["z_dim"] = sd["decoder.conv_in.weight"].shape[1]
+        if config["z_dim"] != 16:
+            raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels (Qwen-Image has 16)",
+                                 VAE_EXPECTED)
+        with torch.device("meta"):
+            model = AutoencoderKLQwenImage(**config)
+        missing = sorted(set(model.state_dict()) - set(sd))
+        if missing:
+            raise ModelFileError(path, f"Not the Qwen-Image VAE: {len(missing)} tensors missing, e.g. {missing[:3]}",
+                                 VAE_EXPECTED)
+        model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()}, strict=True, assign=True)
+    except (KeyError, RuntimeError, IndexError) as exc:
+        raise ModelFileError(path, f"Weights do not fit the Qwen-Image VAE ({exc})", VAE_EXPECTED) from exc
+    model.to(dtype).eval().requires_grad_(False)
+    return Component(model, "vae", path.name, dtype)
+
+
+def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKLQwenImage
+
+    sub = folder / "vae"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
+    model = AutoencoderKLQwenImage.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    model.eval().requires_grad_(False)
+    return Component(model, "vae", f"{folder.name}/vae", dtype)
+
+
+def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
+    if file is None and folder is None:
+        return unavailable("Qwen-Image VAE", "No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or "
+                           "qwen_image_vae.safetensors in EditKit · Qwen-Image Loader.")
+    if file is not None:
+        return LazyModel(("qwen_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
+                         f"Qwen-Image VAE {file.name}")
+    return LazyModel(("qwen_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
+                     lambda: _vae_from_folder(folder, dtype), f"Qwen-Image VAE of {folder.name}")
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler and the model handle
+
+
+def scheduler_config(folder: Path | None) -> dict:
+    """The folder's scheduler config, or Qwen-Image's (shipped) when loading from single files."""
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        return _load_json(folder / "scheduler" / "scheduler_config.json")
+    return _load_json(CONFIG_DIR / "scheduler" / "scheduler_config.json")
+
+
+def lightning_scheduler_config() -> dict:
+    """The schedule the Qwen-Image-Lightning LoRAs were distilled for (shift ln 3, no terminal stretch)."""
+    return _load_json(CONFIG_DIR / "scheduler_lightning" / "scheduler_config.json")
+
+
+class QwenImageModel:
+    """What EditKit's Qwen-Image loader hands to the edit node: a lazily loaded transformer + how to run it.
+
+    ``transformer`` is a lazy handle (a :class:`..core.lora.LoraModelSource` once a LoRA node added
+    LoRAs). ``variant`` (which prompt template) is resolved when first asked, so a loader output nobody
+    uses never fails. ``schedule`` is the scheduler config to sample with: the model's own, or the one
+    the Lightning LoRAs were distilled for when a LoRA named "...Lightning..." is applied.
+    """
+
+    def __init__(self, transformer, scheduler_config: dict, requested_variant: str = "auto",
+                 folder: Path | None = None, file: Path | None = None):
+        self.transformer = transformer
+        self.scheduler_config = scheduler_config
+        self.requested_variant = requested_variant
+        self.folder = folder
+        self.file = file
+
+    @property
+    def variant(self) -> str:
+        return resolve_variant(self.requested_variant, self.folder, self.file)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [weights.name for weights, strength in getattr(self.transformer, "loras", ()) if strength != 0.0]
+
+    @property
+    def schedule(self) -> dict:
+        lightning = [name for name in self.lora_names if "lightning" in name.lower()]
+        if lightning:
+            log.info("EditKit: %s is a Lightning LoRA; sampling with its schedule (shift ln 3, no terminal stretch).",
+                     lightning[0])
+            return lightning_scheduler_config()
+        return self.scheduler_config
+
+    def __repr__(self) -> str:
+        return f"<EditKit QwenImageModel {self.transformer!r}>"
