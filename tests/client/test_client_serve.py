@@ -45,11 +45,15 @@ def test_experiments_list_has_the_seed_shape(fake):
         return response.status, await response.json()
     status, body = call([fake.url], requests)
     assert status == 200
-    assert body == {"experiments": [{
+    assert body["experiments"][0] == {
         "id": "ben2_flux_fill", "name": "BEN2 + FLUX.1 Fill",
         "description": body["experiments"][0]["description"],
         "features": [{"id": "inpainting", "name": "New background (inpainting)"},
-                     {"id": "outpainting", "name": "Extend the picture (outpainting)"}]}]}
+                     {"id": "outpainting", "name": "Extend the picture (outpainting)"}]}
+    qwen = body["experiments"][1]
+    assert set(qwen) == {"id", "name", "description", "features"} and qwen["id"] == "ben2_qwen_image"
+    assert [f["id"] for f in qwen["features"]] == ["appearance", "semantic", "text", "multi_image"]
+    assert len(body["experiments"]) == 2
 
 
 def test_edit_returns_output_and_ben2_cutout(fake):
@@ -71,6 +75,26 @@ def test_edit_returns_output_and_ben2_cutout(fake):
     assert len(clones) == 1  # the cut-out comes from a subject-keeping copy of the BEN2 node
 
 
+@pytest.mark.parametrize("feature, node", [("appearance", "5"), ("semantic", "3"), ("text", "3")])
+def test_qwen_features_route_the_request_into_their_workflows(fake, feature, node):
+    """(multi_image also loads the workflow's own pictures 2 and 3, which a real ComfyUI has in its input folder
+    from EditKit's start-up copy but this fake server does not.)"""
+    async def requests(client):
+        response = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_qwen_image", "feature_id": feature, "input_image_base64": PICTURE,
+            "prompt": "change the blue tracksuit to red", "steps": 3, "guidance_scale": 5.0, "strength": 0.8,
+            "negative_prompt": "blurry"})
+        return response.status, await response.json()
+    status, body = call([fake.url], requests)
+    assert status == 200 and body["success"] is True, body
+    prompt = next(iter(fake.history.values()))["prompt"][2]
+    inputs = prompt[node]["inputs"]
+    assert prompt[node]["class_type"] == "EditKitQwenImageEdit"
+    assert (inputs["prompt"], inputs["steps"], inputs["true_cfg_scale"], inputs["denoise"],
+            inputs["negative_prompt"]) == ("change the blue tracksuit to red", 3, 5.0, 0.8, "blurry")
+    assert (body["background_removed_image_base64"] is not None) == (feature == "appearance")
+
+
 def test_edit_outpainting_has_no_cutout(fake):
     async def requests(client):
         response = await client.post("/api/edit_with_comfyui", json={
@@ -82,7 +106,7 @@ def test_edit_outpainting_has_no_cutout(fake):
 
 
 @pytest.mark.parametrize(("payload", "status", "message"), [
-    ({"experiment_id": "nope", "input_image_base64": PICTURE}, 404, "unknown experiment_id 'nope' (known: ben2_flux_fill)"),
+    ({"experiment_id": "nope", "input_image_base64": PICTURE}, 404, "unknown experiment_id 'nope' (known: ben2_flux_fill, ben2_qwen_image)"),
     ({"experiment_id": "ben2_flux_fill", "input_image_base64": "%%%"}, 400, "'input_image_base64' is not valid base64"),
     ({"experiment_id": "ben2_flux_fill", "input_image_base64": base64.b64encode(b"text").decode()}, 400,
      "is not a picture Pillow can read"),
