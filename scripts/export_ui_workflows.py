@@ -59,6 +59,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workflow_layout  # noqa: E402
+import workflow_notes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 API_DIR = ROOT / "workflows" / "api"
 UI_DIR = ROOT / "workflows"
@@ -72,6 +76,9 @@ CHROMIUM_FLAGS = (
 )
 # Value written for every control_after_generate widget (see the module docstring).
 CONTROL_VALUE = "fixed"
+NOTE_WIDTH = 520
+THUMBNAIL_WIDTH = 640
+THUMBNAIL_QUALITY = 85
 # Node fields that only describe the layout; --check reports differences in them as a note, not as drift.
 LAYOUT_FIELDS = ("pos", "size")
 
@@ -362,6 +369,21 @@ window.__editkitSettle = async () => {
 };
 """
 
+# Closes the template dialog the page opens on a first visit and switches to focus mode (no menus or side
+# bars), so screenshots show only the graph.
+JS_QUIET_UI = """
+async () => {
+  await window.__editkitSettle();
+  document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
+  for (const el of document.querySelectorAll('.p-dialog-mask')) el.remove();
+  try { await app.extensionManager.command.execute('Workspace.ToggleFocusMode'); } catch (e) { /* older frontends */ }
+  for (const [key, value] of [['Comfy.Minimap.Visible', false], ['Comfy.Graph.CanvasMenu', false]])
+    try { await app.extensionManager.setting.set(key, value); } catch (e) { /* setting unknown to this frontend */ }
+  await window.__editkitSettle();
+  return true;
+}
+"""
+
 JS_READY = """
 (types) => {
   if (!(window.app && app.graph && window.LiteGraph && app.extensionManager)) return null;
@@ -372,7 +394,7 @@ JS_READY = """
 """
 
 JS_EXPORT = """
-async (api, name, controlValue) => {
+async (api, name, controlValue, note) => {
   app.loadApiJson(api, name);
   const loaded = app.graph._nodes.length;
   if (loaded !== Object.keys(api).length) return {error: `the page built ${loaded} of ${Object.keys(api).length} nodes`};
@@ -389,14 +411,121 @@ async (api, name, controlValue) => {
     const width = Math.ceil(ctx.measureText(node.title).width) + 2 * LiteGraph.NODE_TITLE_HEIGHT;
     if (node.size[0] < width) node.setSize([width, node.size[1]]);
   }
+  if (note) {
+    // The "model files" Note: a virtual node (never queued), with an id after the API file's ids.
+    const noteNode = LiteGraph.createNode(note.type);
+    noteNode.id = Math.max(0, ...app.graph._nodes.map(n => Number(n.id) || 0)) + 1;
+    noteNode.title = note.title;
+    app.graph.add(noteNode);
+    noteNode.widgets[0].value = note.text;
+    noteNode.setSize([note.width, note.height]);
+  }
   await window.__editkitSettle();
-  // loadApiJson already called graph.arrange() (a layered left-to-right layout), but before previews had
-  // resized their nodes; arrange again with the final sizes, then use whole pixels so files diff cleanly.
-  app.graph.arrange();
+  return {ok: true};
+}
+"""
+
+# Shows pictures in the output nodes through the frontend's own handling of ComfyUI's "executed" message, as
+# after a run, so the nodes grow the way they will for the user (a run on the CPU takes minutes; --run does it).
+JS_SHOW_OUTPUTS = """
+async (outputs) => {
+  const api = window.comfyAPI?.api?.api ?? app.api;
+  for (const [id, images] of Object.entries(outputs))
+    api.dispatchCustomEvent('executed', {node: id, display_node: id, output: {images}, prompt_id: 'editkit-export'});
+  await window.__editkitSettle();
+  return true;
+}
+"""
+
+# Queues the workflow as the Run button does and waits for the end of the run (--run).
+JS_RUN = """
+async (timeoutMs) => {
+  const api = window.comfyAPI?.api?.api ?? app.api;
+  const done = new Promise((resolve) => {
+    const finish = (kind) => (e) => resolve({kind, detail: e.detail});
+    api.addEventListener('execution_success', finish('success'), {once: true});
+    api.addEventListener('execution_error', finish('error'), {once: true});
+    api.addEventListener('execution_interrupted', finish('interrupted'), {once: true});
+  });
+  await app.queuePrompt(0, 1);
+  const result = await Promise.race([done, new Promise(r => setTimeout(() => r({kind: 'timeout'}), timeoutMs))]);
+  await window.__editkitSettle();
+  return {kind: result.kind, message: result.detail?.exception_message ?? null};
+}
+"""
+
+# Fits the view to the graph, so DOM widgets (text boxes) are laid out and a screenshot shows everything.
+JS_FIT_VIEW = """
+async () => {
+  const nodes = app.graph._nodes, th = LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - th));
+  const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+  const pad = 40;
+  app.canvas.ds.fitToBounds([x0 - pad, y0 - pad, x1 - x0 + 2 * pad, y1 - y0 + 2 * pad], {zoom: 0.98});
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  await window.__editkitSettle();
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  return {x: rect.x, y: rect.y, width: rect.width, height: rect.height};
+}
+"""
+
+# Text boxes (multiline widgets, the Note) that cannot show all their lines; with grow, enlarge their nodes.
+JS_TEXT_BOXES = """
+async (grow) => {
+  const problems = [];
+  for (let round = 0; round < 6; round++) {
+    problems.length = 0;
+    let changed = false;
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+    for (const node of app.graph._nodes)
+      for (const widget of node.widgets ?? []) {
+        const el = widget.element ?? widget.inputEl;
+        if (!(el instanceof HTMLTextAreaElement)) continue;
+        if (!el.clientHeight) { problems.push(`node ${node.id}: the text box '${widget.name}' is not displayed`); continue; }
+        const missing = el.scrollHeight - el.clientHeight;
+        if (missing <= 1) continue;
+        if (grow) { node.setSize([node.size[0], node.size[1] + missing + 8]); changed = true; }
+        else problems.push(`node ${node.id}: the text box '${widget.name}' hides ${missing} px of its text`);
+      }
+    if (!changed) break;
+    await window.__editkitSettle();
+  }
+  return problems;
+}
+"""
+
+# Node sizes and slot positions (relative to each node's pos), as the frontend draws them.
+JS_GEOMETRY = """
+() => {
+  const nodes = {};
   for (const node of app.graph._nodes) {
-    node.pos = [Math.round(node.pos[0]), Math.round(node.pos[1])];
+    const rel = (p) => [p[0] - node.pos[0], p[1] - node.pos[1]];
+    nodes[String(node.id)] = {
+      size: [Math.ceil(node.size[0]), Math.ceil(node.size[1])], type: node.type,
+      inputs: (node.inputs ?? []).map((_s, i) => rel(node.getConnectionPos(true, i))),
+      outputs: (node.outputs ?? []).map((_s, i) => rel(node.getConnectionPos(false, i))),
+    };
+  }
+  const links = [];
+  for (const link of Object.values(app.graph.links ?? {}))
+    if (link) links.push([String(link.origin_id), link.origin_slot, String(link.target_id), link.target_slot]);
+  return {nodes, links, titleHeight: LiteGraph.NODE_TITLE_HEIGHT};
+}
+"""
+
+JS_APPLY = """
+async (positions) => {
+  for (const node of app.graph._nodes) {
+    const pos = positions[String(node.id)];
+    if (pos) node.pos = [Math.round(pos[0]), Math.round(pos[1])];
     node.size = [Math.ceil(node.size[0]), Math.ceil(node.size[1])];
   }
+  app.canvas.setDirty(true, true);
+  await window.__editkitSettle();
   return {prompt: (await app.graphToPrompt()).output, graph: app.graph.serialize(),
           titleHeight: LiteGraph.NODE_TITLE_HEIGHT};
 }
@@ -410,6 +539,10 @@ async (ui, name) => {
   return {prompt: (await app.graphToPrompt()).output, graph: app.graph.serialize(),
           titleHeight: LiteGraph.NODE_TITLE_HEIGHT};
 }
+"""
+
+JS_SERIALIZE = """
+() => ({graph: app.graph.serialize(), titleHeight: LiteGraph.NODE_TITLE_HEIGHT})
 """
 
 
@@ -432,6 +565,7 @@ def open_comfyui(page: DevTools, url: str, class_types: set[str], timeout: float
         raise ExportError(f"the page does not know these node types: {', '.join(missing)}. Is the EditKit pack "
                           "loaded (look for IMPORT FAILED in the ComfyUI log) and are its requirements installed?")
     page.evaluate(JS_SETTLE)
+    page.call_js(JS_QUIET_UI)
     page.errors.clear()  # the page's own start-up noise (settings, offline api.comfy.org) is not ours
 
 
@@ -473,20 +607,31 @@ def _id_order(node_id):
     return (0, int(node_id), "") if str(node_id).isdigit() else (1, 0, str(node_id))
 
 
-def layout_problems(graph: dict, title_height: float) -> list[str]:
-    """Readability: no two nodes overlap (title bars included) and every link runs left to right."""
-    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - title_height, n["pos"][0] + n["size"][0],
-                       n["pos"][1] + n["size"][1]) for n in graph["nodes"]}
-    problems = []
-    ids = sorted(boxes, key=_id_order)
-    for i, a in enumerate(ids):
-        for b in ids[i + 1:]:
-            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
-            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
-                problems.append(f"nodes {a} and {b} overlap")
-    for _link_id, origin, _slot, target, _target_slot, _type in graph["links"]:
-        if boxes[origin][2] >= boxes[target][0]:
+def geometry_nodes(geometry: dict) -> dict[str, workflow_layout.Node]:
+    return {i: workflow_layout.Node(tuple(g["size"]), [tuple(p) for p in g["inputs"]], [tuple(p) for p in g["outputs"]])
+            for i, g in geometry["nodes"].items()}
+
+
+def layout_problems(graph: dict, geometry: dict) -> list[str]:
+    """Readability of a laid-out graph: no two nodes overlap (title bars included, sizes as measured now, i.e.
+    after outputs are shown), every link runs left to right, and links cross no more often, and run through
+    other nodes no more often, than in the best arrangement of the same graph."""
+    title_height = geometry["titleHeight"]
+    nodes = geometry_nodes(geometry)
+    positions = {str(n["id"]): tuple(n["pos"]) for n in graph["nodes"]}
+    links = [tuple(link) for link in geometry["links"]]
+    problems = [f"nodes {a} and {b} overlap" for a, b in workflow_layout.overlaps(nodes, positions, title_height)]
+    for origin, _slot, target, _target_slot in links:
+        if positions[origin][0] + nodes[origin].size[0] >= positions[target][0]:
             problems.append(f"link {origin} -> {target} does not run left to right")
+    notes = [i for i, g in geometry["nodes"].items() if g["type"] in workflow_notes.NOTE_TYPES]
+    _best, (best_crossings, best_through, _run) = workflow_layout.arrange(nodes, links, title_height, notes)
+    crossing = workflow_layout.crossings(nodes, links, positions)
+    through = workflow_layout.links_through_nodes(nodes, links, positions, title_height)
+    if crossing > best_crossings:
+        problems.append(f"links cross {crossing} times; an arrangement with {best_crossings} exists")
+    if through > best_through:
+        problems.append(f"links run through other nodes {through} times; an arrangement with {best_through} exists")
     return problems
 
 
@@ -529,20 +674,72 @@ def format_json(value, indent: int = 0) -> str:
 # Export and verification of one workflow
 
 
-def export_one(page: DevTools, name: str, api: dict) -> tuple[dict, list[str]]:
-    """Build the API graph in the page and return its UI serialization and any problems found on the way."""
+def output_pictures(api: dict, object_info: dict) -> dict[str, list[dict]]:
+    """For each SaveImage/PreviewImage node: stand-in pictures of the workflow's own example picture (the first
+    LoadImage's; a portrait for workflows without one), one per picture the node saves (a history input shows as
+    many pictures as its instructions have lines)."""
+    loads = [node["inputs"]["image"] for _i, node in sorted(api.items(), key=lambda kv: _id_order(kv[0]))
+             if node["class_type"] == "LoadImage" and isinstance(node["inputs"].get("image"), str)]
+    picture = {"filename": loads[0] if loads else "editkit_portrait.png", "subfolder": "", "type": "input"}
+    shown = {}
+    for node_id, node in api.items():
+        if node["class_type"] not in ("SaveImage", "PreviewImage"):
+            continue
+        count = 1
+        source = node["inputs"].get("images")
+        if isinstance(source, list) and len(source) == 2:
+            origin = api.get(str(source[0]), {})
+            names = object_info.get(origin.get("class_type", ""), {}).get("output_name", [])
+            text = origin.get("inputs", {}).get("instructions")
+            if source[1] < len(names) and names[source[1]] == "history" and isinstance(text, str):
+                count = max(1, sum(1 for line in text.splitlines() if line.strip()))
+        shown[node_id] = [picture] * count
+    return shown
+
+
+def show_outputs(page: DevTools, api: dict, object_info: dict, real_run: bool, timeout: float) -> list[str]:
+    """Put the page into its after-a-run state: pictures in every output node (see JS_SHOW_OUTPUTS / --run)."""
+    if real_run:
+        result = page.call_js(JS_RUN, int(timeout * 1000))
+        if result["kind"] != "success":
+            return [f"the run in the page ended with {result['kind']}: {result.get('message')}"]
+        return []
+    page.call_js(JS_SHOW_OUTPUTS, output_pictures(api, object_info))
+    return []
+
+
+def export_one(page: DevTools, name: str, api: dict, object_info: dict, real_run: bool, timeout: float) -> tuple[dict, list[str]]:
+    """Build the API graph in the page, add the model-files Note, show outputs as after a run, let text boxes
+    grow until they show all their lines, lay the graph out with those sizes, and return its UI serialization
+    and any problems found on the way."""
     page.errors.clear()
-    result = page.call_js(JS_EXPORT, api, name, CONTROL_VALUE)
+    try:
+        text = workflow_notes.note_text(api)
+    except workflow_notes.NoteError as error:
+        return {}, [str(error)]
+    note = {"type": workflow_notes.NOTE_TYPE, "title": workflow_notes.NOTE_TITLE, "text": text,
+            "width": NOTE_WIDTH, "height": 120}
+    result = page.call_js(JS_EXPORT, api, name, CONTROL_VALUE, note)
     if "error" in result:
         return {}, [result["error"]]
-    problems = [f"page error while loading: {e}" for e in page.errors]
+    problems = show_outputs(page, api, object_info, real_run, timeout)
+    page.call_js(JS_FIT_VIEW)
+    problems += [f"text box: {p}" for p in page.call_js(JS_TEXT_BOXES, True)]
+    geometry = page.call_js(JS_GEOMETRY)
+    notes = [i for i, g in geometry["nodes"].items() if g["type"] in workflow_notes.NOTE_TYPES]
+    positions, _score = workflow_layout.arrange(geometry_nodes(geometry), [tuple(x) for x in geometry["links"]],
+                                                geometry["titleHeight"], notes)
+    result = page.call_js(JS_APPLY, {k: list(v) for k, v in positions.items()})
+    problems += [f"page error while loading: {e}" for e in page.errors]
     problems += [f"loadApiJson: {p}" for p in prompt_differences(api, result["prompt"])]
-    problems += [f"layout: {p}" for p in layout_problems(result["graph"], result["titleHeight"])]
+    problems += [f"layout: {p}" for p in layout_problems(result["graph"], page.call_js(JS_GEOMETRY))]
     return result["graph"], problems
 
 
-def verify_template(page: DevTools, name: str, api: dict, ui: dict) -> list[str]:
-    """Open the UI file as the template browser does and compare what the page then holds and would queue."""
+def verify_template(page: DevTools, name: str, api: dict, ui: dict, object_info: dict, real_run: bool, timeout: float,
+                    thumbnail: Path | None) -> list[str]:
+    """Open the UI file as the template browser does and compare what the page then holds and would queue; check
+    the layout as opened and again after outputs are shown; write the thumbnail from the opened template."""
     page.errors.clear()
     result = page.call_js(JS_OPEN_TEMPLATE, ui, name)
     graph = result["graph"]
@@ -557,9 +754,39 @@ def verify_template(page: DevTools, name: str, api: dict, ui: dict) -> list[str]
         if not same_value(node.get("widgets_values") or [], saved.get(node["id"])):
             problems.append(f"node {node['id']}: opened with widgets_values {node.get('widgets_values')}, "
                             f"the file has {saved.get(node['id'])}")
+    try:
+        want_note = workflow_notes.note_text(api)
+    except workflow_notes.NoteError as error:
+        want_note = None
+        problems.append(str(error))
+    notes = [n for n in graph["nodes"] if n["type"] in workflow_notes.NOTE_TYPES]
+    if want_note is not None and [n.get("widgets_values") for n in notes] != [[want_note]]:
+        problems.append("the model-files Note is missing or out of date (workflows/notes/models.json changed?)")
     problems += [f"graphToPrompt: {p}" for p in prompt_differences(api, result["prompt"])]
-    problems += [f"layout after opening: {p}" for p in layout_problems(graph, result["titleHeight"])]
+    problems += [f"layout after opening: {p}" for p in layout_problems(graph, page.call_js(JS_GEOMETRY))]
+    clip = page.call_js(JS_FIT_VIEW)
+    problems += [f"text box after opening: {p}" for p in page.call_js(JS_TEXT_BOXES, False)]
+    if thumbnail is not None:
+        write_thumbnail(page, clip, thumbnail)
+    problems += show_outputs(page, api, object_info, real_run, timeout)
+    after = page.call_js(JS_SERIALIZE)
+    problems += [f"layout after a run: {p}" for p in layout_problems(after["graph"], page.call_js(JS_GEOMETRY))]
+    page.call_js(JS_FIT_VIEW)
+    problems += [f"text box after a run: {p}" for p in page.call_js(JS_TEXT_BOXES, False)]
     return problems
+
+
+def write_thumbnail(page: DevTools, clip: dict, target: Path) -> None:
+    """A JPEG of the opened template as the canvas draws it (graph, example picture, Note), for the template
+    browser's card (it requests <pack>/<name>.jpg beside the JSON). Written whole or not at all."""
+    scale = THUMBNAIL_WIDTH / max(clip["width"], 1)
+    shot = page.call("Page.captureScreenshot", format="jpeg", quality=THUMBNAIL_QUALITY, captureBeyondViewport=False,
+                     clip={"x": clip["x"], "y": clip["y"], "width": clip["width"], "height": clip["height"],
+                           "scale": scale})
+    data = base64.b64decode(shot["data"])
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -586,7 +813,8 @@ def run(args: argparse.Namespace) -> int:
     failures = 0
     with server as url:
         try:
-            known = set(_http_json(f"{url}/object_info", timeout=120))
+            object_info = _http_json(f"{url}/object_info", timeout=120)
+            known = set(object_info)
         except (OSError, ValueError) as error:
             raise ExportError(f"cannot read {url}/object_info: {error}") from error
         if class_types - known:
@@ -596,7 +824,8 @@ def run(args: argparse.Namespace) -> int:
             open_comfyui(page, url, class_types, args.timeout)
             for name, api in apis.items():
                 target = out_dir / f"{name}.json"
-                graph, problems = export_one(page, name, api)
+                thumbnail = out_dir / f"{name}.jpg"
+                graph, problems = export_one(page, name, api, object_info, args.run, args.timeout)
                 if graph and not problems:
                     text = format_json(graph) + "\n"
                     if args.check:
@@ -608,12 +837,19 @@ def run(args: argparse.Namespace) -> int:
                         print(f"unchanged {_shown(target)}")
                 if target.is_file() and (not problems or args.check):
                     ui = json.loads(target.read_text(encoding="utf-8"))
-                    problems += [f"template round trip: {p}" for p in verify_template(page, name, api, ui)]
+                    problems += [f"template round trip: {p}" for p in
+                                 verify_template(page, name, api, ui, object_info, args.run, args.timeout,
+                                                 None if args.check else thumbnail)]
+                    if args.check and not thumbnail.is_file():
+                        problems.append(f"{_shown(thumbnail)} is missing; run without --check to write it")
+                    elif not args.check:
+                        print(f"wrote {_shown(thumbnail)}")
                 if problems:
                     failures += 1
                     print(f"FAILED {name}:\n  " + "\n  ".join(problems), file=sys.stderr)
                 else:
-                    print(f"ok {name}: opens as a template and queues the same prompt as workflows/api/{name}.json")
+                    print(f"ok {name}: opens as a template, queues the same prompt as workflows/api/{name}.json, "
+                          "and keeps its layout after a run")
     return 1 if failures else 0
 
 
@@ -650,6 +886,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="folder whose sub-folders (diffusers, vae, ...) become model folders")
     parser.add_argument("--port", type=int, help="port for the started ComfyUI (default: a free one)")
     parser.add_argument("--chromium", help="browser executable (default: chromium from PATH or $CHROMIUM)")
+    parser.add_argument("--run", action="store_true",
+                        help="before laying out and when checking, run each workflow in the page (needs --models "
+                             "with files for every loader; minutes per workflow on a CPU) instead of showing "
+                             "stand-in pictures in the output nodes")
     parser.add_argument("--check", action="store_true",
                         help="write nothing: fail if a UI file is missing, differs from a fresh export (layout "
                              "aside) or does not round-trip through the template loader")

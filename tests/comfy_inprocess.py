@@ -93,6 +93,9 @@ class ComfyInProcess:
         self.comfy_utils = comfy.utils
         folder_paths.set_output_directory(str(self.scratch / "output"))
         folder_paths.set_temp_directory(str(self.scratch / "temp"))
+        # An empty input folder at start-up, as on a fresh install: the pack copies its example pictures there.
+        self.startup_input_dir = self.scratch / "input"
+        folder_paths.set_input_directory(str(self.startup_input_dir))
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         custom = self.scratch / "custom_nodes"
         custom.mkdir()

@@ -442,10 +442,12 @@ def test_last_preview_is_the_result(parts):
 
 
 def test_vae_retries_in_tiles_after_running_out_of_memory(parts, monkeypatch):
-    """The latent is larger than the retry's tile (512 px = 64 latent rows), so the retry really tiles: the
-    VAE's own tiled decoder runs and calls the plain decoder once per overlapping tile."""
+    """The latent is larger than the retry's tile, so the retry really tiles: the VAE's own tiled decoder runs
+    and the decoder sees only overlapping tiles. (The tile is shrunk from 512 to 64 pixels = 8 latent rows, so
+    the test decodes a 96-pixel picture instead of a 576-pixel one.)"""
     vae = parts["vae"]
-    latents = torch.randn(2, 16, 72, 8, generator=torch.Generator().manual_seed(6))  # 576 px high > 512-px tile
+    monkeypatch.setattr(vae_ops, "_TILE_PIXELS", 64)
+    latents = torch.randn(2, 16, 12, 6, generator=torch.Generator().manual_seed(6))  # 12 rows > 8-row tile
     untiled = vae_ops.decode(vae, latents[:1], TorchRuntime("cpu"))
     module_type = type(vae.module)
     original, original_tiled = module_type._decode, module_type.tiled_decode
@@ -469,11 +471,11 @@ def test_vae_retries_in_tiles_after_running_out_of_memory(parts, monkeypatch):
         out = vae_ops.decode(vae, latents, TorchRuntime("cpu"))
     finally:
         hook.remove()
-    assert out.shape == (2, 3, 576, 64)
-    assert calls[0] == (False, (72, 8))  # the whole latent first: out of memory
-    assert tiles == [(1, 16, 72, 8), (1, 16, 72, 8)]  # then one picture at a time, through the tiled decoder
-    # 64-row tiles with a quarter overlap: rows 0-63 and 48-71 of each picture, never the whole latent at once.
-    assert decoded_tiles == [(1, 16, 64, 8), (1, 16, 24, 8)] * 2
+    assert out.shape == (2, 3, 96, 48)
+    assert calls[0] == (False, (12, 6))  # the whole latent first: out of memory
+    assert tiles == [(1, 16, 12, 6), (1, 16, 12, 6)]  # then one picture at a time, through the tiled decoder
+    # 8-row tiles with a quarter overlap: rows 0-7 and 6-11 of each picture, never the whole latent at once.
+    assert decoded_tiles == [(1, 16, 8, 6), (1, 16, 6, 6)] * 2
     assert vae.module.use_tiling is False  # the user's setting is restored
     # Tiles blend at their seams, so the picture is close to, not equal to, the untiled decode.
     assert (out[:1] - untiled).abs().mean() < 0.05, (out[:1] - untiled).abs().mean()

@@ -27,11 +27,13 @@ import copy
 import json
 
 import pytest
+import workflow_notes
 
 import editkit
 from packload import ROOT
 
 WORKFLOWS = ROOT / "workflows"
+NOTE_TYPES = workflow_notes.NOTE_TYPES
 API_DIR = WORKFLOWS / "api"
 NATIVE_SPECS = json.loads((ROOT / "tests" / "data" / "native_node_specs.json").read_text())
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -186,8 +188,9 @@ def pair_problems(api: dict, ui: dict) -> list[str]:
     if not is_ui_format(ui):
         return ["the UI file is not in UI format (needs nodes, links and version)"]
     problems = []
-    nodes = {str(n["id"]): n for n in ui["nodes"]}
-    if len(nodes) != len(ui["nodes"]):
+    graph_nodes = [n for n in ui["nodes"] if n.get("type") not in NOTE_TYPES]  # notes are never queued
+    nodes = {str(n["id"]): n for n in graph_nodes}
+    if len(nodes) != len(graph_nodes):
         problems.append("the UI file has duplicate node ids")
     if set(nodes) != set(api):
         problems.append(f"node ids differ: API {sorted(api)}, UI {sorted(nodes)}")
@@ -565,3 +568,107 @@ def test_spec_file_is_comfyui_object_info():
         assert {"input", "input_order", "output", "output_name"} <= set(spec), class_type
         assert len(spec["output"]) == len(spec["output_name"])
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a template tells its user: the model-files Note (from workflows/notes/models.json), a thumbnail, a layout
+
+
+def _notes(ui: dict) -> list[dict]:
+    return [n for n in ui["nodes"] if n.get("type") in NOTE_TYPES]
+
+
+def note_problems(api: dict, ui: dict) -> list[str]:
+    try:
+        want = workflow_notes.note_text(api)
+    except workflow_notes.NoteError as error:
+        return [str(error)]
+    notes = _notes(ui)
+    if len(notes) != 1:
+        return [f"the UI file has {len(notes)} Note nodes, expected one model-files Note"]
+    if notes[0].get("widgets_values") != [want]:
+        return ["the model-files Note differs from workflows/notes/models.json: run scripts/export_ui_workflows.py"]
+    if notes[0].get("title") != workflow_notes.NOTE_TITLE:
+        return [f"the Note's title is {notes[0].get('title')!r}, expected {workflow_notes.NOTE_TITLE!r}"]
+    return []
+
+
+@pytest.mark.parametrize("name", api_names())
+def test_template_has_a_current_model_files_note(name):
+    api, ui = load_pair(name)
+    assert note_problems(api, ui) == []
+    text = _notes(ui)[0]["widgets_values"][0]
+    models = workflow_notes.load_models()
+    for reference in workflow_notes.model_references(api):
+        entry = models[reference]
+        assert f"models/{entry['folder']}/{reference}" in text and entry["source"] in text
+
+
+@pytest.mark.parametrize("name", api_names())
+def test_template_has_a_jpeg_thumbnail(name):
+    """The template browser requests <pack>/<name>.jpg beside the JSON (a grey box when it is missing)."""
+    thumbnail = WORKFLOWS / f"{name}.jpg"
+    assert thumbnail.is_file(), f"{thumbnail.relative_to(ROOT)} is missing: run scripts/export_ui_workflows.py"
+    data = thumbnail.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and 2_000 < len(data) < 400_000, "not a JPEG of thumbnail size"
+
+
+@pytest.mark.parametrize("name", api_names())
+def test_saved_layout_has_no_overlaps(name):
+    """As saved (output nodes already sized for their previews by the export): no boxes overlap, title bars
+    included. The export checks the same, and link crossings, in the real frontend after showing outputs."""
+    _api, ui = load_pair(name)
+    title = 30  # LiteGraph.NODE_TITLE_HEIGHT in frontend 1.27.10
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]}
+    ids = sorted(boxes, key=lambda i: _id_order(str(i)))
+    overlapping = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+                   if boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2]
+                   and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+    assert overlapping == []
+
+
+def test_one_file_name_per_model_across_workflows():
+    """The BEN2 workflows once named the same model BEN2_Base.pth and BEN2_Base.safetensors."""
+    names = {json.loads((API_DIR / f"{n}.json").read_text(encoding="utf-8"))[i]["inputs"]["model_name"]
+             for n in api_names()
+             for i, node in json.loads((API_DIR / f"{n}.json").read_text(encoding="utf-8")).items()
+             if node["class_type"] == "EditKitBEN2Loader"}
+    assert len(names) == 1, names
+
+
+def test_note_checker_catches_stale_and_unknown_models():
+    api, ui = _pair()
+    _notes(ui)[0]["widgets_values"] = ["old text"]
+    _assert_reports(note_problems(api, ui), "differs from workflows/notes/models.json")
+
+    api, ui = _pair()
+    loader = next(n for n in api.values() if n["class_type"] == "EditKitFluxLoader")
+    loader["inputs"]["transformer_file"] = "someone-elses-model.safetensors"
+    _assert_reports(note_problems(api, ui), "no entry in workflows/notes/models.json for someone-elses-model")
+
+    api, ui = _pair()
+    ui["nodes"] = [n for n in ui["nodes"] if n.get("type") not in NOTE_TYPES]
+    _assert_reports(note_problems(api, ui), "0 Note nodes")
+    assert pair_problems(api, ui) == []  # the Note is not part of the API twin
+
+
+def test_layout_untangles_links_and_leaves_room():
+    """A graph whose id order crosses its links (node 2 feeds 5, node 3 feeds 4, 4 above 5 by id): the layout
+    reorders the column, so nothing crosses, nothing overlaps and every link runs left to right."""
+    import workflow_layout as wl
+
+    def node(w, h, ins, outs):
+        return wl.Node((w, h), [(0, 10 + 20 * i) for i in range(ins)], [(w, 10 + 20 * i) for i in range(outs)])
+
+    nodes = {"1": node(200, 100, 0, 2), "2": node(200, 100, 1, 1), "3": node(200, 100, 1, 1),
+             "4": node(200, 300, 1, 0), "5": node(200, 100, 1, 0), "9": node(400, 200, 0, 0)}
+    links = [("1", 0, "3", 0), ("1", 1, "2", 0), ("2", 0, "5", 0), ("3", 0, "4", 0)]
+    naive = wl.place(nodes, [["1"], ["2", "3"], ["4", "5"]], 30, ["9"])
+    assert wl.crossings(nodes, links, naive) > 0  # the test graph really is tangled in id order
+    positions, (crossing, through, _run) = wl.arrange(nodes, links, 30, ["9"])
+    assert crossing == wl.crossings(nodes, links, positions) == 0 and through == 0
+    assert wl.overlaps(nodes, positions, 30) == []
+    assert positions["9"][0] == 0 and all(positions[n][0] > 400 for n in "12345")  # the note column comes first
+    for origin, _o, target, _t in links:
+        assert positions[origin][0] + nodes[origin].size[0] < positions[target][0]

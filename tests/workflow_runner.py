@@ -25,6 +25,13 @@ import torch
 from PIL import Image
 
 DATA = Path(__file__).resolve().parent / "data"
+# Workflow tests shrink the example pictures (and width/height widgets) by this factor, sides multiples of 16.
+SMALL_FACTOR = 6
+
+
+def small_size(width: int, height: int) -> tuple[int, int]:
+    """The test size of a picture or canvas: a sixth of each side, rounded to a multiple of 16 (at least 16)."""
+    return (max(16, round(width / SMALL_FACTOR / 16) * 16), max(16, round(height / SMALL_FACTOR / 16) * 16))
 
 
 class WorkflowError(Exception):
@@ -141,9 +148,28 @@ class ConditioningZeroOut(_Native):
         return (out,)
 
 
+class ImageBatch(_Native):
+    """Two pictures as one batch; the second is centre-cropped to the first's aspect and resized bilinearly."""
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "batch"
+
+    def batch(self, image1, image2):
+        if image1.shape[1:] != image2.shape[1:]:
+            height, width = image1.shape[1:3]
+            old_h, old_w = image2.shape[1:3]
+            old_aspect, new_aspect = old_w / old_h, width / height
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
+            crop = image2.movedim(-1, 1)[:, :, y:old_h - y, x:old_w - x]
+            image2 = torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear").movedim(1, -1)
+        return (torch.cat((image1, image2), dim=0),)
+
+
 NATIVE_STANDINS = {
     cls.__name__: cls
-    for cls in (LoadImage, SaveImage, PreviewImage, InvertMask, MaskToImage, FluxGuidance, ConditioningZeroOut)
+    for cls in (LoadImage, SaveImage, PreviewImage, InvertMask, MaskToImage, FluxGuidance, ConditioningZeroOut,
+                ImageBatch)
 }
 
 
