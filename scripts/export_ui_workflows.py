@@ -72,7 +72,9 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1600,1000", "--remote-debugging-port=0",
+    # Wide enough that fitting the largest graphs keeps the zoom above the level where the frontend hides
+    # text boxes (low-quality rendering).
+    "--window-size=2400,1500", "--remote-debugging-port=0",
 )
 # Value written for every control_after_generate widget (see the module docstring).
 CONTROL_VALUE = "fixed"
