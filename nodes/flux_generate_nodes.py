@@ -13,10 +13,6 @@ from .common import batch_input, denoise_input, flux_text, latent_dict, seed_inp
 
 CATEGORY = "EditKit/flux"
 
-CONVENTIONS = {
-    "denoise (KSampler)": "denoise",
-    "strength (diffusers img2img)": "strength",
-}
 
 
 def sampler_input() -> tuple:
@@ -28,11 +24,11 @@ def sampler_input() -> tuple:
 
 
 def convention_input() -> tuple:
-    return (list(CONVENTIONS), {
-        "default": "denoise (KSampler)",
-        "tooltip": "How denoise < 1 is read. KSampler: 'steps' model calls from a longer schedule (ComfyUI's "
-                   "KSampler). diffusers img2img: the last int(steps x denoise) steps of the 'steps' schedule "
-                   "(diffusers' strength).",
+    return (list(core.CONVENTIONS), {
+        "default": "denoise",
+        "tooltip": "How denoise < 1 is read. denoise: ComfyUI KSampler's ('steps' model calls taken from the end "
+                   "of a schedule for steps / denoise steps). strength: diffusers img2img's (the last "
+                   "int(steps x denoise) steps of the 'steps' schedule, as diffusers' get_timesteps).",
     })
 
 
@@ -88,17 +84,15 @@ class EditKitFluxSampler:
                 "latent": ("LATENT", {"tooltip": "Start from this latent (image-to-image; set denoise < 1)."}),
                 "image": ("IMAGE", {"tooltip": "Start from this picture (image-to-image; set denoise < 1). "
                                                "Width and height must be multiples of 16."}),
-                "denoise_mode": convention_input(),
+                "denoise_convention": convention_input(),
             },
         }
 
     def sample(self, model, vae, conditioning, width, height, seed, steps, guidance, sampler, denoise, batch_size,
-               negative=None, cfg=1.0, latent=None, image=None, denoise_mode="denoise (KSampler)"):
+               negative=None, cfg=1.0, latent=None, image=None, denoise_convention="denoise"):
         if latent is not None and image is not None:
             raise EditKitError("Connect either 'latent' or 'image' to start from, not both.")
-        if denoise_mode not in CONVENTIONS:
-            raise EditKitError(f"Unknown denoise_mode '{denoise_mode}'. Use one of: {', '.join(CONVENTIONS)}.")
-        core.check_partial(denoise, CONVENTIONS[denoise_mode])
+        core.check_partial(denoise, denoise_convention)
         if sampler not in core.SAMPLERS:
             raise EditKitError(f"Unknown sampler '{sampler}'. EditKit samplers offer: {', '.join(core.SAMPLERS)}.")
         if latent is None and image is None:
@@ -120,7 +114,7 @@ class EditKitFluxSampler:
             gen.check_size(pixels.shape[-1], pixels.shape[-2])
             init = vae_ops.encode(vae_component, pixels, runtime)
         settings = gen.GenerateSettings(
-            steps=steps, guidance=guidance, seed=seed, denoise=denoise, convention=CONVENTIONS[denoise_mode],
+            steps=steps, guidance=guidance, seed=seed, denoise=denoise, convention=denoise_convention,
             sampler=core.SamplerSettings(sampler), cfg_scale=cfg,
         )
         result = gen.generate(
