@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qwen_layered_models
 import zimage_models
 from PIL import Image
 
@@ -56,6 +57,7 @@ EXPECTED_OUTPUTS = {
     "qwen_edit_text": {"EditKit/qwen_edit_text": (1, 128, 128)},
     "qwen_edit_multi_image": {"EditKit/qwen_edit_multi_image": (1, 112, 128)},
     "ben2_qwen_edit": {"EditKit/ben2_qwen_edit": (1, 112, 128)},
+    "qwen_image_layered_decompose": {"EditKit/qwen_layered": (4, 64, 64)},  # 4 layers, resolution 640 → 64
 }
 # Widget values replaced in the test run (input name -> value), only where the input is a constant.
 FAST = {"steps": 2, "max_sequence_length": 64,
@@ -80,6 +82,8 @@ def fast(prompt: dict) -> dict:
             inputs["resolution"] = BEN2_RESOLUTION
         if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
             inputs["width"], inputs["height"] = small_size(inputs["width"], inputs["height"])
+        if node["class_type"] in qwen_layered_models.TINY_TREE_INPUTS:  # Qwen-Image-Layered: 64² bucket
+            inputs.update(qwen_layered_models.TINY_TREE_INPUTS[node["class_type"]])
         if node["class_type"] in zimage_models.TINY_TREE_INPUTS:  # Z-Image: tiny-tree files, shrunk stages
             inputs.update(zimage_models.TINY_TREE_INPUTS[node["class_type"]])
         if node["class_type"] == "EditKitZImageProgressive" and isinstance(inputs.get("stages"), str):
@@ -218,7 +222,18 @@ def promise_subject_only_edit(ran: Ran) -> None:
     assert (diff <= allowed).all(), f"{int((diff > allowed).sum())} pixels moved more than their mask allows"
 
 
+def promise_rgba_layers(ran: Ran) -> None:
+    """Qwen-Image-Layered saves one transparent PNG per layer, whose alpha is the node's MASK output."""
+    alpha = np.asarray(ran.node_output("3", 1))
+    assert len(ran.saved["EditKit/qwen_layered"]) == ran.prompt["3"]["inputs"]["layers"] == alpha.shape[0]
+    for index in range(alpha.shape[0]):
+        layer = ran.picture("EditKit/qwen_layered", index)
+        assert layer.ndim == 3 and layer.shape[-1] == 4, "a layer was saved without its alpha channel"
+        assert np.array_equal(layer[..., 3], np.clip(255.0 * alpha[index], 0, 255).astype(np.uint8))
+
+
 PROMISES = {
+    "qwen_image_layered_decompose": promise_rgba_layers,
     "ben2_qwen_edit": promise_subject_only_edit,
     "flux_fill_inpaint": promise_inpaint,
     "flux_fill_outpaint": promise_outpaint,

@@ -1,0 +1,427 @@
+"""Loading Qwen-Image-Layered offline: the diffusers folder or ComfyUI's single files.
+
+Qwen-Image-Layered is Qwen-Image's transformer with two switches on (a learned "RGB or RGBA"
+timestep embedding, ``use_additional_t_cond``, and a RoPE whose frame axis numbers the layers,
+``use_layer3d_rope``), an RGBA VAE (Qwen-Image's VAE with 4 input/output channels) and the same
+Qwen2.5-VL-7B text encoder, whose language-model head also writes a caption when no prompt is given.
+Why a loader of its own: the Qwen-Image(-Edit) loaders (:mod:`.loading`) build the transformer and
+the VAE from Qwen-Image's configs, which would drop the Layered weights and the alpha channel. The
+text encoder itself is the family's (:mod:`.text`), shared through the weak model cache; this
+module adds only its language-model head.
+
+Sources:
+
+* the diffusers folder ``models/diffusers/Qwen-Image-Layered`` (every component);
+* the transformer from ``models/diffusion_models``: ComfyUI's ``qwen_image_layered_bf16.safetensors``,
+  ``qwen_image_layered_fp8mixed.safetensors`` (ComfyUI's mixed-precision layout: some weights fp8 with a
+  per-tensor ``weight_scale``), or a ``.gguf`` (weights stay quantized);
+* the RGBA VAE ``qwen_image_layered_vae.safetensors`` from ``models/vae`` (Wan-VAE key layout);
+* the text encoder ``qwen_2.5_vl_7b*.safetensors`` from ``models/text_encoders`` (captioning needs a file
+  that keeps ``lm_head.weight``; otherwise write a prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..core.errors import EditKitError, ModelFileError
+from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.precision import Precision, apply_precision
+from ..core.runtime import Component
+from .loading import (
+    CONFIG_DIR,
+    _describe_foreign,
+    _load_json,
+    strip_comfy_prefix,
+    transformer_config_from_state_dict,
+)
+
+log = logging.getLogger("EditKit")
+
+LAYERED_SWITCHES = {"use_additional_t_cond": True, "use_layer3d_rope": True}
+RGBA_CHANNELS = 4
+TRANSFORMER_EXPECTED = (
+    "the Qwen-Image-Layered transformer (ComfyUI's qwen_image_layered_bf16.safetensors or "
+    "qwen_image_layered_fp8mixed.safetensors, or a .gguf of Qwen-Image-Layered)"
+)
+VAE_EXPECTED = "the Qwen-Image-Layered RGBA VAE (qwen_image_layered_vae.safetensors: 4 image channels, 16 latent)"
+ADDITION_T_KEY = "time_text_embed.addition_t_embedding.weight"
+HEAD_KEYS = ("lm_head.weight", "model.lm_head.weight", "language_model.lm_head.weight")
+
+# Qwen2.5-VL-7B-Instruct's published generation settings, used when no folder supplies
+# text_encoder/generation_config.json. top_k 1 makes its sampling greedy, so it is run greedily.
+GENERATION_DEFAULTS = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                       "repetition_penalty": 1.05, "do_sample": False}
+
+
+def is_layered(config) -> bool:
+    return all(bool(config.get(name, False)) for name in LAYERED_SWITCHES)
+
+
+def not_layered_message(what: str) -> str:
+    return (
+        f"{what} is a Qwen-Image / Qwen-Image-Edit transformer, not Qwen-Image-Layered (it has no layer RoPE and "
+        "no RGBA timestep embedding). Load qwen_image_layered_bf16.safetensors / qwen_image_layered_fp8mixed."
+        "safetensors or the Qwen-Image-Layered diffusers folder in EditKit · Qwen-Image-Layered Loader"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Transformer
+
+
+def dequantize_comfy_mixed(sd: dict, dtype: torch.dtype) -> dict:
+    """ComfyUI's mixed-precision files → plain weights in ``dtype``, in place.
+
+    Quantized layers store ``<layer>.weight`` in float8_e4m3fn with a float32 ``<layer>.weight_scale``
+    (``weight = stored * scale``); ``input_scale`` (activation calibration) and per-layer ``comfy_quant``
+    descriptors are not weights. Other formats of that scheme (int8 blocks, fp4) are refused by name.
+    """
+    scales = [k for k in sd if k.endswith(".weight_scale")]
+    for key in scales:
+        layer = key[: -len(".weight_scale")]
+        weight = sd.get(layer + ".weight")
+        scale = sd.pop(key)
+        if weight is None or weight.dtype != torch.float8_e4m3fn or scale.numel() != 1:
+            raise EditKitError(
+                f"'{layer}' is quantized in a format EditKit does not read (only ComfyUI's per-tensor float8_e4m3fn "
+                "layers are). Use the bf16 or fp8mixed file, or a .gguf."
+            )
+        sd[layer + ".weight"] = (weight.float() * scale.float()).to(dtype)
+    for key in [k for k in sd if k.endswith((".input_scale", ".comfy_quant", ".weight_scale_2"))]:
+        del sd[key]
+    return sd
+
+
+def _dense_embedding(sd: dict, dtype: torch.dtype) -> None:
+    """Dequantize the RGB/RGBA embedding of a GGUF file, in place.
+
+    diffusers' GGUF loading replaces only Linear layers with dequantizing ones; a quantized ``nn.Embedding``
+    weight (a 2-row table GGUF converters may still quantize) would be read as its packed bytes.
+    """
+    weight = sd[ADDITION_T_KEY]
+    if getattr(weight, "quant_type", None) is not None:
+        from ..core.diffusers_compat import dequantize_gguf_tensor
+
+        sd[ADDITION_T_KEY] = dequantize_gguf_tensor(weight).to(dtype)
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    """Load a single-file Layered transformer computing in ``dtype``, dense weights stored in ``storage``."""
+    from diffusers import QwenImageTransformer2DModel
+
+    quantized = path.suffix.lower() == ".gguf"
+    precision = Precision(storage or dtype, dtype)
+    extras = {}
+    if quantized:
+        from ..core.gguf import MappedFile
+
+        extras["source"] = MappedFile(path)
+    sd = strip_comfy_prefix(read_state_dict(path, TRANSFORMER_EXPECTED))
+    if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
+        raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
+    if ADDITION_T_KEY not in sd:
+        raise ModelFileError(path, not_layered_message("This file"), TRANSFORMER_EXPECTED)
+    if quantized:
+        _dense_embedding(sd, dtype)
+    else:
+        dequantize_comfy_mixed(sd, precision.storage)
+        cast_stored_weights(sd, precision.storage)
+    try:
+        config = transformer_config_from_state_dict(sd)
+    except (KeyError, IndexError) as exc:
+        raise ModelFileError(path, f"Incomplete Qwen-Image transformer (missing {exc})", TRANSFORMER_EXPECTED) from exc
+    kwargs = {}
+    if quantized:
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        model = QwenImageTransformer2DModel.from_single_file(
+            sd, config=str(CONFIG_DIR / "transformer"), torch_dtype=dtype if quantized else precision.storage,
+            local_files_only=True, **config, **LAYERED_SWITCHES, **kwargs
+        )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelFileError(path, f"Weights do not fit the Layered transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    if not quantized:
+        apply_precision(model, precision)
+    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+
+
+def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    from diffusers import QwenImageTransformer2DModel
+
+    precision = Precision(storage or dtype, dtype)
+    sub = folder / "transformer"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
+    config = _load_json(sub / "config.json")
+    if config.get("_class_name") != "QwenImageTransformer2DModel":
+        raise ModelFileError(sub, "Not a Qwen-Image transformer folder", TRANSFORMER_EXPECTED)
+    if not is_layered(config):
+        raise ModelFileError(sub, not_layered_message(f"The folder '{folder.name}'"), TRANSFORMER_EXPECTED)
+    try:
+        model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
+                                                            local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    apply_precision(model, precision)
+    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+
+
+def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
+                       storage: torch.dtype | None = None) -> LazyModel:
+    """A lazily loaded Layered transformer: ``file`` if given, else the folder's ``transformer``."""
+    storage = None if storage == dtype else storage
+    if file is None and folder is None:
+        return unavailable("Qwen-Image-Layered transformer", "No transformer: pick the Qwen-Image-Layered diffusers "
+                           "folder or a transformer file in EditKit · Qwen-Image-Layered Loader.")
+    if file is not None:
+        return LazyModel(("qwen_layered_transformer", file_key(file), dtype, storage),
+                         lambda: _transformer_from_file(file, dtype, storage),
+                         f"Qwen-Image-Layered transformer {file.name}")
+    return LazyModel(("qwen_layered_transformer", file_key(folder / "transformer" / "config.json"), str(folder),
+                      dtype, storage), lambda: _transformer_from_folder(folder, dtype, storage),
+                     f"Qwen-Image-Layered transformer of {folder.name}")
+
+
+def check_transformer(component: Component) -> None:
+    """Refuse a transformer that is not Qwen-Image-Layered (e.g. an Edit model loaded some other way)."""
+    if not is_layered(component.module.config):
+        raise EditKitError(not_layered_message(f"'{component.name}'") + ".")
+
+
+# --------------------------------------------------------------------------------------
+# RGBA VAE
+
+
+def _check_rgba(channels: int, where: Path) -> None:
+    if channels == 3:
+        raise ModelFileError(where, "This is Qwen-Image's RGB VAE (3 image channels); Qwen-Image-Layered decodes "
+                                    "transparent layers with its own RGBA VAE", VAE_EXPECTED)
+    if channels != RGBA_CHANNELS:
+        raise ModelFileError(where, f"A VAE with {channels} image channels", VAE_EXPECTED)
+
+
+def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKLQwenImage
+
+    from ..core.diffusers_compat import convert_wan_vae_to_diffusers
+
+    sd = read_state_dict(path, VAE_EXPECTED)
+    sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
+    if "encoder.conv1.weight" in sd:  # ComfyUI / Wan layout
+        sd = convert_wan_vae_to_diffusers(sd)
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
+    if not any(k.endswith(".gamma") for k in sd):
+        raise ModelFileError(path, "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image-Layered's", VAE_EXPECTED)
+    _check_rgba(int(sd["encoder.conv_in.weight"].shape[1]), path)
+    cast_stored_weights(sd, dtype)
+    config = _load_json(CONFIG_DIR / "vae" / "config.json")
+    config.pop("_class_name", None)
+    config.update(base_dim=int(sd["encoder.conv_in.weight"].shape[0]), z_dim=int(sd["decoder.conv_in.weight"].shape[1]),
+                  input_channels=RGBA_CHANNELS)
+    if config["z_dim"] != 16:
+        raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels (Qwen-Image-Layered has 16)",
+                             VAE_EXPECTED)
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKLQwenImage(**config)
+        missing = sorted(set(model.state_dict()) - set(sd))
+        if missing:
+            raise ModelFileError(path, f"Not the Qwen-Image-Layered VAE: {len(missing)} tensors missing, e.g. "
+                                       f"{missing[:3]}", VAE_EXPECTED)
+        model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()}, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelFileError(path, f"Weights do not fit the Qwen-Image-Layered VAE ({exc})", VAE_EXPECTED) from exc
+    model.to(dtype).eval().requires_grad_(False)
+    return Component(model, "vae", path.name, dtype)
+
+
+def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKLQwenImage
+
+    sub = folder / "vae"
+    if not (sub / "config.json").is_file():
+        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
+    _check_rgba(int(_load_json(sub / "config.json").get("input_channels", 3)), sub)
+    model = AutoencoderKLQwenImage.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    model.eval().requires_grad_(False)
+    return Component(model, "vae", f"{folder.name}/vae", dtype)
+
+
+def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
+    if file is None and folder is None:
+        return unavailable("Qwen-Image-Layered VAE", "No VAE: pick the Qwen-Image-Layered diffusers folder or "
+                           "qwen_image_layered_vae.safetensors in EditKit · Qwen-Image-Layered Loader.")
+    if file is not None:
+        return LazyModel(("qwen_layered_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
+                         f"Qwen-Image-Layered VAE {file.name}")
+    return LazyModel(("qwen_layered_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
+                     lambda: _vae_from_folder(folder, dtype), f"Qwen-Image-Layered VAE of {folder.name}")
+
+
+def check_vae(component: Component) -> None:
+    channels = int(component.module.config.get("input_channels", 3))
+    if channels != RGBA_CHANNELS:
+        raise EditKitError(
+            f"'{component.name}' is a VAE with {channels} image channels; Qwen-Image-Layered needs its RGBA VAE "
+            "(qwen_image_layered_vae.safetensors or the Qwen-Image-Layered folder's vae/)."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The text encoder's language-model head (captioning)
+
+
+def _head_from_folder(sub: Path) -> torch.Tensor | None:
+    """``lm_head.weight`` of a transformers text-encoder folder (sharded or not); None when tied or absent."""
+    import safetensors
+
+    index = sub / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        name = next((k for k in HEAD_KEYS if k in weight_map), None)
+        files = [sub / weight_map[name]] if name else []
+    else:
+        files = sorted(sub.glob("*.safetensors"))
+    for path in files:
+        with safetensors.safe_open(str(path), "pt") as handle:
+            for key in HEAD_KEYS:
+                if key in handle.keys():
+                    return handle.get_tensor(key)
+    return None
+
+
+def _head_from_file(path: Path) -> torch.Tensor | None:
+    import safetensors
+
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return None
+    try:
+        with safetensors.safe_open(str(path), "pt") as handle:
+            keys = set(handle.keys())
+            key = next((k for k in HEAD_KEYS if k in keys), None)
+            if key is None:
+                return None
+            found = {"lm_head.weight": handle.get_tensor(key)}
+            scale = key[: -len(".weight")] + ".scale_weight"
+            if scale in keys:
+                found["lm_head.scale_weight"] = handle.get_tensor(scale)
+    except Exception as exc:  # the text encoder's own load reports unreadable files
+        log.debug("EditKit: no lm_head read from %s (%s)", path.name, exc)
+        return None
+    return cast_stored_weights(found, torch.float32)["lm_head.weight"]
+
+
+def _tied(folder: Path | None) -> bool:
+    if folder is None or not (folder / "text_encoder" / "config.json").is_file():
+        return False
+    config = _load_json(folder / "text_encoder" / "config.json")
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+class CaptionHead:
+    """The language-model head of Qwen2.5-VL plus the generation settings captions are written with.
+
+    ``weight`` None means "tied to the input embedding" (read from the loaded encoder when used).
+    """
+
+    def __init__(self, weight: torch.Tensor | None, generation: dict, name: str):
+        self.weight = weight
+        self.generation = generation
+        self.name = name
+
+
+def _generation_settings(folder: Path | None) -> dict:
+    """The folder's text_encoder/generation_config.json when there is one, else Qwen2.5-VL-7B-Instruct's."""
+    path = None if folder is None else folder / "text_encoder" / "generation_config.json"
+    settings = dict(GENERATION_DEFAULTS)
+    if path is not None and path.is_file():
+        found = _load_json(path)
+        settings = {k: found[k] for k in ("bos_token_id", "pad_token_id", "eos_token_id", "repetition_penalty",
+                                          "do_sample", "top_k", "top_p", "temperature") if k in found}
+    if settings.get("top_k") == 1:  # sampling from one candidate is greedy decoding, without touching any RNG
+        settings["do_sample"] = False
+    if not settings.get("do_sample"):
+        for key in ("top_k", "top_p", "temperature"):
+            settings.pop(key, None)
+    return settings
+
+
+def _caption_head(folder: Path | None, file: Path | None) -> CaptionHead:
+    generation = _generation_settings(folder)
+    if file is not None:
+        weight = _head_from_file(file)
+        if weight is None:
+            raise EditKitError(
+                f"'{file.name}' has no language-model head (lm_head.weight), so Qwen-Image-Layered cannot caption the "
+                "picture with it. Write a prompt describing the picture, or load the text encoder from the "
+                "Qwen-Image-Layered diffusers folder (text_encoder_file: (from folder))."
+            )
+        return CaptionHead(weight, generation, file.name)
+    if _tied(folder):
+        return CaptionHead(None, generation, f"{folder.name}/text_encoder (tied)")
+    weight = _head_from_folder(folder / "text_encoder")
+    if weight is None:
+        raise EditKitError(
+            f"The text encoder in '{folder / 'text_encoder'}' has no language-model head (lm_head.weight), so it cannot "
+            "caption the picture. Write a prompt describing the picture, or re-download the folder."
+        )
+    return CaptionHead(weight, generation, f"{folder.name}/text_encoder")
+
+
+def caption_head_source(folder: Path | None, file: Path | None) -> LazyModel:
+    """The head of the text encoder the loader picked (``file`` if given, else the folder's)."""
+    if folder is None and file is None:
+        return unavailable("Qwen2.5-VL head", "No text encoder: pick the Qwen-Image-Layered diffusers folder or "
+                           "qwen_2.5_vl_7b*.safetensors in EditKit · Qwen-Image-Layered Loader.")
+    source = file if file is not None else folder / "text_encoder" / "config.json"
+    return LazyModel(("qwen_caption_head", file_key(source), str(folder)), lambda: _caption_head(folder, file),
+                     "Qwen2.5-VL language-model head")
+
+
+# --------------------------------------------------------------------------------------
+# Handles the loader node returns
+
+
+class LayeredModel:
+    """What the Layered loader hands to the decomposition node: the lazy transformer and its schedule."""
+
+    def __init__(self, transformer: LazyModel, scheduler_config: dict):
+        self.transformer = transformer
+        self.scheduler_config = scheduler_config
+
+    def __repr__(self) -> str:
+        return f"<EditKit Qwen-Image-Layered {self.transformer!r}>"
+
+
+class CaptioningTextEncoder:
+    """The family's Qwen2.5-VL handle plus the head that writes captions.
+
+    ``get()`` returns the family's encoder object, so this handle also feeds EditKit · Qwen-Image Edit;
+    text-encoder handles without a head (from the Qwen-Image Loader) work for the decomposition when a
+    prompt is written.
+    """
+
+    def __init__(self, encoder: LazyModel, head: LazyModel):
+        self.encoder = encoder
+        self.head = head
+
+    def get(self):
+        return self.encoder.get()
+
+    def caption_head(self) -> CaptionHead:
+        return self.head.get()
+
+    def __repr__(self) -> str:
+        return f"<EditKit captioning {self.encoder!r}>"
