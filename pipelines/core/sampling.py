@@ -99,11 +99,13 @@ def flow_schedule(
     denoise: float = 1.0,
     convention: str = "denoise",
     base_sigmas: Callable[[int], np.ndarray] = linear_sigmas,
+    mu: float | None = None,
 ) -> Schedule:
     """The schedule a diffusers flow-matching pipeline with this scheduler config would run.
 
     ``image_seq_len`` (the transformer's image token count) is needed when the config uses
-    dynamic shifting. ``denoise`` is read in the named ``convention`` (module docstring).
+    dynamic shifting, unless the pipeline states its own ``mu`` (Qwen-Image-Layered does).
+    ``denoise`` is read in the named ``convention`` (module docstring).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -115,8 +117,9 @@ def flow_schedule(
     if convention == "denoise" and denoise < 1.0:
         total = max(steps, int(steps / denoise))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    mu = None
-    if scheduler.config.get("use_dynamic_shifting", False):
+    if not scheduler.config.get("use_dynamic_shifting", False):
+        mu = None
+    elif mu is None:
         if image_seq_len is None:
             raise ValueError("this scheduler shifts by resolution: pass image_seq_len")
         mu = dynamic_shift_mu(scheduler.config, image_seq_len)

@@ -102,14 +102,10 @@ def check_picture(picture: torch.Tensor) -> None:
 
 
 def layered_schedule(scheduler_config: dict, steps: int, condition_tokens: int) -> core.Schedule:
-    """The pipeline's schedule: its scheduler with ``mu = sqrt(condition_tokens / 256)``.
-
-    The core derives ``mu`` from the token count with the config's linear rule; a flat shift range
-    (``base_shift == max_shift == mu``) makes that rule give exactly this ``mu``.
-    """
+    """The pipeline's schedule: its scheduler with ``mu = sqrt(condition_tokens / 256)`` (not the config's
+    linear rule in the token count)."""
     mu = math.sqrt(condition_tokens / BASE_TOKENS)
-    config = dict(scheduler_config, base_shift=mu, max_shift=mu)
-    schedule = core.flow_schedule(config, steps, image_seq_len=condition_tokens)
+    schedule = core.flow_schedule(scheduler_config, steps, mu=mu)
     if torch.isnan(schedule.sigmas).any():
         raise EditKitError(f"{steps} step(s) are too few for this schedule (its terminal stretch needs at least 2).")
     return schedule
