@@ -7,10 +7,18 @@ training CLI) imports without ComfyUI. Inside ComfyUI this module:
   because diffusers and transformers models have a read-only ``device`` property that
   ``ModelPatcher.load`` writes) so ComfyUI's memory manager loads, offloads and frees it,
   and ``/free`` and "Unload models" act on it;
-* always asks for a full load (``force_full_load=True``): diffusers layers are not
-  ComfyUI cast-capable, and a partial load would leave some layers on the CPU and then fail
-  with a device mismatch (see research/comfyui-memory.md §1.3). Under ``--novram`` ComfyUI
-  loads nothing and EditKit runs the model where its weights are (the CPU);
+* makes transformers and VAEs cast-capable (torch layers become ComfyUI's ``comfy.ops`` layers;
+  EditKit's own cast and GGUF layers gain ComfyUI's cast protocol), so ``--lowvram`` loads part
+  of them and streams the rest layer by layer (GGUF weights stay quantized on the CPU and are
+  dequantized on the GPU per layer); everything else is loaded whole (``force_full_load``),
+  because a partial load of plain layers would fail with a device mismatch (see
+  research/comfyui-memory.md §1.3). Under ``--novram`` such models run where their weights are;
+* lets ComfyUI's precision flags and per-device rules decide every ``auto`` dtype
+  (:func:`precision`): ``--fp32-unet``/``--bf16-unet``/``--fp16-unet``/``--fp8_e4m3fn-unet``…,
+  the text-encoder and VAE flags, ``unet_dtype``/``unet_manual_cast``/``text_encoder_dtype``/
+  ``vae_dtype``; an explicit dtype chosen on a node still wins;
+* empties the dequantized-layer cache of GGUF models whenever the memory manager unloads them
+  (fully or partly), and lends it part of the memory ComfyUI reports free (CPU compute only);
 * reports progress with ``comfy.utils.ProgressBar`` (with latent previews when the user
   enabled a preview method) and checks ComfyUI's interrupt flag once per step;
 * lists model files through ``folder_paths`` and registers ``background_removal`` when the
@@ -31,7 +39,8 @@ from pathlib import Path
 import torch
 
 from ..pipelines.core.errors import EditKitError, ModelFileError
-from ..pipelines.core.runtime import Component, Progress, Runtime, TorchRuntime
+from ..pipelines.core.precision import Precision, auto_precision, resolve
+from ..pipelines.core.runtime import Component, Progress, Runtime, TorchRuntime, default_device
 
 log = logging.getLogger("EditKit")
 
@@ -171,12 +180,23 @@ def model_path(folder: str, name: str) -> Path:
     )
 
 
+def input_directory() -> Path | None:
+    """ComfyUI's input folder (where Load Image looks), or None without ComfyUI."""
+    if _folder_paths is None:
+        return None
+    return Path(_folder_paths.get_input_directory())
+
+
 def comfy_tokenizer_dir(which: str) -> Path | None:
-    """Tokenizer files bundled with ComfyUI: ``which`` is ``"clip_l"`` or ``"t5"``."""
+    """Tokenizer files bundled with ComfyUI: ``which`` is ``"clip_l"``, ``"t5"`` or ``"qwen25"``.
+
+    ``qwen25`` (Qwen2.5's BPE files) also serves Qwen3 (Z-Image's encoder), whose vocabulary it shares.
+    """
     if _folder_paths is None:
         return None
     base = Path(_folder_paths.base_path) / "comfy"
-    path = {"clip_l": base / "sd1_tokenizer", "t5": base / "text_encoders" / "t5_tokenizer"}[which]
+    path = {"clip_l": base / "sd1_tokenizer", "t5": base / "text_encoders" / "t5_tokenizer",
+            "qwen25": base / "text_encoders" / "qwen25_tokenizer"}[which]
     return path if path.is_dir() else None
 
 
@@ -185,15 +205,47 @@ def comfy_tokenizer_dir(which: str) -> Path | None:
 
 
 class _Holder(torch.nn.Module):
-    """Container ComfyUI's ModelPatcher can write ``device`` on (diffusers models cannot)."""
+    """Container ComfyUI's ModelPatcher can write ``device`` on (diffusers models cannot).
+
+    Also carries the component's :meth:`~Component.drop_caches`, which the patcher calls when
+    ComfyUI takes memory back (see :func:`_patcher_class`).
+    """
 
     def __init__(self, component: Component):
         super().__init__()
         self.model = component.module
         self._dtype = component.dtype
+        self.drop_caches = component.drop_caches
 
     def get_dtype(self):
         return self._dtype
+
+
+_PATCHER_CLASS = None
+
+
+def _patcher_class():
+    """ComfyUI's ModelPatcher, plus: empty EditKit's side caches whenever ComfyUI unloads the model.
+
+    ``detach`` (full unload: eviction, "Unload models", ``/free``) and ``partially_unload`` (part of
+    the model evicted for another one) are where ComfyUI's memory manager takes memory back; 0.3.64
+    has a callback for the first only, so both are overridden.
+    """
+    global _PATCHER_CLASS
+    if _PATCHER_CLASS is None:
+        base = _model_patcher.ModelPatcher
+
+        class EditKitModelPatcher(base):
+            def detach(self, unpatch_all=True):
+                self.model.drop_caches()
+                return super().detach(unpatch_all)
+
+            def partially_unload(self, device_to, memory_to_free=0):
+                self.model.drop_caches()
+                return super().partially_unload(device_to, memory_to_free)
+
+        _PATCHER_CLASS = EditKitModelPatcher
+    return _PATCHER_CLASS
 
 
 def _devices(kind: str) -> tuple[torch.device, torch.device]:
@@ -205,13 +257,14 @@ def _devices(kind: str) -> tuple[torch.device, torch.device]:
 
 
 class _ComfyProgress(Progress):
-    def __init__(self, total: int):
+    def __init__(self, total: int, preview_format: str = "Flux"):
         super().__init__(total)
         self._bar = _comfy_utils.ProgressBar(total)
         self._previewer = None
         if _latent_preview is not None and _latent_formats is not None:
             try:
-                self._previewer = _latent_preview.get_previewer(_mm.get_torch_device(), _latent_formats.Flux())
+                fmt = getattr(_latent_formats, preview_format)()
+                self._previewer = _latent_preview.get_previewer(_mm.get_torch_device(), fmt)
             except Exception as exc:  # a broken preview setup must never stop a run
                 log.debug("EditKit: no latent previews (%s)", exc)
 
@@ -223,25 +276,48 @@ class _ComfyProgress(Progress):
         self._bar.update_absolute(self.value, self.total, image)
 
 
-def _castable_classes() -> dict[type, type]:
-    import comfy.ops
+_CASTABLE: dict[type, type] = {}
 
-    ops = comfy.ops.disable_weight_init
-    mapping = {torch.nn.Linear: ops.Linear, torch.nn.Conv2d: ops.Conv2d, torch.nn.GroupNorm: ops.GroupNorm,
-               torch.nn.LayerNorm: ops.LayerNorm}
-    if hasattr(torch.nn, "RMSNorm") and hasattr(ops, "RMSNorm"):
-        mapping[torch.nn.RMSNorm] = ops.RMSNorm
-    return mapping
+
+def _castable_classes() -> dict[type, type]:
+    """Class swaps that make layers cast-capable for ComfyUI's memory manager.
+
+    Exact torch layers → ComfyUI's ``comfy.ops.disable_weight_init`` layers. EditKit's own layers
+    that already work with weights on any device (core.precision's cast layers, core.gguf's GGUF
+    layer) → a subclass that adds ComfyUI's cast protocol (``comfy_cast_weights``,
+    ``weight_function``, ``bias_function``) and keeps EditKit's forward, so quantized bytes are
+    never handed to ComfyUI's float cast.
+    """
+    if not _CASTABLE:
+        import comfy.ops
+
+        from ..pipelines.core import precision as core_precision
+
+        ops = comfy.ops.disable_weight_init
+        mapping = {torch.nn.Linear: ops.Linear, torch.nn.Conv2d: ops.Conv2d, torch.nn.GroupNorm: ops.GroupNorm,
+                   torch.nn.LayerNorm: ops.LayerNorm}
+        if hasattr(torch.nn, "RMSNorm") and hasattr(ops, "RMSNorm"):
+            mapping[torch.nn.RMSNorm] = ops.RMSNorm
+        own = list(core_precision.CAST_CLASSES.values())
+        try:
+            from ..pipelines.core.gguf import GGUFLinear
+
+            own.append(GGUFLinear)
+        except ImportError:  # no diffusers/gguf: no GGUF models either
+            pass
+        for cls in own:
+            mapping[cls] = type(f"Comfy{cls.__name__}", (cls, comfy.ops.CastWeightBiasOp), {})
+        _CASTABLE.update(mapping)
+    return _CASTABLE
 
 
 def make_castable(module: torch.nn.Module) -> bool:
     """Let ComfyUI stream ``module``'s weights layer by layer in low-VRAM modes.
 
-    Swaps the class of exact ``torch.nn`` Linear / Conv2d / GroupNorm / LayerNorm / RMSNorm
-    instances for ComfyUI's cast-capable subclasses (same parameters, same maths; with casting
-    off they run the parent class's forward). Returns True when every parameter now lives in a
-    cast-capable layer and the model has no buffers, i.e. when a partial load is safe. Subclasses
-    such as diffusers' GGUFLinear are never touched (their packed bytes must not be cast).
+    Swaps layer classes as :func:`_castable_classes` says (same parameters, same maths; ComfyUI's
+    layers with casting off run the parent class's forward). Returns True when every parameter now
+    lives in a cast-capable layer and the model has no buffers, i.e. when a partial load is safe.
+    diffusers' GGUFLinear (not EditKit's) is never touched: its packed bytes must not be cast.
     """
     mapping = _castable_classes()
     for layer in module.modules():
@@ -259,10 +335,10 @@ def make_castable(module: torch.nn.Module) -> bool:
 class ComfyRuntime(Runtime):
     """Runtime backed by ComfyUI's model management, ProgressBar and interrupt flag.
 
-    FLUX.1 transformers and VAEs (dense weights) are made cast-capable, so ``--lowvram`` and
-    tight VRAM load part of them and stream the rest layer by layer, as ComfyUI does with its own
-    models. Everything else (GGUF weights, text encoders, BEN2) is loaded whole or, under
-    ``--novram``, run where ComfyUI leaves it (the CPU).
+    Transformers and VAEs (dense or GGUF) are made cast-capable, so ``--lowvram`` and tight VRAM
+    load part of them and stream the rest layer by layer, as ComfyUI does with its own models.
+    Everything else (text encoders, BEN2) is loaded whole or, under ``--novram``, run where
+    ComfyUI leaves it (the CPU).
     """
 
     def __init__(self):
@@ -275,21 +351,37 @@ class ComfyRuntime(Runtime):
         entry = self._patchers.get(component)
         if entry is None:
             load_device, offload_device = _devices(component.kind)
-            streamable = component.kind in ("diffusion", "vae") and not component.quantized
+            streamable = component.kind in ("diffusion", "vae")
             castable = streamable and make_castable(component.module)
-            patcher = _model_patcher.ModelPatcher(_Holder(component), load_device, offload_device)
+            patcher = _patcher_class()(_Holder(component), load_device, offload_device)
             entry = self._patchers[component] = (patcher, castable)
         return entry
 
     def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
+        component.check_source()
         patcher, castable = self._entry(component)
         _mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=not castable)
-        if castable:
-            return patcher.load_device  # layers left on the CPU cast their weights to it per call
-        return component.device  # loaded whole, or (--novram) left where it is
+        # castable: layers left on the CPU cast their weights to the load device per call;
+        # otherwise: loaded whole, or (--novram) left where it is
+        device = patcher.load_device if castable else component.device
+        if "dequant_cache" in component.extras:
+            self._lend_cache_memory(component, device, memory_required)
+        return device
 
-    def progress(self, total: int) -> Progress:
-        return _ComfyProgress(total)
+    @staticmethod
+    def _lend_cache_memory(component: Component, device: torch.device, memory_required: int) -> None:
+        """Give a GGUF model's dequantized-layer cache part of the memory ComfyUI reports free.
+
+        Only for CPU compute: on a GPU, dequantizing a layer costs a few percent of its matmul,
+        and VRAM is better left to ComfyUI's own accounting.
+        """
+        if not _mm.is_device_cpu(device):
+            component.lend_cache_memory(0)
+            return
+        component.lend_cache_memory(max(0, _mm.get_free_memory(device) - memory_required))
+
+    def progress(self, total: int, preview_format: str = "Flux") -> Progress:
+        return _ComfyProgress(total, preview_format)
 
     def check_interrupt(self) -> None:
         _mm.throw_exception_if_processing_interrupted()
@@ -319,23 +411,67 @@ def set_runtime(rt: Runtime | None) -> None:
     _RUNTIME = rt
 
 
-def default_dtype(kind: str = "diffusion") -> torch.dtype:
-    """The compute dtype for a model of ``kind``.
+# The dtypes FLUX.1-style transformers run in, in ComfyUI's order of preference (its Flux model config).
+INFERENCE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
-    bf16 on CUDA (fp16 where bf16 is unsupported), fp32 with ``--cpu`` or without a GPU. When
-    ComfyUI keeps text encoders on the CPU of a GPU machine (low-VRAM modes) they use bf16, so
-    T5-XXL takes 9.5 GB of RAM instead of 19 GB. The FLUX.1 VAE is never fp16 (it overflows to
-    black pictures): bf16 where supported, else fp32, and ComfyUI's --fp32-vae/--bf16-vae apply.
+
+def _comfy_precision(kind: str, device: torch.device) -> Precision:
+    """ComfyUI's own choice for a model of ``kind`` on ``device`` (its flags first).
+
+    * ``diffusion``: storage ``unet_dtype`` (``--fp32-unet``, ``--bf16-unet``, ``--fp16-unet``, the fp8
+      unet flags, else per device), compute ``unet_manual_cast`` of it (e.g. bf16 stored → fp32
+      computed on a CPU), exactly as ComfyUI loads its own diffusion models;
+    * ``text_encoder``: storage ``text_encoder_dtype`` (``--fp16-text-enc``, ``--fp32-text-enc``,
+      ``--bf16-text-enc``, ``--fp8_e4m3fn-text-enc``…, else fp16), computed in fp32 as ComfyUI's text
+      encoders are, so T5-XXL takes 9.5 GB of RAM, not 19;
+    * ``vae``: ``vae_dtype`` among bf16/fp32 (FLUX.1-style VAEs overflow in fp16 unless
+      ``--fp16-vae`` asks for it), stored and computed alike, as ComfyUI does;
+    * anything else (BEN2): the diffusion rule without the unet flags' fp8 (bf16/fp16 where the
+      device supports it, fp32 on a CPU).
+    """
+    if kind == "vae":
+        dtype = _mm.vae_dtype(device, [torch.bfloat16, torch.float32])
+        return Precision(dtype, dtype)
+    if kind == "text_encoder":
+        return Precision(_mm.text_encoder_dtype(device), torch.float32)
+    if kind == "diffusion":
+        storage = _mm.unet_dtype(device, supported_dtypes=INFERENCE_DTYPES)
+        compute = _mm.unet_manual_cast(storage, device, INFERENCE_DTYPES) or storage
+        return Precision(storage, compute)
+    if _mm.is_device_cpu(device):
+        return Precision(torch.float32, torch.float32)
+    dtype = torch.bfloat16 if _mm.should_use_bf16(device) else torch.float16
+    return Precision(dtype, dtype)
+
+
+def precision(kind: str = "diffusion", requested: torch.dtype | None = None) -> Precision:
+    """Storage and compute dtype of a model of ``kind``; ``requested`` (a node's explicit choice) wins.
+
+    ``auto`` follows ComfyUI inside ComfyUI (:func:`_comfy_precision`) and
+    :func:`~..pipelines.core.precision.auto_precision` outside it. An explicit choice is stored as
+    asked and computed in what the device is fast at, with a one-line warning (once) when that is
+    slower than the alternative (core.precision.resolve).
     """
     if HAVE_COMFY:
         device = _devices(kind)[0]
-        if kind == "vae":
-            return _mm.vae_dtype(device, [torch.bfloat16, torch.float32])
+        auto = _comfy_precision(kind, device)
+    else:
+        device = default_device()
+        auto = auto_precision(kind, device)
+    return resolve(requested, auto, device)
+
+
+def default_dtype(kind: str = "diffusion") -> torch.dtype:
+    """One dtype for loaders that store and compute a model of ``kind`` in the same dtype.
+
+    The ``auto`` compute dtype (:func:`precision`), except for text encoders inside ComfyUI, which
+    ComfyUI stores in fp16 and computes in fp32: a single dtype there would double their memory, so
+    it stays bf16/fp16 on a GPU and bf16 on the CPU of a GPU machine (fp32 with ``--cpu``). Loaders that
+    separate storage and compute (the FLUX.1 loader) call :func:`precision` and get ComfyUI's rule.
+    """
+    if HAVE_COMFY and kind == "text_encoder":
+        device = _devices(kind)[0]
         if _mm.is_device_cpu(device):
             return torch.float32 if _mm.cpu_mode() else torch.bfloat16
         return torch.bfloat16 if _mm.should_use_bf16(device) else torch.float16
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32 if kind == "vae" else torch.float16
-    return torch.float32
+    return precision(kind).compute

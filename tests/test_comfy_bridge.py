@@ -96,7 +96,9 @@ def test_runtime_errors_reach_the_user(comfyui):
     assert not run.success
     error = run.error()
     assert error["event"] == "execution_error" and error["node_id"] == "4"
-    assert "Mask is 64x64 but the image is 512x768" in error["exception_message"]
+    # Load Image's empty 64x64 mask is named as such (issue 8), and the type reads as a class name.
+    assert "Paint a mask or load a picture with transparency" in error["exception_message"]
+    assert error["exception_type"] == "editkit.EditKitError"
 
 
 def test_background_removal_folder_is_registered(comfyui):
@@ -158,3 +160,168 @@ def test_novram_streams_every_layer(comfyui, tiny_models, monkeypatch):
         for component in (transformer, vae):
             mm.current_loaded_models[:] = [m for m in mm.current_loaded_models
                                            if m.model is not runtime.patcher(component)]
+
+
+# --------------------------------------------------------------------------------------
+# Precision flags and GGUF streaming inside ComfyUI's model management (issues 7 and 14)
+
+
+def _precision_of(bridge, kind, requested=None):
+    found = bridge.precision(kind, requested)
+    return found.storage, found.compute
+
+
+def test_precision_flags_decide_auto_dtypes(comfyui, tiny_models, monkeypatch):
+    """ComfyUI's flags and per-device rules, simulated in-process as the flags set them, decide every auto
+    dtype; an explicit choice on the node wins."""
+    import comfy.model_management as mm
+    from comfy.cli_args import args
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    F32, BF16, F16, FP8 = torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn
+    # --cpu (this process): ComfyUI's own CPU rules
+    assert _precision_of(bridge, "diffusion") == (F32, F32)
+    assert _precision_of(bridge, "text_encoder") == (F16, F32)  # ComfyUI: fp16 stored, fp32 computed
+    assert _precision_of(bridge, "vae") == (F32, F32)
+    for flag, stored in (("bf16_unet", BF16), ("fp16_unet", F16), ("fp8_e4m3fn_unet", FP8)):
+        monkeypatch.setattr(args, flag, True)
+        assert _precision_of(bridge, "diffusion") == (stored, F32), flag  # manual cast to fp32 on a CPU
+        assert _precision_of(bridge, "diffusion", F32) == (F32, F32)  # the node's explicit choice wins
+        monkeypatch.setattr(args, flag, False)
+    for flag, stored in (("fp32_text_enc", F32), ("bf16_text_enc", BF16), ("fp8_e4m3fn_text_enc", FP8)):
+        monkeypatch.setattr(args, flag, True)
+        assert _precision_of(bridge, "text_encoder") == (stored, F32), flag
+        monkeypatch.setattr(args, flag, False)
+    monkeypatch.setattr(args, "bf16_vae", True)
+    assert _precision_of(bridge, "vae") == (BF16, BF16)
+    monkeypatch.setattr(args, "bf16_vae", False)
+
+    # a GPU with bf16 (ComfyUI's per-device answers simulated), then one with fp16 only
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
+    monkeypatch.setattr(mm, "cpu_state", mm.CPUState.GPU)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    monkeypatch.setattr(mm, "should_use_bf16", lambda device=None, *a, **k: device is None or device.type == "cuda")
+    monkeypatch.setattr(mm, "should_use_fp16", lambda device=None, *a, **k: device is None or device.type == "cuda")
+    assert _precision_of(bridge, "diffusion") == (BF16, BF16)
+    assert _precision_of(bridge, "vae") == (BF16, BF16)
+    assert _precision_of(bridge, "text_encoder") == (F16, F32)
+    monkeypatch.setattr(args, "fp32_unet", True)
+    assert _precision_of(bridge, "diffusion") == (F32, F32)
+    monkeypatch.setattr(args, "fp32_unet", False)
+    monkeypatch.setattr(args, "fp32_vae", True)
+    assert _precision_of(bridge, "vae") == (F32, F32)
+    monkeypatch.setattr(args, "fp32_vae", False)
+    monkeypatch.setattr(mm, "should_use_bf16", lambda device=None, *a, **k: False)
+    assert _precision_of(bridge, "diffusion") == (F16, F16)
+    assert _precision_of(bridge, "vae") == (F32, F32)  # FLUX.1's VAE is never fp16 unless --fp16-vae says so
+
+
+def test_bf16_unet_flag_reaches_the_loaded_transformer(comfyui, models_root, monkeypatch):
+    """--bf16-unet on a CPU: the loader stores the transformer in bf16 and computes in fp32, like ComfyUI."""
+    from comfy.cli_args import args
+
+    nodes = comfyui.pack_submodule("nodes.flux_nodes")
+    precision = comfyui.pack_submodule("pipelines.core.precision")
+    monkeypatch.setattr(args, "bf16_unet", True)
+    model, _text, _vae = nodes.EditKitFluxLoader().load("FLUX.1-Fill-dev", "flux1-fill-dev.safetensors",
+                                                        "(from folder)", "(from folder)", "(from folder)")
+    component = model.transformer.get()
+    assert component.dtype == torch.float32
+    linears = [m for m in component.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, precision.CastLinear) and m.weight.dtype == torch.bfloat16 for m in linears)
+
+
+def _gguf(comfyui, tiny_models, tag):
+    loading = comfyui.pack_submodule("pipelines.flux.loading")
+    path = tiny_models / "diffusion_models" / "flux1-fill-dev-Q8_0.gguf"
+    return loading.transformer_source(None, path, torch.float32).derived(f"{tag}-{id(object())}", lambda c: c,
+                                                                          "GGUF").get()
+
+
+def _untrack(mm, runtime, component):
+    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not runtime.patcher(component)]
+
+
+def test_gguf_partial_load_equals_full_load(comfyui, tiny_models, monkeypatch):
+    """A GGUF transformer loaded partly by ComfyUI's memory manager (the rest streamed layer by layer,
+    weights quantized on the offload device) gives the full load's output. The GPU is simulated by an alias
+    of the CPU that ComfyUI treats as another device."""
+    import comfy.model_management as mm
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    gguf_mod = comfyui.pack_submodule("pipelines.core.gguf")
+    alias = torch.device("cpu", 0)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: alias)
+    monkeypatch.setenv("EDITKIT_GGUF_CACHE", "off")  # compare the streamed computation itself
+    runtime = bridge.ComfyRuntime()
+    full = _gguf(comfyui, tiny_models, "full")
+    partial = _gguf(comfyui, tiny_models, "partial")
+    try:
+        assert runtime.acquire(full) == alias
+        assert runtime.patcher(full).loaded_size() == runtime.patcher(full).model_size()
+        expected = _forward(full.module, alias)
+        patcher = runtime.patcher(partial)  # cast-capable GGUF layers
+        layers = [m for m in partial.module.modules() if isinstance(m, gguf_mod.GGUFLinear)]
+        assert layers and all(hasattr(m, "comfy_cast_weights") for m in layers)
+        loaded = mm.LoadedModel(patcher)
+        loaded.model_load(lowvram_model_memory=patcher.model_size() // 2)  # ComfyUI's partial load, half the bytes
+        assert patcher.model.model_lowvram and 0 < patcher.loaded_size() < patcher.model_size()
+        streamed = [m for m in layers if m.comfy_cast_weights]
+        assert streamed and len(streamed) < len(layers)
+        assert all(m.weight.dtype == torch.uint8 for m in layers)  # still quantized, wherever they are
+        assert torch.equal(_forward(partial.module, alias), expected)
+    finally:
+        _untrack(mm, runtime, full)
+        _untrack(mm, runtime, partial)
+
+
+def test_gguf_streams_under_novram(comfyui, tiny_models, monkeypatch):
+    """--novram with the meta device as the GPU: nothing of the GGUF model is loaded, every layer copies its
+    quantized bytes to the GPU and dequantizes there per call."""
+    import comfy.model_management as mm
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    fake_gpu = torch.device("meta")
+    monkeypatch.setattr(mm, "get_torch_device", lambda: fake_gpu)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    monkeypatch.setattr(mm, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: (1 << 34, 1 << 34) if torch_free_too else 1 << 34)
+    runtime = bridge.ComfyRuntime()
+    component = _gguf(comfyui, tiny_models, "novram")
+    try:
+        assert runtime.acquire(component) == fake_gpu
+        assert runtime.patcher(component).loaded_size() == 0
+        assert {p.device.type for p in component.module.parameters()} == {"cpu"}
+        assert _forward(component.module, fake_gpu).shape == (1, 16, 64)
+        assert component.extras["dequant_cache"].budget == 0  # GPU compute: no cache
+    finally:
+        _untrack(mm, runtime, component)
+
+
+def test_dequant_cache_dropped_when_comfyui_frees_memory(comfyui, tiny_models, monkeypatch):
+    import comfy.model_management as mm
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    gguf_mod = comfyui.pack_submodule("pipelines.core.gguf")
+    monkeypatch.setenv("EDITKIT_GGUF_CACHE", "auto")
+    runtime = bridge.ComfyRuntime()
+    component = _gguf(comfyui, tiny_models, "cache")
+    cache = component.extras["dequant_cache"]
+    cpu = torch.device("cpu")
+    try:
+        device = runtime.acquire(component)
+        assert cache.budget > 0  # part of what ComfyUI reports free on the CPU
+        expected = _forward(component.module, device)
+        assert cache.layers > 0
+        mm.unload_all_models()  # "Unload models", /free: the manager takes its memory back
+        assert cache.layers == 0 and cache.used == 0
+        assert all(m._dense is None for m in component.module.modules() if isinstance(m, gguf_mod.GGUFLinear))
+        device = runtime.acquire(component)
+        assert torch.equal(_forward(component.module, device), expected)
+        assert cache.layers > 0
+        runtime.patcher(component).partially_unload(cpu, memory_to_free=1)  # evicted in part for another model
+        assert cache.layers == 0
+        assert torch.equal(_forward(component.module, runtime.acquire(component)), expected)
+    finally:
+        _untrack(mm, runtime, component)

@@ -98,7 +98,11 @@ def unavailable(description: str, message: str) -> LazyModel:
 
 
 def read_state_dict(path: Path, expected: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors``/``.sft`` or ``.gguf`` file, with a clear error on failure."""
+    """Tensors of a ``.safetensors``/``.sft`` or ``.gguf`` file, with a clear error on failure.
+
+    GGUF tensors are views of a private mapping of the file (core.gguf.read_gguf); quantized ones are
+    diffusers ``GGUFParameter`` of packed bytes.
+    """
     if not path.is_file():
         raise ModelFileError(path, "Model file not found", expected)
     suffix = path.suffix.lower()
@@ -106,9 +110,9 @@ def read_state_dict(path: Path, expected: str) -> dict[str, torch.Tensor]:
         if suffix in (".safetensors", ".sft"):
             return safetensors.torch.load_file(str(path), device="cpu")
         if suffix == ".gguf":
-            from diffusers.models.model_loading_utils import load_gguf_checkpoint
+            from .gguf import read_gguf  # mapped, not copied (core.gguf)
 
-            return load_gguf_checkpoint(str(path))
+            return read_gguf(path)
     except Exception as exc:  # corrupt or truncated files surface as many exception types
         raise ModelFileError(path, f"Cannot read the file ({type(exc).__name__}: {exc})", expected) from exc
     raise ModelFileError(path, f"Unsupported file type '{suffix}'", expected)

@@ -27,8 +27,10 @@ class Component:
 
     ``kind`` chooses the ComfyUI device policy: ``"diffusion"`` and ``"segmentation"`` run on
     the main device, ``"text_encoder"`` follows ComfyUI's text-encoder placement (CPU in
-    low-VRAM modes), ``"vae"`` follows the VAE placement. ``dtype`` is the compute dtype:
-    for GGUF models the weights stay quantized and only activations use it.
+    low-VRAM modes), ``"vae"`` follows the VAE placement. ``dtype`` is the compute dtype (weights
+    may be stored narrower, see core.precision); for GGUF models the weights stay quantized and
+    their layers (core.gguf) dequantize into it. ``extras`` may hold ``"source"`` (a mapped file,
+    checked before every use) and ``"dequant_cache"`` (set for quantized models).
     """
 
     module: torch.nn.Module
@@ -37,6 +39,34 @@ class Component:
     dtype: torch.dtype
     quantized: bool = False
     extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.quantized and "dequant_cache" not in self.extras:
+            from .gguf import adopt_gguf_layers  # GGUF layers: EditKit's fast, streamable ones (core.gguf)
+
+            cache = adopt_gguf_layers(self.module)
+            if cache is not None:
+                self.extras["dequant_cache"] = cache
+
+    def check_source(self) -> None:
+        """Refuse to run on weights whose mapped file was overwritten in place (see core.gguf)."""
+        source = self.extras.get("source")
+        if source is not None:
+            source.check()
+
+    def lend_cache_memory(self, free_bytes: int) -> None:
+        """Let the dequantized-layer cache of a GGUF model use part of ``free_bytes`` (core.gguf)."""
+        cache = self.extras.get("dequant_cache")
+        if cache is not None:
+            from .gguf import cache_budget_from_env
+
+            cache.set_budget(cache_budget_from_env(free_bytes))
+
+    def drop_caches(self) -> None:
+        """Free what the model keeps beside its weights (dequantized GGUF layers)."""
+        cache = self.extras.get("dequant_cache")
+        if cache is not None:
+            cache.clear()
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +151,15 @@ class TorchRuntime(Runtime):
         return self._intermediate
 
     def acquire(self, component: Component, memory_required: int = 0) -> torch.device:
+        component.check_source()
         if component.device != self.device:
+            component.drop_caches()
             component.module.to(self.device)
+        if "dequant_cache" in component.extras:  # CPU compute only: on a GPU dequantizing costs a few percent
+            from .gguf import free_memory
+
+            free = free_memory(self.device) - memory_required if self.device.type == "cpu" else 0
+            component.lend_cache_memory(max(0, free))
         return self.device
 
     def progress(self, total: int, preview_format: str = "Flux") -> Progress:

@@ -5,8 +5,8 @@ Supported sources (the ones ComfyUI users have):
 * a full diffusers folder (``models/diffusers/FLUX.1-Fill-dev``): every component;
 * the transformer from one file: BFL-layout ``.safetensors`` (with or without ComfyUI's
   ``model.diffusion_model.`` prefix), diffusers-layout ``.safetensors``, or ``.gguf`` (every
-  quantization diffusers reads; the weights stay quantized in memory and are dequantized
-  layer by layer);
+  quantization diffusers reads; the file is mapped, not copied, the weights stay quantized in
+  memory and are dequantized layer by layer by EditKit's GGUF layers, see ``core.gguf``);
 * the VAE from BFL's ``ae.safetensors`` (or a diffusers-layout file);
 * CLIP-L and T5-XXL from single files (fp32/fp16/bf16, fp8 and ComfyUI's "scaled fp8"
   storage), with tokenizers from the diffusers folder or from ComfyUI's bundled tokenizer
@@ -30,6 +30,7 @@ import torch
 
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 from . import layout as flux_layout
 
@@ -87,13 +88,27 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     return config
 
 
-def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
+def _precision(dtype: torch.dtype, storage: torch.dtype | None) -> Precision:
+    return Precision(storage or dtype, dtype)
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    """Load a single-file transformer computing in ``dtype``, dense weights stored in ``storage``.
+
+    GGUF files are mapped and stay quantized whatever ``storage`` says.
+    """
     from diffusers import FluxTransformer2DModel
 
     quantized = path.suffix.lower() == ".gguf"
+    precision = _precision(dtype, storage)
+    extras = {}
+    if quantized:
+        from ..core.gguf import MappedFile
+
+        extras["source"] = MappedFile(path)  # before reading: the identity of the bytes that get mapped
     sd = read_state_dict(path, TRANSFORMER_EXPECTED)
     if not quantized:
-        cast_stored_weights(sd, dtype)
+        cast_stored_weights(sd, precision.storage)
     sd = flux_layout.strip_comfy_prefix(sd)
     layout = flux_layout.transformer_layout(sd)
     if layout is None:
@@ -112,38 +127,49 @@ def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
         kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
     try:
         model = FluxTransformer2DModel.from_single_file(
-            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **config, **kwargs
+            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype if quantized else precision.storage,
+            local_files_only=True, **config, **kwargs
         )
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelFileError(path, f"Weights do not fit a FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
     model.eval().requires_grad_(False)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized)
+    if not quantized:
+        apply_precision(model, precision)
+    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype) -> Component:
+def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
     from diffusers import FluxTransformer2DModel
 
+    precision = _precision(dtype, storage)
     sub = folder / "transformer"
     if not (sub / "config.json").is_file():
         raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
     try:
-        model = FluxTransformer2DModel.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+        model = FluxTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a diffusers FluxTransformer2DModel") from exc
     model.eval().requires_grad_(False)
+    apply_precision(model, precision)
     return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
 
 
-def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``."""
+def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
+                       storage: torch.dtype | None = None) -> LazyModel:
+    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``.
+
+    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``) and
+    cast layer by layer (core.precision).
+    """
+    storage = None if storage == dtype else storage
     if file is None and folder is None:
         return unavailable("FLUX.1 transformer",
                            "No transformer: pick a diffusers folder or a transformer file in EditKit · Flux Loader.")
     if file is not None:
-        return LazyModel(("transformer", file_key(file), dtype), lambda: _transformer_from_file(file, dtype),
-                         f"FLUX.1 transformer {file.name}")
-    return LazyModel(("transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype),
-                     lambda: _transformer_from_folder(folder, dtype), f"FLUX.1 transformer of {folder.name}")
+        return LazyModel(("transformer", file_key(file), dtype, storage),
+                         lambda: _transformer_from_file(file, dtype, storage), f"FLUX.1 transformer {file.name}")
+    return LazyModel(("transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
+                     lambda: _transformer_from_folder(folder, dtype, storage), f"FLUX.1 transformer of {folder.name}")
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
+from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component, Runtime
 from .loading import (
     CLIP_EXPECTED,
@@ -195,9 +196,12 @@ def _t5_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def _text_encoders(folder, clip_file, t5_file, clip_tok_dir, t5_tok_dir, dtype) -> FluxTextEncoders:
+def _text_encoders(folder, clip_file, t5_file, clip_tok_dir, t5_tok_dir, dtype, storage=None) -> FluxTextEncoders:
+    """CLIP-L + T5-XXL computing in ``dtype``, their weights stored in ``storage`` (default ``dtype``)."""
     from transformers import CLIPTextModel, T5EncoderModel
 
+    precision = Precision(storage or dtype, dtype)
+    dtype = precision.storage  # what the files are read into; apply_precision sets the compute dtype below
     clip_tok, t5_tok = _tokenizers(folder, clip_tok_dir, t5_tok_dir)
     for name, file in (("text_encoder", clip_file), ("text_encoder_2", t5_file)):
         if file is None and not (folder / name / "config.json").is_file():
@@ -216,6 +220,10 @@ def _text_encoders(folder, clip_file, t5_file, clip_tok_dir, t5_tok_dir, dtype) 
         t5_name = f"{folder.name}/text_encoder_2"
     clip.eval().requires_grad_(False)
     t5.eval().requires_grad_(False)
+    if precision.casts:
+        apply_precision(clip, precision)
+        apply_precision(t5, precision)
+    dtype = precision.compute
     if clip_tok.model_max_length > clip.config.max_position_embeddings:
         clip_tok.model_max_length = clip.config.max_position_embeddings
     return FluxTextEncoders(
@@ -230,12 +238,17 @@ def text_encoder_source(
     dtype: torch.dtype,
     clip_tokenizer_dir: Path | None = None,
     t5_tokenizer_dir: Path | None = None,
+    storage: torch.dtype | None = None,
 ) -> LazyModel:
-    """Lazily loaded CLIP-L + T5-XXL: single files where given, else the folder's components."""
+    """Lazily loaded CLIP-L + T5-XXL: single files where given, else the folder's components.
+
+    ``dtype`` is the compute dtype; weights are stored in ``storage`` (default: ``dtype``).
+    """
+    storage = None if storage == dtype else storage
     if folder is None and (clip_file is None or t5_file is None):
         return unavailable("FLUX.1 text encoders", "No text encoders: pick a diffusers folder, or both a CLIP-L and "
                            "a T5-XXL file, in EditKit · Flux Loader.")
     key = ("text", str(folder), file_key(clip_file), file_key(t5_file), str(clip_tokenizer_dir),
-           str(t5_tokenizer_dir), dtype)
+           str(t5_tokenizer_dir), dtype, storage)
     return LazyModel(key, lambda: _text_encoders(folder, clip_file, t5_file, clip_tokenizer_dir, t5_tokenizer_dir,
-                                                 dtype), "FLUX.1 text encoders")
+                                                 dtype, storage), "FLUX.1 text encoders")

@@ -1,0 +1,280 @@
+"""Storage dtype and compute dtype, chosen separately for every model.
+
+A model's weights are *stored* in one dtype (what its memory costs) and *computed* in another
+(what its arithmetic runs in). They differ when the device is slow at the storage dtype: a CPU
+stores bf16 (half the memory of fp32) but computes in fp32, because CPUs without bf16 units
+run bf16 arithmetic several times slower, and ComfyUI itself never computes in bf16 on a CPU.
+The FLUX.1 transformer then costs 24 GB of RAM instead of 48, for a per-layer cast (about +20 %
+per step against fp32 storage, measured in docs/precision-and-gguf.md).
+
+Rules (:func:`compute_dtype_for`):
+
+* fp32 storage computes in fp32;
+* on a CPU, bf16 storage computes in bf16 only where the CPU has bf16 matrix instructions (AMX-BF16 or
+  AVX512-BF16, where torch's bf16 matmuls are several times faster than fp32: 0.3x the time per Flux
+  step on the benchmark CPU); every other case computes in fp32;
+* on an accelerator bf16/fp16 compute in themselves where the device supports them, otherwise
+  the other half type or fp32; fp8 storage computes in bf16 (or fp16, or fp32).
+
+``auto`` (no explicit choice) takes what the host decides (inside ComfyUI its
+``unet_dtype``/``text_encoder_dtype``/``vae_dtype`` and manual-cast rules, see
+``nodes/comfy_bridge.py``; without ComfyUI :func:`auto_precision`). An explicit choice always
+wins, but when it will be slower than the alternative a one-line warning says why and what to
+pick instead, once per choice and device (:func:`resolve`).
+
+Applying a precision (:func:`apply_precision`) swaps exact ``torch.nn`` Linear / Conv / Embedding
+layers for subclasses that keep their weights in the storage dtype and cast them to the compute
+dtype (and the input's device) at every call; everything else (norms, biases of other layers,
+buffers) is kept in the compute dtype, which also keeps activations there (diffusers' and
+transformers' norms cast activations to their weight's dtype when it is half precision). The
+cast layers follow ComfyUI's ``weight_function``/``bias_function`` convention (functions applied to
+the cast weight, set by ComfyUI's memory manager for low-VRAM patches) without importing ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("EditKit")
+
+HALF_TYPES = (torch.bfloat16, torch.float16)
+FP8_TYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
+
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         **{t: str(t).replace("torch.float8_", "fp8_") for t in FP8_TYPES}}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where a model's weights live (``storage``) and what its arithmetic runs in (``compute``)."""
+
+    storage: torch.dtype
+    compute: torch.dtype
+
+    @property
+    def casts(self) -> bool:
+        """True when every weighted layer casts its weight per call."""
+        return self.storage != self.compute
+
+    def __str__(self) -> str:
+        if not self.casts:
+            return dtype_name(self.compute)
+        return f"{dtype_name(self.storage)} stored, {dtype_name(self.compute)} compute"
+
+
+def cpu_fast_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16) that torch uses."""
+    probe = getattr(torch, "cpu", None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(probe, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def _accelerator_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        if dtype == torch.bfloat16:
+            return torch.cuda.is_bf16_supported()
+        return dtype == torch.float16
+    if device.type == "mps":
+        return dtype == torch.float16
+    return False
+
+
+def compute_dtype_for(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a model stored in ``storage`` computes in on ``device`` (see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cpu" and storage == torch.bfloat16 and cpu_fast_bf16():
+        return torch.bfloat16
+    if storage == torch.float32 or device.type == "cpu" or device.type == "meta":
+        return torch.float32
+    if storage in HALF_TYPES and _accelerator_supports(device, storage):
+        return storage
+    for candidate in (torch.bfloat16, torch.float16):
+        if _accelerator_supports(device, candidate):
+            return candidate
+    return torch.float32
+
+
+def auto_precision(kind: str, device: torch.device | str) -> Precision:
+    """EditKit's choice without ComfyUI: fp32 on the CPU (as ComfyUI: bf16 would be faster on CPUs with
+    bf16 instructions, but less accurate, so it is an explicit choice there); bf16 (else fp16) on GPUs.
+
+    The FLUX.1-style VAEs are never fp16 (they overflow to black pictures): bf16 where supported,
+    else fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return Precision(torch.float32, torch.float32)
+    if _accelerator_supports(device, torch.bfloat16):
+        return Precision(torch.bfloat16, torch.bfloat16)
+    if kind == "vae":
+        return Precision(torch.float32, torch.float32)
+    return Precision(torch.float16, compute_dtype_for(torch.float16, device))
+
+
+_WARNED: set[tuple] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def slow_choice_warning(storage: torch.dtype, device: torch.device) -> str | None:
+    """The one-line warning for an explicit ``storage`` choice that runs slowly on ``device``, or None."""
+    compute = compute_dtype_for(storage, device)
+    if compute == storage:
+        return None
+    where = "this CPU" if device.type == "cpu" else f"this {device.type.upper()} device"
+    if device.type == "cpu":
+        cost = ("this CPU has no bf16 matrix instructions (AMX-BF16, AVX512-BF16), so each layer's weights are cast "
+                "to fp32 at every call: about 20% slower than fp32, for half the memory")
+        instead = "pick fp32 or auto for speed, keep it only if fp32 weights do not fit in RAM"
+    else:
+        cost = (f"{where} does not support {dtype_name(storage)} arithmetic, so each layer's weights are cast to "
+                f"{dtype_name(compute)} at every call")
+        instead = f"pick {dtype_name(compute)} or auto for speed"
+    return f"EditKit: weight dtype {dtype_name(storage)} on {where}: {cost}; {instead}."
+
+
+def resolve(requested: torch.dtype | None, auto: Precision, device: torch.device | str) -> Precision:
+    """``auto`` when nothing was requested; else store ``requested`` and compute what the device is fast at.
+
+    An explicit choice that costs speed logs :func:`slow_choice_warning` once per (choice, device type).
+    """
+    if requested is None:
+        return auto
+    device = torch.device(device)
+    precision = Precision(requested, compute_dtype_for(requested, device))
+    message = slow_choice_warning(requested, device)
+    if message is not None:
+        key = (requested, device.type)
+        with _WARNED_LOCK:
+            first = key not in _WARNED
+            _WARNED.add(key)
+        if first:
+            log.warning(message)
+    return precision
+
+
+# --------------------------------------------------------------------------------------
+# Layers that store one dtype and compute in another
+
+
+def _hooked(tensor: torch.Tensor, functions) -> torch.Tensor:
+    for function in functions:
+        tensor = function(tensor)
+    return tensor
+
+
+def cast_weight_bias(layer: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """``layer``'s weight and bias in ``dtype`` on ``device``, with host weight/bias functions applied."""
+    weight = layer.weight.to(device=device, dtype=dtype, non_blocking=True)
+    weight = _hooked(weight, getattr(layer, "weight_function", ()))
+    bias = layer.bias
+    if bias is not None:
+        bias = _hooked(bias.to(device=device, dtype=dtype, non_blocking=True), getattr(layer, "bias_function", ()))
+    return weight, bias
+
+
+class CastLinear(torch.nn.Linear):
+    """A Linear whose weight is stored in a narrower dtype and cast to ``compute_dtype`` per call."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        weight, bias = cast_weight_bias(self, self.compute_dtype, x.device)
+        return F.linear(x, weight, bias)
+
+
+class CastConv2d(torch.nn.Conv2d):
+    """A Conv2d whose weight is stored in a narrower dtype and cast to ``compute_dtype`` per call."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        weight, bias = cast_weight_bias(self, self.compute_dtype, x.device)
+        return self._conv_forward(x, weight, bias)
+
+
+class CastEmbedding(torch.nn.Embedding):
+    """An Embedding stored in a narrower dtype; looked-up rows are cast to ``compute_dtype``."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight.device != ids.device:
+            weight = weight.to(ids.device, non_blocking=True)
+        rows = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+        return rows.to(self.compute_dtype)
+
+
+CAST_CLASSES: dict[type, type] = {torch.nn.Linear: CastLinear, torch.nn.Conv2d: CastConv2d,
+                                  torch.nn.Embedding: CastEmbedding}
+
+
+def apply_precision(module: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """Store ``module``'s Linear/Conv2d/Embedding weights in ``precision.storage``, the rest in its compute dtype.
+
+    With equal dtypes this is ``module.to(dtype)``. Otherwise exact ``torch.nn`` Linear, Conv2d and
+    Embedding layers become :class:`CastLinear` & co. (same parameters, same maths in the compute
+    dtype; ComfyUI's bridge can stream them under ``--lowvram``); their weights are stored in the
+    storage dtype and their biases in the compute dtype. Other parameters and buffers (norm scales,
+    subclassed layers such as GGUF ones, which are left alone) are converted to the compute dtype.
+    Works in place, layer by layer, so the peak memory is the larger of the two layouts of one layer.
+
+    Layers a transformers model lists in ``_keep_in_fp32_modules`` (T5's ``wo``) stay in the compute
+    dtype: transformers casts their *input* to their weight's dtype, so a narrower stored weight would
+    round the activations.
+    """
+    if not precision.casts:
+        for tensor_owner in module.modules():
+            _convert_direct(tensor_owner, precision.compute)
+        return module
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, layer in module.named_modules():
+        target = CAST_CLASSES.get(type(layer))
+        if target is None or keep.intersection(name.split(".")):
+            _convert_direct(layer, precision.compute)
+            continue
+        layer.__class__ = target
+        layer.compute_dtype = precision.compute
+        layer.weight.data = layer.weight.data.to(precision.storage)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.data = layer.bias.data.to(precision.compute)
+    return module
+
+
+def _convert_direct(layer: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convert ``layer``'s own floating parameters and buffers (not its children's) to ``dtype``.
+
+    Quantized GGUF weights (packed bytes that carry a ``quant_type``) are left as they are.
+    """
+    for _name, param in layer.named_parameters(recurse=False):
+        if param.is_floating_point() and not hasattr(param, "quant_type") and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    for name, buffer in layer.named_buffers(recurse=False):
+        if buffer.is_floating_point() and buffer.dtype != dtype:
+            setattr(layer, name, buffer.to(dtype))
+
+
+def storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers as stored."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

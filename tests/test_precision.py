@@ -1,0 +1,107 @@
+"""Storage dtype vs compute dtype: the rules, the layers that cast per call, and the slow-choice warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from editkit.pipelines.core import precision as P
+from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.flux.flow import text_ids, token_ids
+from editkit.pipelines.flux.loading import transformer_source
+from editkit.pipelines.flux.text import text_encoder_source
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_models):
+    return tiny_models / "diffusers" / "FLUX.1-Fill-dev"
+
+
+def _forward(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    config = module.config
+    with torch.inference_mode():
+        return module(
+            hidden_states=torch.randn(1, 16, config.in_channels, generator=g), timestep=torch.tensor([0.6]),
+            guidance=torch.tensor([30.0]), pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+            encoder_hidden_states=torch.randn(1, 7, config.joint_attention_dim, generator=g), txt_ids=text_ids(7),
+            img_ids=token_ids(8, 8), return_dict=False,
+        )[0]
+
+
+def test_compute_dtype_rules(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(P, "cpu_fast_bf16", lambda: False)
+    assert {P.compute_dtype_for(d, cpu) for d in (F32, BF16, F16, *P.FP8_TYPES)} == {F32}  # no bf16 units: fp32
+    monkeypatch.setattr(P, "cpu_fast_bf16", lambda: True)  # AMX-BF16 / AVX512-BF16: bf16 only where asked for
+    assert [P.compute_dtype_for(d, cpu) for d in (F32, BF16, F16)] == [F32, BF16, F32]
+    assert P.auto_precision("text_encoder", cpu) == P.Precision(F32, F32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert [P.compute_dtype_for(d, gpu) for d in (F32, BF16, F16)] == [F32, BF16, F16]
+    assert all(P.compute_dtype_for(d, gpu) == BF16 for d in P.FP8_TYPES)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert P.compute_dtype_for(BF16, gpu) == F16  # no bf16 units: cast per layer to fp16
+    assert P.auto_precision("diffusion", cpu) == P.Precision(F32, F32)
+    assert P.auto_precision("diffusion", gpu) == P.Precision(F16, F16)
+    assert P.auto_precision("vae", gpu) == P.Precision(F32, F32)  # FLUX.1's VAE overflows in fp16
+
+
+def test_bf16_storage_fp32_compute_equals_casting_bf16_weights_up_front(folder):
+    stored = transformer_source(folder, None, F32, storage=BF16).get()
+    assert stored.dtype == F32
+    linears = [m for m in stored.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is P.CastLinear and m.weight.dtype == BF16 for m in linears)
+    assert all(p.dtype == F32 for n, p in stored.module.named_parameters() if not n.endswith(".weight")
+               or not isinstance(stored.module.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Linear))
+
+    reference = transformer_source(folder, None, F32).derived("upfront", lambda c: c, "cast up front").get()
+    for layer in reference.module.modules():
+        if type(layer) is torch.nn.Linear:  # the same weights, rounded to bf16 and cast back once
+            layer.weight.data = layer.weight.data.to(BF16).to(F32)
+    assert P.storage_bytes(stored.module) < 0.6 * P.storage_bytes(reference.module)
+    assert torch.equal(_forward(stored.module), _forward(reference.module))
+
+
+def test_fp16_stored_text_encoders_compute_in_fp32(folder):
+    """The tiny encoders' weights are fp16 values, so fp16 storage with fp32 compute is exactly the fp32 model."""
+    dense = text_encoder_source(folder, None, None, F32).get()
+    stored = text_encoder_source(folder, None, None, F32, storage=F16).get()
+    t5_linears = {n: m for n, m in stored.t5.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    # T5's feed-forward output layers stay in the compute dtype (transformers' _keep_in_fp32_modules):
+    # transformers casts their input to their weight's dtype
+    assert {n for n, m in t5_linears.items() if m.weight.dtype == F32} == {n for n in t5_linears if n.endswith(".wo")}
+    assert sum(m.weight.dtype == F16 for m in t5_linears.values()) > len(t5_linears) / 2
+    runtime = TorchRuntime("cpu")
+    states, pooled = stored.encode(["a red fox"], runtime, max_sequence_length=64)
+    ref_states, ref_pooled = dense.encode(["a red fox"], runtime, max_sequence_length=64)
+    assert states.dtype == F32
+    assert torch.equal(states, ref_states) and torch.equal(pooled, ref_pooled)
+
+
+def test_slow_explicit_choice_warns_once(caplog, monkeypatch):
+    monkeypatch.setattr(P, "_WARNED", set())
+    monkeypatch.setattr(P, "cpu_fast_bf16", lambda: False)  # a CPU without bf16 instructions
+    auto = P.Precision(F32, F32)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="EditKit"):
+        assert P.resolve(None, auto, cpu) == auto
+        assert P.resolve(F32, auto, cpu) == auto
+        assert not caplog.records
+        for _ in range(3):
+            assert P.resolve(BF16, auto, cpu) == P.Precision(BF16, F32)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "\n" not in warnings[0]
+    assert "bf16 on this CPU" in warnings[0] and "fp32" in warnings[0] and "pick fp32 or auto" in warnings[0]
+    monkeypatch.setattr(P, "cpu_fast_bf16", lambda: True)
+    monkeypatch.setattr(P, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="EditKit"):
+        assert P.resolve(BF16, auto, cpu) == P.Precision(BF16, BF16)
+    assert len(caplog.records) == 1  # fast bf16 on this CPU: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="EditKit"):
+        P.resolve(F16, auto, cpu)  # another choice: its own single warning
+    assert len(caplog.records) == 2 and "fp16 on this CPU" in caplog.records[-1].getMessage()
