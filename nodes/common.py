@@ -10,8 +10,10 @@ import logging
 
 import torch
 
+from ..pipelines.core.errors import EditKitError
+from ..pipelines.core.loading import file_key
 from ..pipelines.flux.conditioning import FluxText, read_conditioning
-from ..pipelines.flux.loading import file_key
+from . import comfy_bridge as bridge
 
 log = logging.getLogger("EditKit")
 
@@ -77,6 +79,28 @@ def files_signature(paths) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         parts += [repr(file_key(p)) for p in files]
     return "|".join(parts)
+
+
+def chosen_file(value: str, folder: str):
+    """The path of a loader's file widget, or None for "(none)" / "(from folder)"."""
+    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
+
+
+def chosen_folder(value: str):
+    """The path of a loader's ``models/diffusers`` folder widget, or None for "(none)"."""
+    return None if value in (NONE, "", None) else bridge.model_path("diffusers", value)
+
+
+def loader_signature(diffusers_folder: str | None, *files: tuple[str, str]) -> str:
+    """A loader's IS_CHANGED: size and mtime of its chosen folder and files (``(widget value, models folder)``).
+
+    A missing file gives "" here: the load itself reports it, with the folder and what was expected.
+    """
+    try:
+        folder = chosen_folder(diffusers_folder) if diffusers_folder is not None else None
+        return files_signature([folder, *(chosen_file(v, f) for v, f in files)])
+    except EditKitError:
+        return ""
 
 
 def latent_dict(raw_latents: torch.Tensor) -> dict:

@@ -16,11 +16,12 @@ from .common import (
     FROM_FOLDER,
     NONE,
     batch_input,
+    chosen_file,
     denoise_input,
-    files_signature,
     flux_text,
     guidance_input,
     latent_dict,
+    loader_signature,
     seed_input,
     steps_input,
 )
@@ -28,9 +29,6 @@ from .common import (
 CATEGORY = "EditKit/flux"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def _choice(value: str, folder: str):
-    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
 
 
 class EditKitFluxLoader:
@@ -93,26 +91,23 @@ class EditKitFluxLoader:
 
     @classmethod
     def IS_CHANGED(cls, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, **_):
-        try:
-            folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
-            return files_signature([folder, _choice(transformer_file, "diffusion_models"), _choice(vae_file, "vae"),
-                                    _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders")])
-        except EditKitError:
-            return ""  # the load itself reports the missing file
+        return loader_signature(
+            diffusers_folder, (transformer_file, "diffusion_models"), (vae_file, "vae"), (clip_l_file, "text_encoders"), (t5_file, "text_encoders"),
+        )
 
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype]
         # Storage and compute dtypes: auto follows ComfyUI's flags and per-device rules (docs/precision-and-gguf.md).
         main = bridge.precision("diffusion", dtype)
-        transformer = transformer_source(folder, _choice(transformer_file, "diffusion_models"), main.compute,
+        transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"), main.compute,
                                          storage=main.storage)
         # The VAE follows its own policy (never fp16, which turns FLUX.1 pictures black) unless fp32 is asked for.
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
+        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         encoders = bridge.precision("text_encoder", dtype)
         text = text_encoder_source(
-            folder, _choice(clip_l_file, "text_encoders"), _choice(t5_file, "text_encoders"), encoders.compute,
+            folder, chosen_file(clip_l_file, "text_encoders"), chosen_file(t5_file, "text_encoders"), encoders.compute,
             clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"), t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"),
             storage=encoders.storage,
         )

@@ -22,7 +22,17 @@ from ..pipelines.qwen_image.loading import (
 from ..pipelines.qwen_image.lora import QWEN_IMAGE_LORA
 from ..pipelines.qwen_image.text import text_encoder_source
 from . import comfy_bridge as bridge
-from .common import FROM_FOLDER, NONE, batch_input, files_signature, latent_dict, seed_input, steps_input
+from .common import (
+    FROM_FOLDER,
+    NONE,
+    batch_input,
+    chosen_file,
+    chosen_folder,
+    latent_dict,
+    loader_signature,
+    seed_input,
+    steps_input,
+)
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -36,12 +46,6 @@ AUTO_VARIANT = "auto"
 MAX_REFERENCE_SIDE = 4096
 
 
-def _choice(value: str, folder: str):
-    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
-
-
-def _folder(value: str):
-    return None if value in (NONE, "", None) else bridge.model_path("diffusers", value)
 
 
 def _model_dtype(kind: str, chosen: torch.dtype | None) -> torch.dtype:
@@ -119,21 +123,19 @@ class EditKitQwenImageLoader:
 
     @classmethod
     def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        try:
-            return files_signature([_folder(diffusers_folder), _choice(transformer_file, "diffusion_models"),
-                                    _choice(text_encoder_file, "text_encoders"), _choice(vae_file, "vae")])
-        except EditKitError:
-            return ""  # the load itself reports the missing file
+        return loader_signature(
+            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
+        )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
              weight_dtype="auto"):
-        folder = _folder(diffusers_folder)
-        file = _choice(transformer_file, "diffusion_models")
+        folder = chosen_folder(diffusers_folder)
+        file = chosen_file(transformer_file, "diffusion_models")
         chosen = DTYPES[weight_dtype]
         transformer = transformer_source(folder, file, _model_dtype("diffusion", chosen))
         vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
-        text = text_encoder_source(folder, _choice(text_encoder_file, "text_encoders"),
+        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
+        text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    _model_dtype("text_encoder", chosen), bridge.comfy_tokenizer_dir("qwen25"))
         model = QwenImageModel(transformer, scheduler_config(folder), requested_variant=variant, folder=folder,
                                file=file)

@@ -14,7 +14,15 @@ from ..pipelines.qwen_image.layered_text import CAPTION_LANGUAGES
 from ..pipelines.qwen_image.loading import scheduler_config
 from ..pipelines.qwen_image.text import text_encoder_source
 from . import comfy_bridge as bridge
-from .common import FROM_FOLDER, NONE, files_signature, seed_input, steps_input
+from .common import (
+    FROM_FOLDER,
+    NONE,
+    chosen_file,
+    chosen_folder,
+    loader_signature,
+    seed_input,
+    steps_input,
+)
 from .qwen_image_nodes import DTYPES, TEXT_TYPE, _model_dtype
 
 log = logging.getLogger("EditKit")
@@ -24,12 +32,6 @@ MODEL_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED"
 VAE_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED_VAE"
 
 
-def _choice(value: str, folder: str):
-    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
-
-
-def _folder(value: str):
-    return None if value in (NONE, "", None) else bridge.model_path("diffusers", value)
 
 
 class EditKitQwenImageLayeredLoader:
@@ -91,20 +93,18 @@ class EditKitQwenImageLayeredLoader:
 
     @classmethod
     def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        try:
-            return files_signature([_folder(diffusers_folder), _choice(transformer_file, "diffusion_models"),
-                                    _choice(text_encoder_file, "text_encoders"), _choice(vae_file, "vae")])
-        except EditKitError:
-            return ""  # the load itself reports the missing file
+        return loader_signature(
+            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
+        )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
-        folder = _folder(diffusers_folder)
+        folder = chosen_folder(diffusers_folder)
         chosen = DTYPES[weight_dtype]
-        transformer = loading.transformer_source(folder, _choice(transformer_file, "diffusion_models"),
+        transformer = loading.transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
                                                  _model_dtype("diffusion", chosen))
         vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
-        vae = loading.vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
-        text_file = _choice(text_encoder_file, "text_encoders")
+        vae = loading.vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
+        text_file = chosen_file(text_encoder_file, "text_encoders")
         encoder = text_encoder_source(folder, text_file, _model_dtype("text_encoder", chosen),
                                       bridge.comfy_tokenizer_dir("qwen25"))
         text = loading.CaptioningTextEncoder(encoder, loading.caption_head_source(folder, text_file))

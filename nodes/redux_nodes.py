@@ -12,14 +12,16 @@ from ..pipelines.flux.redux import prior as redux_prior
 from ..pipelines.flux.redux.loading import ReduxModel
 from ..pipelines.flux.redux.preprocess import CROP_MODES
 from . import comfy_bridge as bridge
-from .common import FROM_FOLDER, NONE, files_signature
+from .common import (
+    FROM_FOLDER,
+    NONE,
+    chosen_file,
+    loader_signature,
+)
 
 CATEGORY = "EditKit/flux redux"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def _choice(value: str, folder: str):
-    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
 
 
 def _default_folder(folders: list[str]) -> str:
@@ -71,18 +73,15 @@ class EditKitReduxLoader:
 
     @classmethod
     def IS_CHANGED(cls, diffusers_folder, style_model_file, clip_vision_file, **_):
-        try:
-            folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
-            return files_signature([folder, _choice(style_model_file, "style_models"),
-                                    _choice(clip_vision_file, "clip_vision")])
-        except EditKitError:
-            return ""  # the load itself reports the missing file
+        return loader_signature(
+            diffusers_folder, (style_model_file, "style_models"), (clip_vision_file, "clip_vision"),
+        )
 
     def load(self, diffusers_folder, style_model_file, clip_vision_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype] or bridge.default_dtype("text_encoder")
-        return (ReduxModel(folder, _choice(clip_vision_file, "clip_vision"),
-                           _choice(style_model_file, "style_models"), dtype),)
+        return (ReduxModel(folder, chosen_file(clip_vision_file, "clip_vision"),
+                           chosen_file(style_model_file, "style_models"), dtype),)
 
 
 class EditKitReduxEncode:

@@ -23,7 +23,17 @@ from ..pipelines.zimage.recipe import DEFAULT_STAGES_YAML, parse_recipe
 from ..pipelines.zimage.sampler import check_size
 from ..pipelines.zimage.text import make_conditioning, read_conditioning, text_encoder_source
 from . import comfy_bridge as bridge
-from .common import FROM_FOLDER, NONE, batch_input, files_signature, latent_dict, seed_input, steps_input
+from .common import (
+    FROM_FOLDER,
+    NONE,
+    batch_input,
+    chosen_file,
+    chosen_folder,
+    latent_dict,
+    loader_signature,
+    seed_input,
+    steps_input,
+)
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -34,13 +44,6 @@ MODEL_TYPE = "EDITKIT_ZIMAGE"
 TEXT_TYPE = "EDITKIT_ZIMAGE_TEXT"
 VAE_TYPE = "EDITKIT_VAE"
 
-
-def _choice(value: str, folder: str):
-    return None if value in (NONE, FROM_FOLDER, "", None) else bridge.model_path(folder, value)
-
-
-def _folder(value: str):
-    return None if value == NONE else bridge.model_path("diffusers", value)
 
 
 class EditKitZImageLoader:
@@ -96,20 +99,18 @@ class EditKitZImageLoader:
 
     @classmethod
     def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        try:
-            return files_signature([_folder(diffusers_folder), _choice(transformer_file, "diffusion_models"),
-                                    _choice(text_encoder_file, "text_encoders"), _choice(vae_file, "vae")])
-        except EditKitError:
-            return ""  # the load itself reports the missing file
+        return loader_signature(
+            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
+        )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
-        folder = _folder(diffusers_folder)
+        folder = chosen_folder(diffusers_folder)
         dtype = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, _choice(transformer_file, "diffusion_models"),
+        transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
                                          dtype or bridge.default_dtype("diffusion"))
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, _choice(vae_file, "vae"), vae_dtype)
-        text = text_encoder_source(folder, _choice(text_encoder_file, "text_encoders"),
+        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
+        text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    dtype or bridge.default_dtype("text_encoder"), bridge.comfy_tokenizer_dir("qwen25"))
         return (ZImageModel(transformer, scheduler_config(folder)), text, vae)
 
