@@ -246,3 +246,40 @@ def test_batch_over_two_real_servers_one_killed(comfy_pair, tmp_path):
     assert all(r["status"] == "done" for r in records)
     assert any(e["event"] == "server_down" and e["server"] == victim.url for e in events)
     shutil.rmtree(tmp_path / "in", ignore_errors=True)
+
+
+def test_dataset_factory_decomposes_and_edits_on_real_servers(comfy_pair, tmp_path):
+    """Issue 13 on real servers: 3 samples, Qwen-Image-Layered decomposition on one server, FLUX.1-Fill edits with
+    the decomposed layer as mask spread over both; the report, the staging files and the export agree."""
+    from client.dataset.config import load_config
+    from client.dataset.stages import Factory
+
+    data = tmp_path / "data"
+    for i in range(3):
+        folder = data / "物理变化" / f"{i:04d}_sample"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (64, 64), (40 * i, 120, 200 - 30 * i)).save(folder / f"{i:04d}_sample.png")
+    config = load_config(None, [
+        f"outputs={tmp_path / 'outputs'}", f"inputs.roots=[{data}]", "instructions.default=[make it rain]",
+        "decompose.resolution=64", "decompose.steps=2", "decompose.layers=2",
+        'decompose.overrides={"Decompose.prompt": "a coloured square"}',
+        "generate.workflow=flux_fill_inpaint", "generate.mask_layer=1",
+        'generate.overrides={"4.steps": 2, "2.max_sequence_length": 64}',
+        f"services.layered.endpoint=[{comfy_pair[0].url}]",
+        f"services.edit.endpoint=[{comfy_pair[0].url},{comfy_pair[1].url}]",
+    ])
+    result = Factory(config, mock_mode=False).run(["ingest", "decompose", "generate", "export", "qa"])
+    out = tmp_path / "outputs"
+    assert result["qa"]["samples"] == 3 and result["qa"]["pairs"] == 3
+    for i in range(3):
+        layers = sorted((out / "staging" / "decompose" / "物理变化" / f"{i:04d}_sample").glob("layer_*.png"))
+        assert len(layers) == 2
+        with Image.open(layers[0]) as layer:
+            assert layer.mode == "RGBA" and layer.size == (64, 64)
+        with Image.open(out / "staging" / "generate" / "物理变化" / f"{i:04d}_sample" / "0_edit.png") as edit:
+            assert edit.size == (64, 64)
+    report = json.loads((out / "reports" / "qa" / "report.json").read_text("utf-8"))
+    assert all(p["checks"]["size"]["ok"] for p in report["pairs"])
+    servers = {json.loads(line)["server"] for line in (out / "manifests" / "comfy_edit.jsonl").read_text(
+        "utf-8").splitlines()}
+    assert servers <= {comfy_pair[0].url, comfy_pair[1].url} and servers
