@@ -288,11 +288,11 @@ class BatchRunner:
         """Can this server run the workflow at all (node classes, model files)? If not, drop it."""
         info = await state.server.object_info(refresh=True)
         probe = apply_overrides(self.base, self.global_sets, info)
-        placeholder = set()
+        uploaded_per_item = set()  # the workflow's own picture name: each item uploads its picture instead
         if self.image_node:
-            placeholder.add(probe[self.image_node]["inputs"]["image"])
+            uploaded_per_item.add(probe[self.image_node]["inputs"]["image"])
         try:
-            validate(probe, info, state.server.url, known_images=placeholder)
+            validate(probe, info, state.server.url, known_images=uploaded_per_item)
         except ValidationFailed as exc:
             state.excluded = str(exc)
             self.emit({"event": "server_excluded", "server": state.server.url, "error": str(exc)})

@@ -8,6 +8,7 @@ so a loader output nothing uses never reads its file.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from collections.abc import Callable
@@ -139,3 +140,15 @@ def cast_stored_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
                 tensor = tensor * scale.float()
         sd[key] = tensor.to(dtype)
     return sd
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def scheduler_config(folder: Path | None, shipped: Path) -> dict:
+    """A diffusers folder's scheduler config, or the family's ``shipped`` one when loading from single files."""
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        return read_json(folder / "scheduler" / "scheduler_config.json")
+    return read_json(shipped)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
@@ -248,9 +249,7 @@ def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> La
 
 def scheduler_config(folder: Path | None) -> dict:
     """The folder's scheduler config, or FLUX.1's (shipped) when loading from single files."""
-    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
-        return _load_json(folder / "scheduler" / "scheduler_config.json")
-    return _load_json(CONFIG_DIR / "flux_scheduler" / "scheduler_config.json")
+    return core_loading.scheduler_config(folder, CONFIG_DIR / "flux_scheduler" / "scheduler_config.json")
 
 
 class FluxModel:

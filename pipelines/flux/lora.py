@@ -12,8 +12,8 @@ Three gaps are filled here, before it runs:
   the width the LoRA has (``linear1`` has 7 x width rows: 3 attention + 4 MLP), so the same code
   serves the real files and narrower models. The down matrix is shared by the four parts and the
   up matrix split by rows, which is exactly ``delta W`` of the fused layer cut into its parts;
-* diffusers drops the ``alpha`` of kohya/original ``final_layer`` LoRAs (its converter has a
-  "TODO: alphas" there), which would run those layers at ``r / alpha`` times their strength;
+* diffusers drops the ``alpha`` of kohya/original ``final_layer`` LoRAs (its converter leaves alphas
+  unhandled there), which would run those layers at ``r / alpha`` times their strength;
   EditKit converts ``final_layer`` itself, with the alpha.
 """
 

@@ -32,6 +32,7 @@ from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
+from . import loading as qwen_loading
 from .loading import (
     CONFIG_DIR,
     _describe_foreign,
@@ -154,25 +155,13 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
 
 
 def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    from diffusers import QwenImageTransformer2DModel
+    """The family's folder loader, refusing a transformer that is not the Layered one."""
 
-    precision = Precision(storage or dtype, dtype)
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    config = _load_json(sub / "config.json")
-    if config.get("_class_name") != "QwenImageTransformer2DModel":
-        raise ModelFileError(sub, "Not a Qwen-Image transformer folder", TRANSFORMER_EXPECTED)
-    if not is_layered(config):
-        raise ModelFileError(sub, not_layered_message(f"The folder '{folder.name}'"), TRANSFORMER_EXPECTED)
-    try:
-        model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
-                                                            local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    apply_precision(model, precision)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+    def check(config: dict, sub: Path) -> None:
+        if not is_layered(config):
+            raise ModelFileError(sub, not_layered_message(f"The folder '{folder.name}'"), TRANSFORMER_EXPECTED)
+
+    return qwen_loading._transformer_from_folder(folder, dtype, storage, check_config=check)
 
 
 def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
@@ -248,15 +249,20 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None,
+                             check_config=None) -> Component:
+    """A folder's Qwen-Image transformer; ``check_config(config, sub)`` may refuse a variant (Layered does)."""
     from diffusers import QwenImageTransformer2DModel
 
     precision = Precision(storage or dtype, dtype)
     sub = folder / "transformer"
     if not (sub / "config.json").is_file():
         raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    if _load_json(sub / "config.json").get("_class_name") != "QwenImageTransformer2DModel":
+    config = _load_json(sub / "config.json")
+    if config.get("_class_name") != "QwenImageTransformer2DModel":
         raise ModelFileError(sub, "Not a Qwen-Image transformer folder", "a QwenImageTransformer2DModel")
+    if check_config is not None:
+        check_config(config, sub)
     try:
         model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
                                                             local_files_only=True)
@@ -353,9 +359,7 @@ def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> La
 
 def scheduler_config(folder: Path | None) -> dict:
     """The folder's scheduler config, or Qwen-Image's (shipped) when loading from single files."""
-    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
-        return _load_json(folder / "scheduler" / "scheduler_config.json")
-    return _load_json(CONFIG_DIR / "scheduler" / "scheduler_config.json")
+    return core_loading.scheduler_config(folder, CONFIG_DIR / "scheduler" / "scheduler_config.json")
 
 
 def lightning_scheduler_config() -> dict:

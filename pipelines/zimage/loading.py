@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.runtime import Component
@@ -179,9 +180,7 @@ def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> La
 
 def scheduler_config(folder: Path | None) -> dict:
     """The folder's scheduler config, or Z-Image-Turbo's (shipped) when loading from single files."""
-    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
-        return _load_json(folder / "scheduler" / "scheduler_config.json")
-    return _load_json(SCHEDULER_CONFIG)
+    return core_loading.scheduler_config(folder, SCHEDULER_CONFIG)
 
 
 class ZImageModel:
