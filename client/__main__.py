@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32 MB)")
     serve.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest picture in pixels (default 4096²)")
     serve.add_argument("--stall-timeout", type=float, default=600.0, metavar="S")
+    serve.add_argument("--keep-files", action="store_true",
+                       help="run workflows as written: uploaded and saved pictures stay in ComfyUI's input/ and output/ "
+                            "(default: pictures travel in the prompt and over the WebSocket, nothing is left there)")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="let browser pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API "
+                            "(repeatable)")
 
     from .dataset.cli import add_parser as add_dataset_parser
 

@@ -1,19 +1,22 @@
 """``python -m client batch``: one workflow over many pictures or prompts, spread over servers.
 
-Scheduling: every server gets ``--in-flight`` slots (2 by default: one running, one queued behind
-it, so the server never idles between prompts while keeping little work at risk when it dies). A
-slot takes the next ready item from one shared queue, so faster servers take more items.
+Scheduling: every worker (a ComfyUI server, see :mod:`client.workers`) gets ``--in-flight`` slots (2 by
+default: one running, one queued behind it, so the server never idles between prompts while keeping
+little work at risk when it dies). A slot takes the next ready item from one shared queue, so faster
+servers take more items.
 
-Faults: a server that stops answering, hangs (no WebSocket message for the stall timeout) or
-forgets a prompt is marked down, its items go back to the front of the queue for the other
-servers, and a prober brings it back when ``/system_stats`` answers again. An item whose prompt
-fails (refused, execution error) is retried with exponential backoff; when it has failed the same
-way ``--max-failures`` times it is recorded as failed and the batch goes on. Errors that retrying
-cannot fix (not a picture, a ``--set`` that does not fit) fail the item at once.
+Faults: a server that stops answering, hangs (no WebSocket message for the stall timeout) or forgets a
+prompt is marked down, its items go back to the front of the queue for the other servers, and a prober
+brings it back (checked again for the workflow's nodes and models) when it answers. An item whose
+prompt fails (refused, execution error) is retried with exponential backoff; when it has failed the
+same way ``--max-failures`` times it is recorded as failed and the batch goes on. Errors that retrying
+cannot fix (not a picture, a ``--set`` that does not fit) fail the item at once. When no server has
+been usable for ``--give-up-after`` seconds (at the start too), the batch stops and says so.
 
-Resume: the manifest (JSONL) gets one line per item that ended. Items whose last record is
-``done`` for the same workflow and settings (the ``config`` hash) are skipped by the next run;
-failed items are tried again.
+Resume and exactly-once: the manifest (JSONL) gets one line per item that ended; items whose last record
+is ``done`` for the same workflow and settings (the ``config`` hash) are skipped by the next run, failed
+ones are tried again. Outputs are staged, recorded, then moved into place (:mod:`client.outputs`), so
+after a kill at any moment every picture in the output tree is listed by the manifest, once.
 """
 
 from __future__ import annotations
@@ -21,63 +24,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import console
-from .comfy import ComfyServer, Timeouts
+from .comfy import Timeouts
 from .errors import (
     ClientError,
-    ExecutionFailed,
-    ExecutionInterrupted,
-    PromptRejected,
     ServerUnavailable,
     ValidationFailed,
     WorkflowError,
 )
-from .files import clear_partials, list_pictures, read_picture, safe_stem
+from .items import Item, picture_items, prompt_items
 from .manifest import Manifest
-from .run import download_outputs
-from .validate import validate
-from .workflow import (
-    apply_overrides,
-    find_node,
-    image_node,
-    is_link,
-    load_workflow,
-    parse_assignment,
-    split_target,
-)
+from .outputs import OutputStore, output_name
+from .workers import ComfyWorker, Job, Rendered, Worker
+from .workflow import load_workflow, parse_assignment
 
-JSONL_FIELDS = {"id", "prompt", "set", "image"}
+__all__ = ["BatchRunner", "Item", "Job", "Worker", "batch_command", "picture_items", "prompt_items"]
 
 
 @dataclass
-class Item:
-    """One unit of work: a picture or a prompt line, with its own overrides."""
-
-    key: str
-    input: str
-    picture: Path | None = None
-    prompt_text: str | None = None
-    sets: dict = field(default_factory=dict)
-    subdir: Path = Path()
-    stem: str = "item"
-    attempts: int = 0
-    failures: collections.Counter = field(default_factory=collections.Counter)
-    not_before: float = 0.0
-    first_queued: float = 0.0
-
-
-@dataclass
-class ServerState:
-    server: ComfyServer
-    healthy: asyncio.Event = field(default_factory=asyncio.Event)
+class WorkerState:
+    worker: Worker
+    healthy: asyncio.Event
     excluded: str | None = None
     checked: bool = False
     probed: bool = False
@@ -87,91 +61,9 @@ class ServerState:
     busy_s: float = 0.0
     downs: int = 0
 
-
-# -- items ---------------------------------------------------------------------------------------
-
-
-def picture_items(folders: list[Path]) -> list[Item]:
-    """Every picture under the folders (recursively); keys are stable across runs."""
-    pairs = list_pictures(folders)
-    several = len({str(Path(root).resolve()) for root, _ in pairs}) > 1
-    items = []
-    for root, path in pairs:
-        rel = path.relative_to(root)
-        key = f"{Path(root).resolve().as_posix()}::{rel.as_posix()}"
-        subdir = rel.parent
-        if several:
-            subdir = Path(safe_stem(Path(root).resolve().name) or "input") / subdir
-        items.append(Item(key=key, input=str(path), picture=path, subdir=subdir, stem=safe_stem(path.stem) or "picture"))
-    return items
-
-
-def prompt_items(path: Path) -> list[Item]:
-    """Items of a prompts file: text (one prompt a line, ``#`` comments) or JSONL objects with
-    ``prompt``, ``set`` ({"NODE.INPUT": value}), ``image`` (path, relative to the file) and ``id``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkflowError(f"cannot read prompts file '{path}': {exc}") from exc
-    items: list[Item] = []
-    seen: collections.Counter = collections.Counter()
-    jsonl = Path(path).suffix.lower() in (".jsonl", ".ndjson")
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
-            continue
-        if jsonl:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise WorkflowError(f"{path}:{number}: not a JSON object ({exc.msg})") from exc
-            if not isinstance(entry, dict):
-                raise WorkflowError(f"{path}:{number}: expected a JSON object, got {type(entry).__name__}")
-            unknown = sorted(set(entry) - JSONL_FIELDS)
-            if unknown:
-                raise WorkflowError(f"{path}:{number}: unknown field '{unknown[0]}' (allowed: "
-                                    f"{', '.join(sorted(JSONL_FIELDS))})")
-            sets = entry.get("set") or {}
-            if not isinstance(sets, dict):
-                raise WorkflowError(f"{path}:{number}: 'set' must be an object of \"NODE.INPUT\": value")
-            for target in sets:
-                split_target(target)
-            picture = None
-            if entry.get("image"):
-                picture = (Path(path).parent / str(entry["image"])).expanduser()
-            prompt_text = entry.get("prompt")
-            if prompt_text is not None and not isinstance(prompt_text, str):
-                raise WorkflowError(f"{path}:{number}: 'prompt' must be text")
-            identity = str(entry["id"]) if "id" in entry else json.dumps(entry, sort_keys=True, ensure_ascii=False)
-        else:
-            prompt_text, sets, picture, identity = line.strip(), {}, None, line.strip()
-        digest = hashlib.sha1(identity.encode("utf-8")).hexdigest()[:16]
-        seen[digest] += 1
-        key = f"prompt:{digest}" + (f"#{seen[digest]}" if seen[digest] > 1 else "")
-        label = prompt_text if prompt_text is not None else (str(picture) if picture else identity)
-        items.append(Item(key=key, input=label, picture=picture, prompt_text=prompt_text, sets=sets,
-                          stem=f"item{len(items) + 1:05d}"))
-    if not items:
-        raise WorkflowError(f"prompts file '{path}' holds no prompts")
-    return items
-
-
-def prompt_target(workflow: dict, target: str | None) -> tuple[str, str]:
-    """Where a prompt line goes: ``--prompt-target`` or the only constant text input named prompt/text."""
-    if target:
-        node_ref, name = split_target(target)
-        node_id = find_node(workflow, node_ref)
-        if name not in workflow[node_id]["inputs"]:
-            raise WorkflowError(f"--prompt-target '{target}': node {node_id} has no input '{name}'")
-        return node_id, name
-    found = [(i, name) for i, n in workflow.items() for name in ("prompt", "text")
-             if isinstance(n["inputs"].get(name), str) and not is_link(n["inputs"][name])]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise WorkflowError("the workflow has no text input named 'prompt' or 'text'; say where prompts go with "
-                            "--prompt-target NODE.INPUT")
-    raise WorkflowError("the workflow has several prompt inputs (" + ", ".join(f"{i}.{n}" for i, n in found) +
-                        "); say which with --prompt-target NODE.INPUT")
+    @property
+    def name(self) -> str:
+        return self.worker.name
 
 
 def _signature(exc: Exception) -> str:
@@ -183,22 +75,24 @@ def _signature(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-# -- the runner ----------------------------------------------------------------------------------
-
-
 class BatchRunner:
-    """Runs items over servers; see the module docstring for the rules."""
+    """Runs items over workers; see the module docstring for the rules.
 
-    def __init__(self, *, workflow_name: str, workflow: dict, items: list[Item], urls: list[str], out_dir: Path,
-                 manifest_path: Path | None = None, global_sets: list | None = None, image_ref: str | None = None,
-                 prompt_ref: str | None = None, in_flight: int = 2, max_failures: int = 3, retry_base: float = 1.0,
-                 give_up_after: float = 600.0, probe_interval: float = 2.0, timeouts: Timeouts | None = None,
-                 emit=None, progress: bool = True):
+    Give ``urls`` (ComfyUI servers) or ``workers`` (anything with :class:`~client.workers.Worker`'s
+    methods); everything else is the same either way.
+    """
+
+    def __init__(self, *, workflow_name: str, workflow: dict, items: list[Item], urls: list[str] | None = None,
+                 out_dir: Path, workers: list[Worker] | None = None, manifest_path: Path | None = None,
+                 global_sets: list | None = None, image_ref: str | None = None, prompt_ref: str | None = None,
+                 in_flight: int = 2, max_failures: int = 3, retry_base: float = 1.0, give_up_after: float = 600.0,
+                 probe_interval: float = 2.0, timeouts: Timeouts | None = None, emit=None, progress: bool = True):
+        self.job = Job.build(workflow_name, workflow, items, global_sets, image_ref, prompt_ref)
         self.workflow_name = workflow_name
         self.items_all = items
         self.out_dir = Path(out_dir)
         self.manifest = Manifest(manifest_path or self.out_dir / "manifest.jsonl")
-        self.global_sets = global_sets or []
+        self.store = OutputStore(self.out_dir)
         self.in_flight = max(1, in_flight)
         self.max_failures = max(1, max_failures)
         self.retry_base = retry_base
@@ -207,23 +101,24 @@ class BatchRunner:
         self.timeouts = timeouts or Timeouts()
         self.emit = emit or (lambda event: None)
         self.progress = progress
-        self.base = workflow
-        self.image_node = image_node(workflow, image_ref) if any(i.picture for i in items) else None
-        self.prompt_node = prompt_target(workflow, prompt_ref) if any(i.prompt_text is not None for i in items) else None
-        for node_ref, _, _ in self.global_sets:
-            if node_ref != "*":
-                find_node(workflow, node_ref)
-        self.config = hashlib.sha256(json.dumps(
-            [workflow, [list(s) for s in self.global_sets], self.image_node, self.prompt_node],
-            sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-        self.servers = [ServerState(ComfyServer(u, self.timeouts)) for u in dict.fromkeys(urls)]
+        if workers is None:
+            workers = [ComfyWorker(u, self.timeouts) for u in dict.fromkeys(urls or [])]
+        if not workers:
+            raise WorkflowError("no server to run the batch on: give --server URL (repeatable)")
+        self.states = [WorkerState(w, asyncio.Event()) for w in workers]
         self.pending: collections.deque[Item] = collections.deque()
         self.running = 0
-        self.cond = asyncio.Condition()
-        self.finished = asyncio.Event()
+        self.cond: asyncio.Condition | None = None
+        self.finished: asyncio.Event | None = None
         self.stop_reason: str | None = None
         self.counts = collections.Counter()
+        self.last: dict[str, dict] = {}  # the manifest's current record per item
+        self.owner: dict[str, str] = {}  # output path → item whose current record lists it
         self.bar = None
+
+    @property
+    def config(self) -> str:
+        return self.job.config
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -255,63 +150,68 @@ class BatchRunner:
                 (self.pending.appendleft if front else self.pending.append)(item)
             self.cond.notify_all()
 
-    # -- servers --------------------------------------------------------------------------------
+    # -- workers --------------------------------------------------------------------------------
 
-    async def _probe(self, state: ServerState) -> None:
-        """Bring a server back when it answers again (bounded backoff), then check it can run the workflow."""
+    async def _probe(self, state: WorkerState) -> None:
+        """Bring a worker back when it answers again (bounded backoff), then check it can run the job."""
         delay = self.probe_interval
-        while not self.finished.is_set() and not self.stop_reason and state.excluded is None:
+        while not self.finished.is_set() and state.excluded is None:
             if not state.healthy.is_set():
                 try:
-                    await state.server.system_stats(timeout=self.timeouts.connect + 2)
+                    await state.worker.probe()
                     if not state.checked:
-                        await self._check_server(state)
+                        await self._check(state)
                     if state.excluded is None:
                         state.healthy.set()
                         delay = self.probe_interval
-                        self.emit({"event": "server_up", "server": state.server.url})
-                        self._note(f"ComfyUI at {state.server.url} answers; it takes items")
-                except ServerUnavailable:
+                        self.emit({"event": "server_up", "server": state.name})
+                        self._note(f"ComfyUI at {state.name} answers; it takes items")
+                except ServerUnavailable as exc:
+                    if not state.probed:
+                        self._note(self._not_answering(state, exc))
                     delay = min(delay * 2, 30.0)
                 except ClientError as exc:
-                    state.excluded = str(exc)
-                    self._note(f"not using ComfyUI at {state.server.url}: {exc}")
+                    self._exclude(state, exc)
                     state.probed = True
                     break
-                if not state.probed and not state.healthy.is_set():
-                    self._note(f"ComfyUI at {state.server.url} does not answer; going on with the other servers "
-                               "and retrying it")
                 state.probed = True
             await _wait_any([self.finished.wait()], delay if not state.healthy.is_set() else 0.5)
 
-    async def _check_server(self, state: ServerState) -> None:
-        """Can this server run the workflow at all (node classes, model files)? If not, drop it."""
-        info = await state.server.object_info(refresh=True)
-        probe = apply_overrides(self.base, self.global_sets, info)
-        uploaded_per_item = set()  # the workflow's own picture name: each item uploads its picture instead
-        if self.image_node:
-            uploaded_per_item.add(probe[self.image_node]["inputs"]["image"])
+    def _not_answering(self, state: WorkerState, exc: Exception) -> str:
+        others = [s for s in self.states if s is not state and s.excluded is None]
+        if others:
+            return (f"ComfyUI at {state.name} does not answer ({exc}); the other servers take the items meanwhile "
+                    "and it is retried")
+        return (f"ComfyUI at {state.name} does not answer ({exc}); retrying it until one answers, for up to "
+                f"{self.give_up_after:g} s (--give-up-after)")
+
+    async def _check(self, state: WorkerState) -> None:
+        """Can this worker run the job at all (node classes, model files)? If not, drop it."""
         try:
-            validate(probe, info, state.server.url, known_images=uploaded_per_item)
+            await state.worker.check(self.job)
         except ValidationFailed as exc:
-            state.excluded = str(exc)
-            self.emit({"event": "server_excluded", "server": state.server.url, "error": str(exc)})
-            self._note(f"not using ComfyUI at {state.server.url}: {exc}")
+            self._exclude(state, exc)
         state.checked = True
 
-    def _server_down(self, state: ServerState, exc: Exception) -> None:
+    def _exclude(self, state: WorkerState, exc: Exception) -> None:
+        state.excluded = str(exc)
+        self.emit({"event": "server_excluded", "server": state.name, "error": str(exc)})
+        self._note(f"not using ComfyUI at {state.name}: {exc}")
+
+    def _down(self, state: WorkerState, exc: Exception) -> None:
         if state.healthy.is_set():
             state.healthy.clear()
+            state.checked = False  # it may come back without the pack or a model: check it again
             state.downs += 1
-            self.emit({"event": "server_down", "server": state.server.url, "error": str(exc)})
-            self._note(f"ComfyUI at {state.server.url} is down ({exc}); its items go to the other servers")
+            self.emit({"event": "server_down", "server": state.name, "error": str(exc)})
+            self._note(f"ComfyUI at {state.name} is down ({exc}); its items go to the other servers")
 
     # -- items ----------------------------------------------------------------------------------
 
-    async def _slot(self, state: ServerState) -> None:
+    async def _slot(self, state: WorkerState) -> None:
         while True:
             while not state.healthy.is_set():
-                if self.finished.is_set() or self.stop_reason or state.excluded:
+                if self.finished.is_set() or state.excluded:
                     return
                 await _wait_any([state.healthy.wait(), self.finished.wait()], None)
             item = await self._next_item()
@@ -322,57 +222,69 @@ class BatchRunner:
                 continue
             await self._run_item(state, item)
 
-    def _item_prompt(self, item: Item, info: dict) -> dict:
-        prompt = apply_overrides(self.base, self.global_sets, info)
-        if item.prompt_text is not None:
-            node_id, name = self.prompt_node
-            prompt[node_id]["inputs"][name] = item.prompt_text
-        if item.sets:
-            prompt = apply_overrides(prompt, [(*split_target(t), v) for t, v in item.sets.items()], info)
-        return prompt
-
-    async def _run_item(self, state: ServerState, item: Item) -> None:
-        server = state.server
+    async def _run_item(self, state: WorkerState, item: Item) -> None:
         item.attempts += 1
         started = time.time()
         tick = time.monotonic()
         try:
-            info = await server.object_info()
-            prompt = self._item_prompt(item, info)
-            if item.picture is not None:
-                data = read_picture(item.picture)
-                target = self.image_node or image_node(prompt, None)
-                prompt[target]["inputs"]["image"] = await server.upload_image(data, item.picture.name)
-            validate(prompt, info, server.url, server.uploaded)
-            prompt_id = await server.submit(prompt)
-            result = await server.wait(prompt_id, prompt, queued_at=started)
-            files = await download_outputs(server, result, self.out_dir, item.stem, item.subdir)
+            rendered = await state.worker.render(self.job, item)
         except ServerUnavailable as exc:
             state.lost += 1
             state.busy_s += time.monotonic() - tick
-            self._server_down(state, exc)
+            self._down(state, exc)
             await self._retry_or_fail(state, item, exc, limit=2 * self.max_failures, delay=0.0, front=True)
             return
         except (WorkflowError, ValidationFailed) as exc:
             state.busy_s += time.monotonic() - tick
             await self._fail(state, item, exc)
             return
-        except (PromptRejected, ExecutionFailed, ExecutionInterrupted, ClientError) as exc:
+        except ClientError as exc:  # refused, a node failed, interrupted: worth another try
             state.busy_s += time.monotonic() - tick
             delay = self.retry_base * 2 ** (item.failures[_signature(exc)])
             await self._retry_or_fail(state, item, exc, limit=self.max_failures, delay=delay, front=False)
             return
         state.busy_s += time.monotonic() - tick
         state.done += 1
-        record = self._record(item, "done", server.url, result.prompt_id, files, None, started, result)
-        self.manifest.append(record)
+        record = self._save(item, rendered, started)
         self.counts["done"] += 1
-        self.emit({"event": "item_done", "item": item.key, "input": item.input, "server": server.url,
-                   "prompt_id": result.prompt_id, "outputs": record["outputs"]})
+        self.emit({"event": "item_done", "item": item.key, "input": item.input, "server": rendered.server,
+                   "prompt_id": rendered.prompt_id, "outputs": record["outputs"]})
         self._advance()
         await self._release(item, requeue=False)
 
-    async def _retry_or_fail(self, state: ServerState, item: Item, exc: Exception, limit: int, delay: float,
+    def _output_names(self, item: Item, rendered: Rendered) -> list[str]:
+        names, counters = [], collections.Counter()
+        for node_id, suffix, _ in rendered.pictures:
+            counters[node_id] += 1
+            rel = (item.subdir / output_name(item.stem, node_id, counters[node_id], suffix)).as_posix()
+            if self.owner.get(rel, item.key) != item.key:  # another item's file: never overwrite it
+                rel = (item.subdir / output_name(f"{item.stem}-{_key_hash(item.key)}", node_id, counters[node_id],
+                                                 suffix)).as_posix()
+            names.append(rel)
+        return names
+
+    def _save(self, item: Item, rendered: Rendered, started: float) -> dict:
+        """Stage, record, commit (see :mod:`client.outputs`); returns the record."""
+        rels = self._output_names(item, rendered)
+        self.store.stage(rendered.prompt_id, [(rel, data) for rel, (_, _, data) in zip(rels, rendered.pictures)])
+        record = self._record(item, "done", rendered.server, rendered.prompt_id, rels, None, started, rendered)
+        self.manifest.append(record)
+        previous = self.last.get(item.key) or {}
+        replaced = (previous.get("outputs") or []) if previous.get("status") == "done" else []
+        self._remember(record)
+        self.store.commit(rendered.prompt_id, rels, replaced)
+        return record
+
+    def _remember(self, record: dict) -> None:
+        previous = self.last.get(record["item"])
+        if previous and previous.get("status") == "done" and record["status"] == "done":
+            for rel in previous.get("outputs") or []:
+                self.owner.pop(rel, None)
+        self.last[record["item"]] = record
+        for rel in record.get("outputs") or []:
+            self.owner[rel] = record["item"]
+
+    async def _retry_or_fail(self, state: WorkerState, item: Item, exc: Exception, limit: int, delay: float,
                              front: bool) -> None:
         signature = _signature(exc)
         item.failures[signature] += 1
@@ -380,33 +292,35 @@ class BatchRunner:
             await self._fail(state, item, exc)
             return
         item.not_before = time.monotonic() + delay
-        self.emit({"event": "item_retry", "item": item.key, "server": state.server.url, "error": str(exc),
+        self.emit({"event": "item_retry", "item": item.key, "server": state.name, "error": str(exc),
                    "retry_in_s": round(delay, 3), "attempt": item.attempts})
         await self._release(item, requeue=True, front=front)
 
-    async def _fail(self, state: ServerState, item: Item, exc: Exception) -> None:
+    async def _fail(self, state: WorkerState, item: Item, exc: Exception) -> None:
         state.failed += 1
-        self.manifest.append(self._record(item, "failed", state.server.url, None, [], str(exc), None, None))
+        record = self._record(item, "failed", state.name, None, [], str(exc), None, None)
+        self.manifest.append(record)
+        self._remember(record)
         self.counts["failed"] += 1
-        self.emit({"event": "item_failed", "item": item.key, "input": item.input, "server": state.server.url,
+        self.emit({"event": "item_failed", "item": item.key, "input": item.input, "server": state.name,
                    "error": str(exc)})
         self._note(f"failed: {item.input}: {exc}")
         self._advance()
         await self._release(item, requeue=False)
 
-    def _record(self, item: Item, status: str, server: str, prompt_id, files, error, started, result) -> dict:
+    def _record(self, item: Item, status: str, server: str, prompt_id, outputs: list[str], error, started,
+                rendered: Rendered | None) -> dict:
         now = time.time()
         timings = {"finished_at": round(now, 3), "attempts": item.attempts}
-        if result is not None:
-            timings.update(queued_at=round(result.queued_at, 3),
-                           started_at=round(result.started_at, 3) if result.started_at else None,
-                           wait_s=round((result.started_at or result.queued_at) - result.queued_at, 3),
-                           run_s=round(result.finished_at - (result.started_at or result.queued_at), 3),
+        if rendered is not None:
+            began = rendered.started_at or rendered.queued_at
+            timings.update(queued_at=round(rendered.queued_at, 3),
+                           started_at=round(rendered.started_at, 3) if rendered.started_at else None,
+                           wait_s=round(began - rendered.queued_at, 3), run_s=round(rendered.finished_at - began, 3),
                            total_s=round(now - started, 3))
         return {"item": item.key, "input": item.input, "overrides": item.sets or {},
                 "prompt": item.prompt_text, "workflow": self.workflow_name, "config": self.config,
-                "server": server, "prompt_id": prompt_id,
-                "outputs": [p.relative_to(self.out_dir).as_posix() for p in files], "status": status,
+                "server": server, "prompt_id": prompt_id, "outputs": outputs, "status": status,
                 "error": error, "attempts": item.attempts, "timings": timings}
 
     # -- progress and notes ---------------------------------------------------------------------
@@ -422,38 +336,45 @@ class BatchRunner:
     def _advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(" ".join(f"{s.server.url.split('//')[-1]}:{s.done}" for s in self.servers))
+            self.bar.set_postfix_str(" ".join(f"{s.name.split('//')[-1]}:{s.done}" for s in self.states))
 
     async def _watchdog(self) -> None:
-        """Stop when no server has been usable for ``give_up_after`` seconds."""
-        down_since = None
+        """Stop when every worker was dropped, or none has been usable for ``give_up_after`` seconds."""
+        down_since = time.monotonic()
         while not self.finished.is_set():
-            usable = [s for s in self.servers if s.excluded is None]
+            usable = [s for s in self.states if s.excluded is None]
             if not usable:
-                self.stop_reason = "every server was dropped: " + "; ".join(s.excluded for s in self.servers)
+                self.stop_reason = "every server was dropped: " + "; ".join(s.excluded for s in self.states)
             elif any(s.healthy.is_set() for s in usable):
                 down_since = None
             else:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > self.give_up_after:
-                    self.stop_reason = f"no ComfyUI server answered for {self.give_up_after:g} s"
+                    names = ", ".join(s.name for s in usable)
+                    self.stop_reason = (f"no ComfyUI server answered for {self.give_up_after:g} s (--give-up-after): "
+                                        f"{names}. Start ComfyUI there or check the --server URLs, then run the "
+                                        "same command again: finished items are kept")
             if self.stop_reason:
                 async with self.cond:
                     self.cond.notify_all()
                 self.finished.set()
                 return
-            await _wait_any([self.finished.wait()], 0.5)
+            await _wait_any([self.finished.wait()], 0.2)
 
     # -- entry point ----------------------------------------------------------------------------
 
     async def run(self) -> dict:
         started = time.monotonic()
-        clear_partials(self.out_dir)
+        self.cond = asyncio.Condition()
+        self.finished = asyncio.Event()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        previous = self.manifest.load()
+        history = self.manifest.records()
+        self.store.recover(history)
+        for record in history:
+            self._remember(record)
         todo, skipped, other_config = [], 0, 0
         for item in self.items_all:
-            record = previous.get(item.key)
+            record = self.last.get(item.key)
             if record and record.get("status") == "done":
                 if record.get("config") == self.config:
                     skipped += 1
@@ -468,42 +389,33 @@ class BatchRunner:
             from tqdm import tqdm
 
             self.bar = tqdm(total=len(todo), unit="item", file=sys.stderr, dynamic_ncols=True)
-        probes = [asyncio.create_task(self._probe(s)) for s in self.servers]
+        probes = []
         try:
             if todo:
-                await _wait_any([asyncio.gather(*(asyncio.shield(self._first_up(s)) for s in self.servers))], None)
-                if not any(s.healthy.is_set() for s in self.servers):
-                    reasons = "; ".join(s.excluded or f"{s.server.url} does not answer" for s in self.servers)
-                    raise ServerUnavailable(f"no ComfyUI server can run the batch: {reasons}")
-                slots = [asyncio.create_task(self._slot(s)) for s in self.servers for _ in range(self.in_flight)]
+                probes = [asyncio.create_task(self._probe(s)) for s in self.states]
+                slots = [asyncio.create_task(self._slot(s)) for s in self.states for _ in range(self.in_flight)]
                 watchdog = asyncio.create_task(self._watchdog())
                 await asyncio.gather(*slots)
                 self.finished.set()
                 await watchdog
-            else:
-                self.finished.set()
+            self.finished.set()
         finally:
             self.finished.set()
             for task in probes:
                 task.cancel()
             await asyncio.gather(*probes, return_exceptions=True)
-            for state in self.servers:
-                await state.server.close()
+            for state in self.states:
+                await state.worker.close()
             if self.bar is not None:
                 self.bar.close()
+            self.store.close()
         return self._summary(time.monotonic() - started, len(todo))
-
-    async def _first_up(self, state: ServerState) -> None:
-        """Wait for the first probe of a server (it answered or not) so the start is not a race."""
-        deadline = time.monotonic() + self.timeouts.connect + 10
-        while time.monotonic() < deadline and not state.probed:
-            await asyncio.sleep(0.02)
 
     def _summary(self, wall: float, todo: int) -> dict:
         left = todo - self.counts["done"] - self.counts["failed"]
         servers = []
-        for state in self.servers:
-            servers.append({"server": state.server.url, "done": state.done, "failed": state.failed,
+        for state in self.states:
+            servers.append({"server": state.name, "done": state.done, "failed": state.failed,
                             "requeued": state.lost, "went_down": state.downs, "excluded": state.excluded,
                             "busy_s": round(state.busy_s, 3),
                             "items_per_min": round(60.0 * state.done / wall, 2) if wall > 0 else None})
@@ -511,6 +423,10 @@ class BatchRunner:
                 "failed": self.counts["failed"], "skipped": self.counts["skipped"], "left": max(left, 0),
                 "wall_s": round(wall, 3), "stopped": self.stop_reason, "servers": servers,
                 "manifest": str(self.manifest.path)}
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
 
 
 async def _wait_any(awaitables: list, timeout: float | None) -> None:

@@ -13,6 +13,15 @@ How a prompt is followed, and why:
   silent for longer than the stall timeout while the prompt is unfinished raises
   :class:`ServerStalled` (after a best-effort cancel); one that forgot the prompt (restarted) raises
   :class:`PromptLost`. All three say "try elsewhere", never "the item is bad".
+* A prompt whose caller gives up (the awaiting task is cancelled: a timeout, a disconnected HTTP
+  client, Ctrl-C) is removed from ComfyUI's queue, or interrupted if it is the one running; ComfyUI
+  0.3.64's ``/interrupt`` takes the prompt id and leaves other prompts alone.
+* Pictures can come back without files: a ``SaveImageWebsocket`` node (shipped in ComfyUI's own
+  ``custom_nodes``) sends them as binary WebSocket frames. The client announces
+  ``supports_preview_metadata``, so each frame carries its prompt id and node id; frames from servers
+  that send none are matched to the prompt and node ComfyUI said it was executing (one socket keeps
+  the order). ``wait(..., binary_nodes=...)`` keeps the frames of those nodes in
+  :attr:`PromptResult.ws_images`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -47,6 +57,7 @@ from .workflow import title_of
 
 EventCallback = Callable[[dict], None]
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA = 1, 4  # ComfyUI's protocol.BinaryEventTypes
 
 
 def normalize_url(url: str) -> str:
@@ -85,6 +96,7 @@ class PromptResult:
     queued_at: float = 0.0
     started_at: float | None = None
     finished_at: float = 0.0
+    ws_images: dict[str, list[bytes]] = field(default_factory=dict)  # node id → pictures sent over the socket
 
     def images(self) -> list[tuple[str, dict]]:
         """(node id, ``{filename, subfolder, type}``) of every picture output, in node order."""
@@ -102,6 +114,7 @@ class _Watch:
     def __init__(self):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.last_message = time.monotonic()
+        self.binary_nodes: set[str] = set()
 
 
 class ComfyServer:
@@ -118,6 +131,7 @@ class ComfyServer:
         self._ws_up = asyncio.Event()
         self._watches: dict[str, _Watch] = {}
         self._last_ws_message = time.monotonic()
+        self._executing: tuple[str | None, str | None] = (None, None)
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -238,9 +252,22 @@ class ComfyServer:
         await self._request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else {}, expect="none")
 
     async def cancel(self, prompt_id: str) -> None:
-        """Remove a queued prompt and interrupt it if it is running (ComfyUI ignores unknown ids)."""
+        """Remove a queued prompt and interrupt it if it is running (ComfyUI ignores unknown ids).
+
+        Deleting first and interrupting second leaves no gap: a prompt that starts between the two
+        calls is caught by the interrupt, which only acts on the running prompt with this id.
+        """
         await self._request("POST", "/queue", json={"delete": [prompt_id]}, expect="none")
         await self.interrupt(prompt_id)
+
+    async def delete_history(self, prompt_id: str) -> None:
+        """Forget a finished prompt (ComfyUI keeps up to 10,000 in memory, pictures sent as base64 included)."""
+        await self._request("POST", "/history", json={"delete": [prompt_id]}, expect="none")
+
+    async def abandon(self, prompt_id: str) -> None:
+        """Best-effort :meth:`cancel` for a caller that gave up: bounded in time, never raises."""
+        with contextlib.suppress(ClientError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.cancel(prompt_id), self.timeouts.connect + 5)
 
     # -- WebSocket --------------------------------------------------------------------------------
 
@@ -259,6 +286,9 @@ class ComfyServer:
                     ws_url, heartbeat=self.timeouts.heartbeat, max_msg_size=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=self.timeouts.connect)), self.timeouts.connect)
                 async with ws:
+                    # must be the first message: pictures then carry their prompt and node ids
+                    await ws.send_str(json.dumps({"type": "feature_flags",
+                                                  "data": {"supports_preview_metadata": True}}))
                     self._ws_up.set()
                     delay = 0.1
                     self._broadcast({"type": "_ws_connected"})
@@ -267,6 +297,8 @@ class ComfyServer:
                         if message.type == aiohttp.WSMsgType.TEXT:
                             with contextlib.suppress(json.JSONDecodeError):
                                 self._dispatch(json.loads(message.data))
+                        elif message.type == aiohttp.WSMsgType.BINARY:
+                            self._dispatch_binary(message.data)
                         elif message.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
                             break
             except asyncio.CancelledError:
@@ -283,10 +315,37 @@ class ComfyServer:
         data = message.get("data")
         if not isinstance(data, dict):
             return
+        if message.get("type") == "executing":
+            self._executing = (data.get("prompt_id"), None if data.get("node") is None else str(data["node"]))
+        elif message.get("type") == "execution_start":
+            self._executing = (data.get("prompt_id"), None)
         watch = self._watches.get(str(data.get("prompt_id")))
         if watch is not None:
             watch.last_message = time.monotonic()
             watch.queue.put_nowait(message)
+
+    def _dispatch_binary(self, frame: bytes) -> None:
+        """A picture frame: ``[event][metadata length][metadata JSON][image]`` (event 4) or
+        ``[event][format][image]`` (event 1, attributed to the prompt and node being executed)."""
+        if len(frame) < 8:
+            return
+        event = struct.unpack(">I", frame[:4])[0]
+        if event == PREVIEW_IMAGE_WITH_METADATA:
+            length = struct.unpack(">I", frame[4:8])[0]
+            try:
+                meta = json.loads(frame[8:8 + length])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return
+            prompt_id, node, image = meta.get("prompt_id"), meta.get("node_id"), frame[8 + length:]
+        elif event == PREVIEW_IMAGE:
+            (prompt_id, node), image = self._executing, frame[8:]
+        else:
+            return
+        watch = self._watches.get(str(prompt_id))
+        if watch is not None:
+            watch.last_message = time.monotonic()
+            if node is not None and str(node) in watch.binary_nodes:
+                watch.queue.put_nowait({"type": "_image", "data": {"node": str(node), "image": bytes(image)}})
 
     def _broadcast(self, message: dict) -> None:
         for watch in self._watches.values():
@@ -316,12 +375,19 @@ class ComfyServer:
         return str(answer["prompt_id"])
 
     async def wait(self, prompt_id: str, prompt: dict | None = None, on_event: EventCallback | None = None,
-                   queued_at: float | None = None) -> PromptResult:
+                   queued_at: float | None = None, binary_nodes: set[str] | None = None) -> PromptResult:
         """Follow a submitted prompt to its end; see the module docstring for the failure rules."""
         watch = self._watches.setdefault(prompt_id, _Watch())
+        watch.binary_nodes = {str(n) for n in binary_nodes or ()}
         emit = _emitter(on_event, self.url, prompt_id, prompt)
         result = PromptResult(prompt_id, self.url, {}, queued_at=queued_at or time.time())
         next_poll = time.monotonic() + self.timeouts.poll
+        # History is written by ComfyUI's worker as soon as the prompt ends, while its WebSocket messages
+        # (pictures included) may still wait in the server's send queue: when pictures are expected over the
+        # socket, a finished history entry waits for the end message (bounded) so no picture is left behind.
+        ended: dict | None = None
+        ended_by = 0.0
+        dropped = False
         try:
             while True:
                 interval = self.timeouts.poll if self.ws_connected else self.timeouts.poll_ws_down
@@ -334,22 +400,36 @@ class ComfyServer:
                     kind, data = message.get("type"), message.get("data") or {}
                     if kind == "_ws_lost":
                         emit("ws_lost")
+                        dropped = True  # what the socket carried meanwhile is gone: history decides
+                        if ended is not None:
+                            return self._finish(ended, prompt, result, emit)
                         next_poll = time.monotonic() + self.timeouts.poll_ws_down
                         continue
                     if kind == "_ws_connected":
                         emit("ws_connected")
                         next_poll = time.monotonic()  # catch up on what the drop hid
                         continue
+                    if kind == "_image":
+                        result.ws_images.setdefault(data["node"], []).append(data["image"])
+                        continue
                     done = self._handle_message(kind, data, prompt, result, emit)
                     if done:
-                        entry = await self._history_after_end(prompt_id)
+                        entry = ended or await self._history_after_end(prompt_id)
                         if entry is not None:
                             return self._finish(entry, prompt, result, emit)
+                    continue
+                if ended is not None:
+                    if time.monotonic() >= ended_by:
+                        return self._finish(ended, prompt, result, emit)
                     continue
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + interval
                     entry = await self.history(prompt_id)
                     if entry is not None and _entry_finished(entry):
+                        if watch.binary_nodes and self.ws_connected and not dropped:
+                            ended, ended_by = entry, time.monotonic() + self.timeouts.request
+                            next_poll = ended_by
+                            continue
                         return self._finish(entry, prompt, result, emit)
                     await self._check_alive(prompt_id, watch)
         finally:
@@ -432,15 +512,32 @@ class ComfyServer:
         emit("finished", outputs=len(result.images()))
         return result
 
-    async def run(self, prompt: dict, on_event: EventCallback | None = None, check: bool = True) -> PromptResult:
-        """Validate against ``/object_info``, queue, and follow one prompt to its end."""
+    async def run(self, prompt: dict, on_event: EventCallback | None = None, check: bool = True,
+                  queued_at: float | None = None, binary_nodes: set[str] | None = None,
+                  prompt_id: str | None = None) -> PromptResult:
+        """Validate against ``/object_info``, queue, and follow one prompt to its end.
+
+        If the caller gives up (this coroutine is cancelled), the prompt is removed from ComfyUI's
+        queue or interrupted before the cancellation goes on. ``prompt_id`` lets the caller know the
+        id before queueing (it is chosen here otherwise).
+        """
         if check:
             validate(prompt, await self.object_info(), self.url, self.uploaded)
-        queued_at = time.time()
-        prompt_id = await self.submit(prompt)
-        if on_event:
-            on_event({"event": "queued", "server": self.url, "prompt_id": prompt_id})
-        return await self.wait(prompt_id, prompt, on_event, queued_at)
+        if binary_nodes:  # the pictures come back over the socket only: it must be up before the prompt runs
+            await self._ensure_ws()
+            if not self.ws_connected:
+                raise ServerUnavailable(f"the WebSocket to ComfyUI at {self.url} does not connect within "
+                                        f"{self.timeouts.connect:g} s; the pictures would come back over it")
+        queued_at = queued_at or time.time()
+        prompt_id = prompt_id or str(uuid.uuid4())
+        try:
+            await self.submit(prompt, prompt_id)
+            if on_event:
+                on_event({"event": "queued", "server": self.url, "prompt_id": prompt_id})
+            return await self.wait(prompt_id, prompt, on_event, queued_at, binary_nodes)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.abandon(prompt_id))
+            raise
 
 
 def _entry_finished(entry: dict) -> bool:

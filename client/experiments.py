@@ -11,10 +11,18 @@ description, models, features: [{id, name, requires_mask}]}]``) with, per featur
   ``background_removed`` (``NODE`` or ``{node, output, set}``: that node's picture output, from a
   copy of the node with ``set`` inputs changed when given, e.g. BEN2 with ``invert: false``).
 
-A ``generate`` section maps ``/generate`` modes (``redux``) the same way. Everything is checked
-against the bundled workflows at startup, so a typo fails the start, not a user's request. An entry
-marked ``optional: true`` whose workflow is not bundled (yet) is disabled instead, and requests for
-it answer 501 with the reason; that is how the file can name workflows other work will add.
+A ``generate`` section maps ``/generate`` modes (``redux``) the same way, plus per mode:
+
+* ``with_prompt``: a second entry of the same shape (workflow, parameters, outputs) used when the
+  request has a non-empty ``prompt`` (Redux with a text encoder); without it (and without a ``prompt``
+  target in the mode's own parameters) such a request is refused with a 400 that says why, instead of
+  ignoring the prompt;
+* ``model_ids``: the ``model_id`` values the mode answers to (a request naming another is refused).
+
+Everything is checked against the bundled workflows at startup, so a typo fails the start, not a
+user's request. An entry marked ``optional: true`` whose workflow is not bundled (yet) is disabled
+instead, and requests for it answer 501 with the reason; that is how the file can name workflows
+other work will add.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from .workflow import BUNDLED_DIR, bundled_names, find_node, load_workflow, reso
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "experiments.yaml"
 EDIT_PARAMETERS = ("input_image", "prompt", "steps", "guidance_scale", "strength", "negative_prompt", "seed")
-GENERATE_PARAMETERS = ("input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "model_id")
+GENERATE_PARAMETERS = ("input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "num_images")
 
 
 class ExperimentsError(WorkflowError):
@@ -62,6 +70,9 @@ class Feature:
     requires_mask: bool
     route: Route | None
     disabled: str | None = None
+    prompt_route: Route | None = None  # generate modes: the route for requests with a prompt
+    prompt_disabled: str | None = None  # why a prompt cannot be followed (no with_prompt entry)
+    model_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -193,6 +204,27 @@ def load_experiments(path: Path | str = DEFAULT_FILE, folder: Path = BUNDLED_DIR
     generate: dict[str, Feature] = {}
     for mode, entry in (_require(data, "generate", where, dict, {}) or {}).items():
         g_label = f"{where}: generate.{mode}"
+        unknown = sorted(set(entry or {}) - GENERATE_KEYS)
+        if unknown:
+            raise ExperimentsError(f"{g_label}: unknown key '{unknown[0]}' (known: {', '.join(sorted(GENERATE_KEYS))})")
         route, disabled = _route(entry, g_label, GENERATE_PARAMETERS, folder)
-        generate[str(mode)] = Feature(str(mode), str(mode), False, route, disabled)
+        feature = Feature(str(mode), str(mode), False, route, disabled)
+        feature.model_ids = [str(m) for m in _require(entry, "model_ids", g_label, list, [])]
+        with_prompt = _require(entry, "with_prompt", g_label, dict, None)
+        if with_prompt is None and route is not None and "prompt" in route.targets:
+            feature.prompt_route = route  # the mode's own workflow takes the prompt
+        elif with_prompt is None:
+            feature.prompt_disabled = (f"mode '{mode}' here has no text encoder configured, so it cannot follow "
+                                       f"'prompt': send it without a prompt, or add generate.{mode}.with_prompt "
+                                       f"(e.g. workflow flux_redux_with_prompt) to {path}")
+        else:
+            feature.prompt_route, why = _route(with_prompt, f"{g_label}.with_prompt", GENERATE_PARAMETERS, folder)
+            if why:
+                feature.prompt_disabled = f"mode '{mode}' cannot follow 'prompt' here: {why}"
+            elif "prompt" not in feature.prompt_route.targets:
+                raise ExperimentsError(f"{g_label}.with_prompt.parameters: 'prompt' must say where the prompt goes")
+        generate[str(mode)] = feature
     return Experiments(base_url, timeout, experiments, generate, str(path))
+
+
+GENERATE_KEYS = {"workflow", "parameters", "outputs", "optional", "with_prompt", "model_ids"}

@@ -3,7 +3,8 @@
 Outputs are written to a temporary file in a hidden folder of the output directory and moved into
 place with ``os.replace`` (atomic on one filesystem), so a reader, a resumed batch or a person never
 sees half a picture even after ``kill -9``. Leftovers of a killed run only ever sit in that hidden
-folder, which the next run empties.
+folder, which the next run empties and every run removes when it ends. Files get the mode a plain
+``open()`` would give them (0644 under the usual umask 022), not ``mkstemp``'s private 0600.
 """
 
 from __future__ import annotations
@@ -26,8 +27,21 @@ PARTIAL_DIR = ".editkit-partial"
 FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tiff"}
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def picture_info(data: bytes, source: str, max_pixels: int | None = None) -> tuple[str, int, int]:
-    """(format, width, height) of an encoded picture; anything Pillow cannot decode is refused."""
+    """(format, width, height) of an encoded picture; anything Pillow cannot decode is refused.
+
+    The message says what the bytes look like instead of Pillow's own text, which names an internal
+    ``BytesIO`` object and tells the sender nothing.
+    """
     try:
         with Image.open(io.BytesIO(data)) as picture:
             width, height = picture.size
@@ -38,8 +52,15 @@ def picture_info(data: bytes, source: str, max_pixels: int | None = None) -> tup
             picture.verify()
     except WorkflowError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise WorkflowError(f"{source} is not a picture Pillow can read ({type(exc).__name__}: {exc})") from exc
+    except UnidentifiedImageError as exc:
+        start = data[:12]
+        what = "empty" if not data else f"starts with {start!r}"
+        raise WorkflowError(f"{source} is not a picture Pillow can read: its content ({len(data)} bytes, {what}) is "
+                            "not PNG, JPEG, WebP, BMP, GIF or TIFF; send the picture file's bytes") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(exc))
+        raise WorkflowError(f"{source} is not a picture Pillow can read ({type(exc).__name__}: {detail}); the file "
+                            "may be truncated or damaged: send it again or re-save it") from exc
     return fmt, width, height
 
 
@@ -78,18 +99,33 @@ def partial_dir(out_dir: Path) -> Path:
 
 
 def clear_partials(out_dir: Path) -> None:
-    """Remove what a killed run left half-written (only ever inside the hidden partial folder)."""
+    """Remove what a killed run left half-written (only ever inside the hidden partial folder), and the
+    folder itself, so no empty hidden folder stays behind."""
     shutil.rmtree(partial_dir(out_dir), ignore_errors=True)
 
 
+def write_file_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (created or truncated, the usual file mode) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def atomic_write(path: Path, data: bytes, out_dir: Path | None = None) -> Path:
-    """Write ``data`` to ``path`` all at once: temp file (fsynced) then ``os.replace``."""
+    """Write ``data`` to ``path`` all at once: temp file (fsynced) then ``os.replace``.
+
+    With ``out_dir`` the temporary file sits in ``out_dir``'s hidden partial folder, which is removed
+    again when it is empty afterwards.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = partial_dir(out_dir) if out_dir else path.parent
     tmp_root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmp_root, prefix=".part-", suffix=path.suffix)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -101,7 +137,17 @@ def atomic_write(path: Path, data: bytes, out_dir: Path | None = None) -> Path:
         except OSError:
             pass
         raise
+    finally:
+        if out_dir:
+            remove_if_empty(tmp_root)
     return path
+
+
+def remove_if_empty(folder: Path) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # not empty (another file is being written) or already gone
 
 
 def list_pictures(folders: list[Path]) -> list[tuple[Path, Path]]:

@@ -19,9 +19,9 @@ class Manifest:
         self.path = Path(path)
         self.torn_lines = 0
 
-    def load(self) -> dict[str, dict]:
-        """Last record per item key (empty when the file does not exist yet)."""
-        records: dict[str, dict] = {}
+    def records(self) -> list[dict]:
+        """Every record in file order (empty when the file does not exist yet)."""
+        records: list[dict] = []
         self.torn_lines = 0
         try:
             handle = open(self.path, "rb")
@@ -37,8 +37,12 @@ class Manifest:
                     self.torn_lines += 1
                     continue
                 if isinstance(record, dict) and "item" in record:
-                    records[str(record["item"])] = record
+                    records.append(record)
         return records
+
+    def load(self) -> dict[str, dict]:
+        """Last record per item key (empty when the file does not exist yet)."""
+        return {str(record["item"]): record for record in self.records()}
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")

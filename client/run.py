@@ -1,13 +1,12 @@
 """``python -m client run``: one workflow, once, on the first server that answers.
 
-The pieces shared with ``batch`` and ``serve`` live here too: preparing a prompt from a workflow and
-the ``--set``/``--image`` options, picking a live server, and saving outputs atomically under names
-that carry the prompt id (so two runs never write the same file).
+The pieces ``run`` needs: preparing a prompt from a workflow and the ``--set``/``--image`` options,
+picking a live server, and saving outputs atomically under names that carry the prompt id
+(``<workflow>_<prompt id>_<node>_<n><ext>``, so two runs never write the same file).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from . import console
 from .comfy import ComfyServer, PromptResult, Timeouts
-from .errors import ClientError, ServerUnavailable, WorkflowError
+from .errors import ServerUnavailable, WorkflowError
 from .files import atomic_write, read_picture, safe_stem
 from .workflow import apply_overrides, find_node, load_workflow, parse_assignment
 
@@ -132,17 +131,11 @@ async def run_command(args) -> int:
             find_node(workflow, node_ref)  # unknown nodes too; inputs are checked with the server's node specs
     server = await first_live_server(args.server or ["http://127.0.0.1:8188"], timeouts, say)
     view = None
-    prompt_id = None
     try:
         prompt = await prepare_prompt(server, workflow, sets, pictures)
         view = ProgressView(prompt, args.json)
-
-        def on_event(event: dict) -> None:
-            nonlocal prompt_id
-            prompt_id = event.get("prompt_id") or prompt_id
-            view(event)
-
-        result = await server.run(prompt, on_event, check=not args.no_validate)
+        # Ctrl-C cancels this task; ComfyServer.run then takes the prompt off ComfyUI's queue
+        result = await server.run(prompt, view, check=not args.no_validate)
         view.close()
         stem = safe_stem(Path(args.workflow).stem)
         saved = await download_outputs(server, result, Path(args.out), stem)
@@ -155,13 +148,6 @@ async def run_command(args) -> int:
             if not saved:
                 say("the workflow finished but produced no pictures")
         return 0
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        if prompt_id:
-            try:
-                await asyncio.shield(server.cancel(prompt_id))
-            except ClientError:
-                pass
-        raise
     finally:
         if view is not None:
             view.close()

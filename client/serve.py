@@ -5,11 +5,17 @@ Endpoints: ``GET /api/image_editing/experiments``, ``POST /api/edit_with_comfyui
 (at least one ComfyUI server answers and has EditKit's nodes).
 
 Every error is ``{"success": false, "error": "..."}`` with a 4xx (the request is wrong: the message
-names the field) or 5xx (ComfyUI is down, 503; a node failed, 502; not configured, 501); tracebacks go
-to this process's log only. Bodies and pictures have size limits; unknown fields are refused so a
-misspelt parameter is not silently ignored. Bound to loopback by default; any other address needs an
-access token (``Authorization: Bearer <token>`` or ``X-Access-Token``), because the API makes a GPU
-server run work for whoever can reach it.
+names the field and the fix; checked before anything is queued) or 5xx (ComfyUI is down, 503; a node
+failed, 502; not configured, 501); tracebacks go to this process's log only. Bodies and pictures have
+size limits; unknown fields are refused so a misspelt parameter is not silently ignored. Bound to
+loopback by default; any other address needs an access token (``Authorization: Bearer <token>`` or
+``X-Access-Token``), because the API makes a GPU server run work for whoever can reach it.
+
+A request costs what it returns and stops when abandoned: ``/generate`` renders ``num_images``
+pictures (default 1) and returns them all; a caller that disconnects or runs past ``comfyui.timeout``
+gets its ComfyUI prompt taken off the queue or interrupted (that prompt only). Pictures sent and
+produced leave no file in ComfyUI's folders unless ``--keep-files`` (:mod:`client.routing` says how).
+``--cors-origin`` lets browser apps on other origins call the API.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +48,18 @@ from .errors import (
 )
 from .experiments import EDIT_PARAMETERS, Experiments, Feature, Route
 from .files import picture_info
+from .routing import WEBSOCKET_OUTPUT, BadValue, check_values, fill, without_files
+from .validate import validate
 from .workflow import add_preview
 
 log = logging.getLogger("editkit.client.serve")
 EDIT_FIELDS = {"experiment_id", "feature_id", "input_image_base64", *EDIT_PARAMETERS} - {"input_image"}
-GENERATE_FIELDS = {"mode", "input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "model_id"}
+GENERATE_FIELDS = {"mode", "input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "model_id",
+                   "num_images"}
 GENERATE_DEFAULTS = {"prompt": "", "height": 1024, "width": 1024, "num_inference_steps": 50, "cfg": 2.5, "seed": 42,
-                     "model_id": None}
+                     "model_id": None, "num_images": 1}
 OPEN_PATHS = {"/healthz", "/readyz"}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 class HttpError(Exception):
@@ -61,6 +73,7 @@ class HttpError(Exception):
 class Limits:
     max_body_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 4096 * 4096
+    keep_files: bool = False  # run workflows as written: uploads and saved pictures stay in ComfyUI's folders
 
 
 def is_loopback(host: str) -> bool:
@@ -91,6 +104,38 @@ async def error_middleware(request: web.Request, handler):
     except Exception as exc:  # never a stack trace to the caller
         log.exception("unexpected error on %s %s", request.method, request.path)
         return _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+def cors_middleware(origins: list[str]):
+    """CORS for browser apps on other origins (``--cors-origin``, repeatable; ``*`` for any).
+
+    Written here rather than with aiohttp-cors: that package wants every route registered with it and
+    would be a fifth dependency of a client that installs with four; what is needed is the preflight
+    answer and one header on every answer, including errors (this middleware is outermost).
+    """
+    allowed = set(origins)
+
+    def permitted(origin: str | None) -> bool:
+        return bool(origin) and ("*" in allowed or origin in allowed)
+
+    @web.middleware
+    async def cors(request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not permitted(origin):
+                hint = (f"start serve with --cors-origin {origin}" if origin else "send an Origin header")
+                return _json_error(403, f"cross-origin requests from {origin or 'this page'} are not allowed: {hint}")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Access-Token",
+                "Access-Control-Max-Age": "600"})
+        response = await handler(request)
+        if permitted(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+    return cors
 
 
 def token_middleware(token: str | None):
@@ -129,15 +174,22 @@ class Api:
         self.experiments = experiments
         self.pool = pool
         self.limits = limits
+        self.warned: set[str] = set()
 
     # -- helpers --------------------------------------------------------------------------------
 
-    async def _json_body(self, request: web.Request) -> dict:
+    async def _json_body(self, request: web.Request, form_endpoint: str | None = None) -> dict:
+        if request.content_type in FORM_TYPES:
+            other = (f", or post the form to {form_endpoint}" if form_endpoint else
+                     " with the picture base64-encoded in its field")
+            raise HttpError(400, f"{request.path} takes a JSON object (Content-Type: application/json), not a "
+                                 f"{request.content_type} form: send JSON{other}")
         raw = await request.read()
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"the body is not valid JSON ({exc})") from exc
+            raise HttpError(400, f"the body is not valid JSON ({exc}); send a JSON object with "
+                                 "Content-Type: application/json") from exc
         if not isinstance(body, dict):
             raise HttpError(400, "the body must be a JSON object")
         return body
@@ -154,7 +206,8 @@ class Api:
             try:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as exc:
-                raise HttpError(400, f"'{field_name}' is not valid base64 ({exc})") from exc
+                raise HttpError(400, f"'{field_name}' is not valid base64 ({exc}); send the picture file's bytes "
+                                     "base64-encoded (a data: URL is fine)") from exc
         try:
             picture_info(data, f"'{field_name}'", self.limits.max_pixels)
         except WorkflowError as exc:
@@ -177,59 +230,97 @@ class Api:
             raise HttpError(400, f"'{name}' must be between {low} and {high}, got {value}")
         return value
 
-    async def _execute(self, route: Route, values: dict[str, Any], picture: bytes | None) -> dict[str, bytes | None]:
-        """Fill the route's workflow, run it on a live server, return its pictures."""
+    async def _execute(self, route: Route, values: dict[str, Any], pictures: dict[str, bytes],
+                       on_event=None) -> dict[str, list[bytes]]:
+        """Fill the route's workflow, run it on a live server, return its pictures per answer key.
+
+        Cancelling this coroutine (the caller disconnected) cancels the ComfyUI prompt; so does the
+        ``comfyui.timeout`` limit, which answers 504.
+        """
         errors = []
         for server in self.pool.order():
             self.pool.busy[server.url] += 1
             try:
-                return await asyncio.wait_for(self._execute_on(server, route, values, picture),
+                return await asyncio.wait_for(self._execute_on(server, route, values, pictures, on_event),
                                               self.experiments.timeout)
             except ServerUnavailable as exc:
                 self.pool.down_until[server.url] = time.monotonic() + 5.0
                 errors.append(str(exc))
             except asyncio.TimeoutError as exc:
                 raise HttpError(504, f"ComfyUI at {server.url} did not finish within {self.experiments.timeout:g} s "
-                                     "(comfyui.timeout in the experiments file)") from exc
+                                     "(comfyui.timeout in the experiments file); the prompt was cancelled") from exc
             finally:
                 self.pool.busy[server.url] -= 1
         raise HttpError(503, "no ComfyUI server answers: " + " | ".join(errors))
 
-    async def _execute_on(self, server: ComfyServer, route: Route, values: dict, picture: bytes | None) -> dict:
-        prompt = json.loads(json.dumps(route.prompt))
+    async def _execute_on(self, server: ComfyServer, route: Route, values: dict, pictures: dict[str, bytes],
+                          on_event=None) -> dict[str, list[bytes]]:
         info = await server.object_info()
-        for parameter, value in values.items():
-            for node_id, input_name in route.targets.get(parameter, []):
-                prompt[node_id]["inputs"][input_name] = value
-        if picture is not None:
-            for node_id, input_name in route.targets.get("input_image", []):
-                if prompt[node_id]["class_type"] == "LoadImage" or _is_upload_input(info, prompt[node_id], input_name):
-                    prompt[node_id]["inputs"][input_name] = await server.upload_image(picture, "request.png")
-                else:
-                    prompt[node_id]["inputs"][input_name] = base64.b64encode(picture).decode("ascii")
+        prompt = fill(route, values)
+        try:
+            check_values(route, values, prompt, info)
+        except BadValue as exc:
+            raise HttpError(400, str(exc)) from exc
         wanted = {"image": route.output_node}
         if route.background is not None:
             node_id, index, overrides = route.background
             wanted["background_removed"] = add_preview(prompt, node_id, index, overrides)
+        targets = {(node_id, input_name): parameter for parameter in pictures
+                   for node_id, input_name in route.targets.get(parameter, [])}
+        websocket = False
+        if self.limits.keep_files:
+            for (node_id, input_name), parameter in targets.items():
+                if prompt[node_id]["class_type"] == "LoadImage" or _is_upload_input(info, prompt[node_id], input_name):
+                    value = await server.upload_image(pictures[parameter], f"{parameter}.png")
+                else:
+                    value = base64.b64encode(pictures[parameter]).decode("ascii")
+                prompt[node_id]["inputs"][input_name] = value
+        else:
+            websocket = WEBSOCKET_OUTPUT in info
+            if not websocket:
+                self._warn_once(server.url, f"ComfyUI at {server.url} has no {WEBSOCKET_OUTPUT} node (ComfyUI's "
+                                "custom_nodes/websocket_image_save.py): answers are read from PreviewImage files in "
+                                "its temp folder, which ComfyUI empties when it starts")
+            encoded = {key: base64.b64encode(pictures[parameter]).decode("ascii") for key, parameter in targets.items()}
+            without_files(prompt, encoded, wanted, websocket, self.limits.max_pixels)
         try:
-            result = await server.run(prompt)
+            validate(prompt, info, server.url, server.uploaded)
         except ValidationFailed as exc:
-            blamed = [route.target_of(p.node_id, p.input) for p in exc.problems]
-            if any(blamed):
-                fields = ", ".join(sorted({b for b in blamed if b}))
-                raise HttpError(400, f"invalid value for {fields}: {exc}") from exc
+            blamed = sorted({b for b in (route.target_of(p.node_id, p.input) for p in exc.problems) if b})
+            if blamed:
+                raise HttpError(400, f"invalid value for {', '.join(blamed)}: {exc}") from exc
             raise HttpError(502, str(exc)) from exc
+        prompt_id = str(uuid.uuid4())
+        try:
+            result = await server.run(prompt, on_event, check=False, prompt_id=prompt_id,
+                                      binary_nodes=set(wanted.values()) if websocket else None)
+            out: dict[str, list[bytes]] = {}
+            for key, node_id in wanted.items():
+                if websocket:
+                    out[key] = list(result.ws_images.get(node_id, []))
+                else:
+                    out[key] = [await server.view(ref) for nid, ref in result.images() if nid == node_id]
         except (PromptRejected, ExecutionFailed, ExecutionInterrupted) as exc:
             raise HttpError(502, str(exc)) from exc
-        out: dict[str, bytes | None] = {}
-        images = result.images()
-        for key, node_id in wanted.items():
-            refs = [ref for nid, ref in images if nid == node_id]
-            out[key] = await server.view(refs[0]) if refs else None
-        if out.get("image") is None:
+        finally:
+            if not self.limits.keep_files:  # the history entry holds the request's picture as base64
+                await asyncio.shield(self._forget(server, prompt_id))
+        if not out.get("image"):
+            why = (" (the WebSocket to ComfyUI dropped while the pictures were sent: try again)" if websocket else "")
             raise HttpError(502, f"the workflow '{route.workflow_name}' finished without a picture from node "
-                                 f"{route.output_node}")
+                                 f"{route.output_node}{why}")
         return out
+
+    @staticmethod
+    async def _forget(server: ComfyServer, prompt_id: str) -> None:
+        with contextlib.suppress(ClientError, asyncio.TimeoutError):
+            await asyncio.wait_for(server.delete_history(prompt_id), server.timeouts.connect + 5)
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning("%s", text)
+            console.err(f"note: {text}")
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -261,17 +352,17 @@ class Api:
                                       ("strength", float, 0, 1), ("seed", int, 0, 2**64 - 1)):
             if body.get(name) is not None:
                 values[name] = self._number(body, name, kind, low, high)
-        out = await self._execute(feature.route, values, picture)
+        out = await self._execute(feature.route, values, {"input_image": picture})
+        background = out.get("background_removed") or []
         return web.json_response({
             "success": True, "experiment_id": experiment.id, "experiment_name": experiment.name,
             "feature_id": feature.id,
-            "output_image_base64": base64.b64encode(out["image"]).decode("ascii"),
-            "background_removed_image_base64": (base64.b64encode(out["background_removed"]).decode("ascii")
-                                                if out.get("background_removed") else None),
+            "output_image_base64": base64.b64encode(out["image"][0]).decode("ascii"),
+            "background_removed_image_base64": base64.b64encode(background[0]).decode("ascii") if background else None,
             "elapsed_time": round(time.monotonic() - started, 3)})
 
     async def generate(self, request: web.Request) -> web.Response:
-        return await self._generate(await self._json_body(request))
+        return await self._generate(await self._json_body(request, form_endpoint="POST /generate/upload"))
 
     async def generate_upload(self, request: web.Request) -> web.Response:
         if not request.content_type.startswith("multipart/"):
@@ -302,17 +393,35 @@ class Api:
             raise HttpError(501, f"mode '{mode}' is not available: {feature.disabled}")
         if body.get("input_image") in (None, b"", ""):
             raise HttpError(400, "'input_image' is required (a base64 picture, or a file in /generate/upload)")
-        picture = self._picture(body["input_image"], "input_image")
         merged = {**GENERATE_DEFAULTS, **{k: v for k, v in body.items() if v is not None}}
-        values: dict[str, Any] = {"prompt": str(merged["prompt"])}
+        model_id = merged.get("model_id")
+        if model_id not in (None, "") and str(model_id) not in feature.model_ids:
+            accepted = ", ".join(feature.model_ids) or "(none: leave model_id out)"
+            raise HttpError(400, f"'model_id' {str(model_id)!r} is not served by mode '{mode}' here (accepted: "
+                                 f"{accepted}); leave it out to use the configured model")
+        if not isinstance(merged["prompt"], str):
+            raise HttpError(400, "'prompt' must be text")
+        route = feature.route
+        values: dict[str, Any] = {}
+        if merged["prompt"].strip():
+            if feature.prompt_route is None:
+                raise HttpError(400, f"'prompt' cannot be used: {feature.prompt_disabled}")
+            route = feature.prompt_route
+            values["prompt"] = merged["prompt"]
+        picture = self._picture(body["input_image"], "input_image")
         for name, kind, low, high in (("height", int, 16, 8192), ("width", int, 16, 8192),
                                       ("num_inference_steps", int, 1, 10000), ("cfg", float, 0, 1000),
-                                      ("seed", int, 0, 2**64 - 1)):
+                                      ("seed", int, 0, 2**64 - 1), ("num_images", int, 1, 64)):
             values[name] = self._number(merged, name, kind, low, high)
-        if merged.get("model_id") is not None:
-            values["model_id"] = str(merged["model_id"])
-        out = await self._execute(feature.route, values, picture)
-        return web.json_response({"success": True, "image_base64": base64.b64encode(out["image"]).decode("ascii"),
+        if "num_images" not in route.targets:
+            if values["num_images"] != 1:
+                raise HttpError(400, f"'num_images' must be 1 for mode '{mode}' here: its workflow "
+                                     f"'{route.workflow_name}' renders one picture (map num_images in "
+                                     f"{self.experiments.source} to change that)")
+            del values["num_images"]
+        out = await self._execute(route, values, {"input_image": picture})
+        images = [base64.b64encode(data).decode("ascii") for data in out["image"]]
+        return web.json_response({"success": True, "image_base64": images[0], "images_base64": images,
                                   "error": None})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -362,12 +471,14 @@ def _pick_feature(features: list[Feature], feature_id, exp_id: str) -> Feature:
 
 
 def build_app(experiments: Experiments, urls: list[str], token: str | None = None, limits: Limits | None = None,
-              timeouts: Timeouts | None = None) -> web.Application:
+              timeouts: Timeouts | None = None, cors_origins: list[str] | None = None) -> web.Application:
     limits = limits or Limits()
     pool = ServerPool(urls, timeouts or Timeouts())
     api = Api(experiments, pool, limits)
-    app = web.Application(client_max_size=limits.max_body_bytes,
-                          middlewares=[error_middleware, token_middleware(token)])
+    # CORS outermost: error answers get its header too, and a preflight needs no token. Without origins
+    # it still answers a preflight, with what to do.
+    middlewares = [cors_middleware(cors_origins or []), error_middleware, token_middleware(token)]
+    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app.router.add_get("/api/image_editing/experiments", api.experiments_list)
     app.router.add_post("/api/edit_with_comfyui", api.edit)
     app.router.add_post("/generate", api.generate)
@@ -396,9 +507,11 @@ async def serve_command(args) -> int:
             log.warning("disabled: %s (%s)", feature.id, feature.disabled)
             console.err(f"note: '{feature.id}' is disabled: {feature.disabled}")
     urls = args.server or ([experiments.base_url] if experiments.base_url else ["http://127.0.0.1:8188"])
-    app = build_app(experiments, urls, token, Limits(int(args.max_body_mb * 1024 * 1024), args.max_pixels),
-                    Timeouts(stall=args.stall_timeout))
-    runner = web.AppRunner(app, access_log=None)
+    app = build_app(experiments, urls, token,
+                    Limits(int(args.max_body_mb * 1024 * 1024), args.max_pixels, keep_files=args.keep_files),
+                    Timeouts(stall=args.stall_timeout), cors_origins=args.cors_origin)
+    # handler_cancellation: a caller that disconnects cancels its handler, which cancels its ComfyUI prompt
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()

@@ -1,4 +1,8 @@
-"""``python -m client dataset --config FILE [--set key=value ...] [--mock] [--stage ...]``."""
+"""``python -m client dataset --config FILE [--set key=value ...] [--mock] [--stage ...]``.
+
+Only the parser is imported when ``python -m client`` starts; the factory (numpy and the image code) is
+imported when the ``dataset`` command runs, so ``--help`` and the other commands never pay for it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ from pathlib import Path
 
 from .. import console
 from ..errors import ClientError
-from .config import STAGES, load_config
-from .stages import Factory
+
+STAGES = ("ingest", "decompose", "generate", "export", "qa")
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -28,6 +32,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def dataset_command(args) -> int:
+    from .config import load_config
+    from .stages import Factory
+
     try:
         config = load_config(args.config, args.set)
         stages = args.stage or list(STAGES)

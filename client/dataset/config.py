@@ -1,7 +1,10 @@
 """The dataset factory's configuration: one YAML file, every key documented in ``example.yaml``.
 
-The defaults below are the schema: a key that is not here is an error naming the key and the keys
-allowed at that place, so a typo never silently falls back to a default. ``--set a.b.c=value``
+The defaults below are the schema and are exactly what ``example.yaml`` shows (a test compares them),
+so the example documents every default; they run as they are from the repository root on the small
+example tree shipped in ``client/dataset/example_data`` (``--mock``, or with servers set). A key that
+is not here is an error naming the key and the keys allowed at that place, so a typo never silently
+falls back to a default. ``--set a.b.c=value``
 overrides one key (the value is read as YAML, so ``--set qa.min_psnr=28`` is a number and
 ``--set services.edit.endpoint=[http://a:8188,http://b:8188]`` a list), as the seed pipeline does.
 """
@@ -23,14 +26,14 @@ DEFAULTS: dict[str, Any] = {
     "outputs": "outputs",
     "logs": "logs",
     "inputs": {
-        "roots": [],
+        "roots": ["client/dataset/example_data"],
         "pattern": "{category}/{id}/{id}.{ext}",
         "extensions": ["png", "jpg", "jpeg", "webp", "bmp"],
         "categories": [],
     },
     "instructions": {
         "files": ["{id}.txt", "{id}.json"],
-        "templates": {},
+        "templates": {"物理变化": ["make it look wet after rain", "melt the ice"]},
         "default": [],
     },
     "decompose": {
@@ -45,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "overrides": {},
     },
     "generate": {
-        "workflow": "dataset_flux_fill_masked",
+        "workflow": "flux_fill_inpaint",
         "mask": "decomposition",
         "mask_layer": -1,
         "seed": 0,
@@ -72,8 +75,6 @@ DEFAULTS: dict[str, Any] = {
         "thumbnail": 160,
     },
 }
-
-STAGES = ("ingest", "decompose", "generate", "export", "qa")
 
 
 def _check(node: Any, schema: Any, path: tuple[str, ...]) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write
 from . import imaging
 
 
@@ -79,11 +78,11 @@ def build(pairs: list[dict], out_root: Path, export: dict) -> dict:
     (staging / "kontext").mkdir(parents=True, exist_ok=True)
     (staging / "kontext" / "instructions.jsonl").write_text(
         "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in kontext_lines), encoding="utf-8")
-    for split, lines in hf_lines.items():
-        if lines:
-            (staging / "hf" / split / "metadata.jsonl").write_text(
-                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    atomic_write(staging / "summary.json", json.dumps(counts).encode(), staging)
+    for split, lines in hf_lines.items():  # an empty split still gets its (empty) metadata.jsonl
+        (staging / "hf" / split).mkdir(parents=True, exist_ok=True)
+        (staging / "hf" / split / "metadata.jsonl").write_text(
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    (staging / "summary.json").write_bytes(json.dumps(counts).encode())  # the whole folder is swapped in at once
     _swap(staging, final)
     return counts
 

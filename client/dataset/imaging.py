@@ -69,16 +69,31 @@ def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
 
 
+def beyond_mask(source: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The edit with the change its mask allows taken out: a pixel with mask ``m`` may differ from the
+    source by up to ``m`` (the edit blends its result in with the soft mask), so only the excess stays.
+    Where the mask is 1 the result equals the source; where it is 0 it equals the edit."""
+    allowed = np.clip(mask, 0.0, 1.0)[..., None] if edited.ndim == 3 else np.clip(mask, 0.0, 1.0)
+    diff = edited - source
+    return source + np.sign(diff) * np.maximum(np.abs(diff) - allowed, 0.0)
+
+
+def _weights(where: np.ndarray | None, shape) -> np.ndarray:
+    if where is None:
+        return np.ones(shape, np.float64)
+    return where.astype(np.float64)
+
+
 def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
-    """PSNR in dB (inf for identical pixels) over the pixels where ``where`` is True."""
+    """PSNR in dB (inf for identical pixels); ``where`` (booleans or weights in 0..1) weights each pixel."""
     diff = (a - b) ** 2
     if diff.ndim == 3:
         diff = diff.mean(-1)
-    if where is not None:
-        if not where.any():
-            return float("inf")
-        diff = diff[where]
-    mse = float(diff.mean())
+    weights = _weights(where, diff.shape)
+    total = float(weights.sum())
+    if total <= 0:
+        return float("inf")
+    mse = float((diff * weights).sum() / total)
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
@@ -92,11 +107,9 @@ def _box(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None, window: int = 7) -> float:
-    """Mean SSIM (greyscale, uniform window) over the pixels where ``where`` is True.
-
-    Only windows that lie wholly inside ``where`` count: a window reaching across the region's edge
-    would see the edited pixels beyond it and mark an untouched pixel as changed.
-    """
+    """Mean SSIM (greyscale, uniform window), each pixel's score weighted by ``where`` (booleans or
+    weights in 0..1). QA compares the source with :func:`beyond_mask`'s picture, which equals the source
+    wherever the mask allowed the change, so windows reaching into the edited region see no change there."""
     x, y = grey(a).astype(np.float64), grey(b).astype(np.float64)
     if min(x.shape) < window:
         window = max(1, min(x.shape) | 1) if min(x.shape) > 1 else 1
@@ -106,11 +119,8 @@ def ssim(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None, window: 
     vy = _box(y * y, window) - my * my
     cov = _box(x * y, window) - mx * my
     score = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    if where is not None:
-        inside = _box(where.astype(np.float64), window) > 1.0 - 1e-9
-        if not inside.any():
-            inside = where
-        if not inside.any():
-            return 1.0
-        score = score[inside]
-    return float(score.mean())
+    weights = _weights(where, score.shape)
+    total = float(weights.sum())
+    if total <= 0:
+        return 1.0
+    return float((score * weights).sum() / total)

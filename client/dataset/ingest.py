@@ -4,7 +4,8 @@ Each root holds category folders; a sample is a picture whose path relative to t
 ``inputs.pattern`` (default ``{category}/{id}/{id}.{ext}``: the id repeated as folder and file name,
 as in ``人物物体一致性/0004_image_129/0004_image_129.png``). A picture that breaks the convention, a
 file Pillow cannot read, a second sample with an id already seen, a category folder without any
-sample and an empty instruction file are recorded as QA issues, never a crash; a root that does not
+sample and an empty or malformed instruction file (not UTF-8, not valid JSON, not a list of strings)
+are recorded as QA issues, never a crash; a root that does not
 exist or holds no picture at all stops the run with a clear message. Sources are opened read-only;
 nothing is written next to them.
 """
@@ -41,6 +42,7 @@ class Sample:
 @dataclass
 class Issue:
     check: str  # naming | unreadable | duplicate_id | empty_category | empty_instructions | no_instructions
+    #             | bad_instructions
     path: str
     message: str
     category: str = ""
@@ -84,18 +86,41 @@ def _picture_size(path: Path) -> tuple[int, int]:
         return picture.size
 
 
+class BadInstructions(ValueError):
+    """An instruction file that cannot be read as documented; the message says what is wrong and the fix."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 def read_instructions(sample_dir: Path, sample_id: str, config: dict) -> tuple[list[str] | None, str]:
     """Instructions from a per-sample file (``.txt``: one a line; ``.json``: a list or
-    ``{"instructions": [...]}``), else ``None``. Empty files give an empty list."""
+    ``{"instructions": [...]}``), else ``None``. Empty files give an empty list; a file that is not
+    UTF-8, not valid JSON or not of that shape raises :class:`BadInstructions` (ingest turns it into a
+    QA issue, the sample gets no pairs)."""
     for template in config["instructions"]["files"]:
         path = sample_dir / template.format(id=sample_id)
         if not path.is_file():
             continue
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInstructions(path, f"not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                                  "save the file as UTF-8") from exc
+        except OSError as exc:
+            raise BadInstructions(path, f"cannot be read ({exc.strerror or exc})") from exc
         if path.suffix.lower() == ".json":
-            data = json.loads(text) if text.strip() else []
+            try:
+                data = json.loads(text) if text.strip() else []
+            except json.JSONDecodeError as exc:
+                raise BadInstructions(path, f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); write a "
+                                      'list of strings, e.g. ["make it rain"]') from exc
             items = data.get("instructions", []) if isinstance(data, dict) else data
-            lines = [str(x).strip() for x in items if str(x).strip()]
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise BadInstructions(path, 'expected a list of strings or {"instructions": [...]}, got '
+                                      f"{type(items).__name__ if not isinstance(items, list) else 'a list with non-text'}")
+            lines = [x.strip() for x in items if x.strip()]
         else:
             lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return lines, str(path)
@@ -141,14 +166,19 @@ def ingest(config: dict) -> tuple[list[Sample], list[Issue]]:
                                     f"'{by_id[sample_id].path}'; this one is skipped", category, sample_id))
                 continue
             sample = Sample(sample_id, category, str(path.resolve()), rel, width, height, _sha256(path))
-            found, source = read_instructions(path.parent, sample_id, config)
+            try:
+                found, source = read_instructions(path.parent, sample_id, config)
+            except BadInstructions as exc:
+                issues.append(Issue("bad_instructions", str(exc.path), f"the instruction file is {exc}; the sample "
+                                    "gets no pairs until it is fixed", category, sample_id))
+                found, source = [], str(exc.path)
             if found is None:
                 found = list(config["instructions"]["templates"].get(category, config["instructions"]["default"]))
                 source = "template" if category in config["instructions"]["templates"] else "default"
                 if not found:
                     issues.append(Issue("no_instructions", str(path), "no instruction file and no template for "
                                         f"category '{category}'", category, sample_id))
-            elif not found:
+            elif not found and not any(i.check == "bad_instructions" and i.id == sample_id for i in issues):
                 issues.append(Issue("empty_instructions", source, "the instruction file is empty", category,
                                     sample_id))
             sample.instructions, sample.instruction_source = found, source

@@ -6,8 +6,16 @@ Per pair (computed as soon as an edit exists, so export can leave failures out):
 * ``blank`` — the edit is not (nearly) one flat colour (greyscale std below ``qa.blank_std``);
 * ``near_copy`` — the edit is not the source again (perceptual-hash distance above
   ``qa.near_copy_distance`` or, when the hashes agree, pixels inside the mask actually changed);
-* ``outside_mask`` — outside the edit mask the edit stays close to the source: PSNR ≥
-  ``qa.min_psnr_outside_mask`` and SSIM ≥ ``qa.min_ssim_outside_mask`` (skipped without a mask).
+* ``outside_mask`` — the edit changed nothing its mask did not allow: PSNR ≥ ``qa.min_psnr_outside_mask``
+  and SSIM ≥ ``qa.min_ssim_outside_mask`` (skipped without a mask).
+
+The mask rule is the edit's own. FLUX.1-Fill (ComfyUI's convention) repaints wherever the mask is above
+0 and blends its result in with the soft mask, ``edit = source·(1 - m) + generated·m``, so a pixel may
+differ from the source by at most ``m``. The outside check therefore measures only the change beyond
+that allowance (:func:`imaging.beyond_mask`), weighting each pixel by how far outside it is (``1 - m``):
+pixels with mask 0 count fully, soft pixels partly, pixels with mask 1 not at all. A decomposed layer
+with soft alpha (anti-aliased edges, semi-transparent regions) passes when the edit kept to it, and an
+edit that leaked outside fails.
 
 Across samples: sources whose perceptual hashes are within ``qa.duplicate_distance`` are reported as
 duplicates. Ingest problems (naming, unreadable, duplicate ids, empty categories, instructions) are
@@ -39,17 +47,19 @@ def check_pair(source: np.ndarray, edited: np.ndarray, mask: np.ndarray | None, 
     std = float(imaging.grey(edited).std())
     checks["blank"] = {"ok": bool(std >= qa["blank_std"]), "std": round(std, 5)}
     distance = imaging.hamming(imaging.phash(source), imaging.phash(edited))
+    fits = mask is not None and mask.shape == source.shape[:2]
     changed = True
     if same_size:
-        region = mask > 0.5 if mask is not None and mask.shape == source.shape[:2] else np.ones(source.shape[:2], bool)
-        changed = bool(np.abs(edited - source)[region].max(initial=0.0) > 2.0 / 255.0)
+        inside = mask > 0 if fits else np.ones(source.shape[:2], bool)  # the edit's rule: above 0 is inside
+        changed = bool(np.abs(edited - source)[inside].max(initial=0.0) > 2.0 / 255.0)
     checks["near_copy"] = {"ok": bool(distance > qa["near_copy_distance"] or changed), "phash_distance": distance,
                            "changed_inside": changed}
-    if mask is None or not same_size or mask.shape != source.shape[:2]:
+    if not fits or not same_size:
         checks["outside_mask"] = {"ok": True, "skipped": "no mask of the picture's size" if same_size else "size"}
     else:
-        outside = mask < 0.5
-        p, s = imaging.psnr(source, edited, outside), imaging.ssim(source, edited, outside)
+        kept = imaging.beyond_mask(source, edited, mask)
+        weights = 1.0 - np.clip(mask, 0.0, 1.0)
+        p, s = imaging.psnr(source, kept, weights), imaging.ssim(source, kept, weights)
         checks["outside_mask"] = {"ok": bool(p >= qa["min_psnr_outside_mask"] and s >= qa["min_ssim_outside_mask"]),
                                   "psnr": None if p == float("inf") else round(p, 3), "ssim": round(s, 5)}
     return checks
@@ -88,6 +98,7 @@ def thumbnail(path: Path, size: int) -> bytes:
 def write_reports(out_dir: Path, report: dict, rows: list[dict], thumb_size: int) -> tuple[Path, Path]:
     """``report.json`` and ``report.html`` (with thumbnails) under ``out_dir``, each written atomically."""
     thumbs = out_dir / "thumbs"
+    written = set()
     for row in rows:
         row["thumbs"] = {}
         for role in ("source", "mask", "edit"):
@@ -96,6 +107,10 @@ def write_reports(out_dir: Path, report: dict, rows: list[dict], thumb_size: int
                 name = f"{row['pair']}_{role}.jpg".replace("/", "_").replace("#", "_")
                 atomic_write(thumbs / name, thumbnail(Path(path), thumb_size), out_dir)
                 row["thumbs"][role] = f"thumbs/{name}"
+                written.add(name)
+    for old in thumbs.glob("*") if thumbs.is_dir() else []:
+        if old.name not in written:  # thumbnails of pairs that are gone
+            old.unlink()
     json_path = atomic_write(out_dir / "report.json",
                              json.dumps(report, ensure_ascii=False, indent=1).encode("utf-8"), out_dir)
     html_path = atomic_write(out_dir / "report.html", _html(report, rows).encode("utf-8"), out_dir)

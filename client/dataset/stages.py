@@ -9,9 +9,12 @@ Layout under ``outputs`` (the config's ``outputs``)::
     dataset/                    see export.py
     reports/qa/report.json, report.html, thumbs/
 
-Every file is written atomically (temporary file, then ``os.replace``) before its manifest line is
-appended, so after a kill at any point a stage's manifest lists only items whose files are complete,
-and the next run redoes the rest. A stage skips an item whose manifest record is ``done`` with the
+Every file is written atomically (temporary file, then ``os.replace``) under a name fixed by the item
+(``layer_<k>.png``, ``<k>_edit.png``, ...) before its manifest line is appended, so after a kill at any
+point a stage's manifest lists only items whose files are complete, and the next run redoes the rest,
+overwriting rather than adding files. When a stage ends, files in its staging folder that no current
+record lists (left by a kill between writing and recording, or by a sample that is gone) are removed:
+each output then exists once and is listed by its stage's manifest. A stage skips an item whose manifest record is ``done`` with the
 same fingerprint (source checksum and the settings that shape the item). Source folders are only
 read. In server mode the decomposition and the edits run as ComfyUI prompts through the client's
 batch runner (several servers, requeue when one dies, retries); every endpoint is health-checked
@@ -25,6 +28,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -101,7 +106,23 @@ class Factory:
                 record = self._store_layers(sample, layers)
                 manifest.append(record)
             self.progress("decompose", index + 1, len(todo))
-        return {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
+        done = {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
+        self._sweep(self.staging / "decompose", [f for r in done.values() for layer in r["layers"] for f in layer.values()])
+        return done
+
+    @staticmethod
+    def _sweep(folder: Path, listed: list) -> None:
+        """Remove files under ``folder`` that no current record lists, then empty folders."""
+        keep = {os.path.abspath(str(f)) for f in listed if f}
+        if not folder.is_dir():
+            return
+        for dirpath, _, filenames in os.walk(folder, topdown=False):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if os.path.abspath(path) not in keep:
+                    os.unlink(path)
+            if dirpath != str(folder) and not os.listdir(dirpath):
+                os.rmdir(dirpath)
 
     def _store_layers(self, sample: Sample, layers: list[np.ndarray]) -> dict:
         folder = self.staging / "decompose" / sample.category / sample.id
@@ -127,7 +148,7 @@ class Factory:
                 manifest.append({"item": key, "status": "failed", "error": record.get("error")})
                 continue
             raw = self.staging / "comfy" / "layered"
-            layers = [self._rgba(raw / rel) for rel in sorted(record["outputs"])]
+            layers = [self._rgba(raw / rel) for rel in record["outputs"]]  # node order, then picture order
             manifest.append(self._store_layers(by_id[key], layers))
 
     @staticmethod
@@ -178,7 +199,9 @@ class Factory:
                                    sample.id, instruction)
                 manifest.append(self._store_edit(key, sample, k, instruction, source, edited, mask))
                 self.progress("generate", index + 1, len(jobs))
-        return {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
+        done = {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
+        self._sweep(self.staging / "generate", [f for r in done.values() for f in (r["edit"], r["mask"])])
+        return done
 
     def _store_edit(self, key, sample: Sample, k: int, instruction: str, source, edited, mask) -> dict:
         folder = self.staging / "generate" / sample.category / sample.id
@@ -194,7 +217,8 @@ class Factory:
         g = self.config["generate"]
         targets = g["targets"]
         items, meta = [], {}
-        inputs_dir = self.staging / "generate_inputs"
+        inputs_dir = self.staging / "generate_inputs"  # the pictures sent, with the mask as alpha: removed after
+        shutil.rmtree(inputs_dir, ignore_errors=True)
         for key, sample, k, instruction in jobs:
             source = imaging.load_rgb(Path(sample.path))
             mask = self._mask_for(sample, layers, source.shape[:2]) if g["mask"] == "decomposition" else None
@@ -210,7 +234,10 @@ class Factory:
             items.append(Item(key=key, input=sample.path, picture=picture, sets=sets,
                               subdir=Path(sample.category) / sample.id, stem=f"{sample.id}_{k}"))
             meta[key] = (sample, k, instruction, source, mask)
-        records = self._run_batch("edit", g["workflow"], items, targets.get("image") or None)
+        try:
+            records = self._run_batch("edit", g["workflow"], items, targets.get("image") or None)
+        finally:
+            shutil.rmtree(inputs_dir, ignore_errors=True)
         raw = self.staging / "comfy" / "edit"
         for key, record in records.items():
             if key not in meta:
@@ -219,7 +246,7 @@ class Factory:
                 manifest.append({"item": key, "status": "failed", "error": record.get("error") or "no output"})
                 continue
             sample, k, instruction, source, mask = meta[key]
-            edited = imaging.load_rgb(raw / sorted(record["outputs"])[0])
+            edited = imaging.load_rgb(raw / record["outputs"][0])
             manifest.append(self._store_edit(key, sample, k, instruction, source, edited, mask))
 
     # -- servers --------------------------------------------------------------------------------

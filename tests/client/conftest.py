@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from client.fake_comfy import FakeComfy, minimal_object_info
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client_helpers import png_bytes  # noqa: E402
+from fake_comfy import FakeComfy, minimal_object_info  # noqa: E402
 
 
 def _jsonable(value):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 from client_helpers import client_env, png_bytes
+from fake_comfy import FakeComfy, Faults, free_port
 from PIL import Image
 
 from client.batch import BatchRunner, picture_items, prompt_items
 from client.comfy import Timeouts
 from client.errors import WorkflowError
-from client.fake_comfy import FakeComfy, Faults, free_port
 from client.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,8 +81,11 @@ def test_batch_over_two_servers_unicode_folders_read_only_and_resume(fake_pair, 
             assert record["status"] == "done" and record["prompt_id"] and len(record["outputs"]) == 2
             assert set(record["timings"]) >= {"queued_at", "run_s", "total_s"}
             for rel in record["outputs"]:
-                assert record["prompt_id"] in rel and (out / rel).is_file()
-        assert any(r["outputs"][0].startswith("портреты/été/café_") for r in records)
+                assert (out / rel).is_file() and (out / rel).stat().st_mode & 0o777 == 0o644
+        # names depend on the item only (<stem>_<node>_<n>): a rerun of an item overwrites, never adds
+        assert sorted(r["outputs"] for r in records) == [
+            ["a_4_1.png", "a_6_1.png"], ["портреты/été/café_4_1.png", "портреты/été/café_6_1.png"],
+            ["портреты/лицо_1_4_1.png", "портреты/лицо_1_6_1.png"]]
         # the picture that went in is the one that came out (the fake inverts it)
         by_name = {Path(r["input"]).name: r for r in records}
         with Image.open(out / by_name["a.png"]["outputs"][0]) as cutout:
@@ -198,9 +201,11 @@ def test_unanswering_server_is_skipped_and_all_dead_is_an_error(fake, tmp_path):
     summary = asyncio.run(runner(items, [dead, fake], tmp_path / "out").run())
     assert summary["done"] == 3
     assert {s["server"]: s["done"] for s in summary["servers"]} == {dead: 0, fake.url: 3}
-    from client.errors import ServerUnavailable
-    with pytest.raises(ServerUnavailable, match="no ComfyUI server can run the batch"):
-        asyncio.run(runner(items, [dead], tmp_path / "out2").run())
+    started = time.monotonic()
+    stopped = asyncio.run(runner(items, [dead], tmp_path / "out2", give_up_after=1.0).run())
+    assert time.monotonic() - started < 10
+    assert (stopped["done"], stopped["left"]) == (0, 3)
+    assert stopped["stopped"].startswith("no ComfyUI server answered for 1 s (--give-up-after)")
 
 
 def test_server_lacking_a_model_is_dropped_with_the_reason(object_info, fake, tmp_path):
@@ -266,3 +271,173 @@ def test_prompt_text_file_goes_to_the_only_prompt_input(fake, tmp_path):
     assert summary["done"] == 3
     texts = sorted(fake.history[r["prompt_id"]]["prompt"][2]["5"]["inputs"]["prompt"] for r in manifest(tmp_path / "out"))
     assert texts == ["a cat", "a cat", "a dog"]
+
+
+# -- exactly once ---------------------------------------------------------------------------------------------
+
+# A batch run in a subprocess that dies (os._exit, as kill -9: no cleanup) at a chosen moment:
+#   append:N   the N-th manifest append, before the line is written (the item's pictures are written already)
+#   commit:N   the N-th commit, after its first picture moved into place (the line is written already)
+KILLER = """
+import os, sys
+kind, n = sys.argv[1].split(":"); n = int(n); calls = [0]
+def hit():
+    calls[0] += 1
+    if calls[0] == n:
+        os._exit(9)
+import client.manifest as manifest
+if kind == "append":
+    original = manifest.Manifest.append
+    def append(self, record):
+        hit()
+        original(self, record)
+    manifest.Manifest.append = append
+else:
+    import client.outputs as outputs
+    real_replace = os.replace
+    def commit(self, token, rels, replaced=()):
+        def replace(src, dst):
+            real_replace(src, dst)
+            hit()
+        outputs.os.replace = replace
+        try:
+            return original_commit(self, token, rels, replaced)
+        finally:
+            outputs.os.replace = real_replace
+    original_commit = outputs.OutputStore.commit
+    outputs.OutputStore.commit = commit
+from client.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def output_files(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "manifest.jsonl")
+
+
+def assert_exactly_once(out: Path, items: int, per_item: int) -> None:
+    """Every item done once; every file in the output tree listed by the current records, once; no hidden folder."""
+    records = manifest(out)
+    last = {r["item"]: r for r in records}
+    assert len(last) == items and all(r["status"] == "done" for r in last.values())
+    listed = [rel for r in last.values() for rel in r["outputs"]]
+    assert all(len(r["outputs"]) == per_item for r in last.values())
+    assert sorted(listed) == output_files(out) and len(set(listed)) == len(listed)
+    assert not [p for p in out.rglob(".*")], "a hidden folder or file stayed behind"
+    for rel in listed:
+        assert (out / rel).stat().st_mode & 0o777 == 0o644
+        with Image.open(out / rel) as picture:
+            picture.load()
+
+
+@pytest.mark.parametrize("moment", ["append:3", "commit:2"])
+def test_kill_between_writing_and_recording_then_resume_gives_each_output_once(object_info, tmp_path, moment):
+    """Issue 18, item 2: a client killed after an item's pictures are written but before its manifest line (or
+    after the line but before its pictures are all in place) and run again ends with 2 pictures per item, each
+    listed once: leftovers are adopted or removed, never written a second time under another name."""
+    fake = FakeComfy(object_info).start()
+    folder = make_folder(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    args = ["batch", "ben2_remove_background", "--input", str(folder), "--out", str(out), "--server", fake.url,
+            "--json", "--in-flight", "1"]
+    try:
+        killed = subprocess.run([sys.executable, "-c", KILLER, moment, *args], cwd=ROOT, env=client_env(),
+                                capture_output=True, text=True, timeout=60)
+        assert killed.returncode == 9, killed.stderr
+        done = subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=client_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    finally:
+        fake.stop()
+    assert_exactly_once(out, items=6, per_item=2)
+
+
+def test_killed_at_random_moments_then_resumed_gives_each_output_once(object_info, tmp_path):
+    """kill -9 at random times (a fixed seed) three times over, then a full run: the same end state."""
+    import random
+
+    fake = FakeComfy(object_info, faults=Faults(node_seconds=0.01)).start()
+    folder = make_folder(tmp_path / "in", 10)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "client", "batch", "ben2_remove_background", "--input", str(folder), "--out", str(out),
+           "--server", fake.url, "--json"]
+    rng = random.Random(18)
+    try:
+        for _ in range(3):
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=client_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30  # wait for the client to start working, then a random moment
+            while time.monotonic() < deadline and not (out / "manifest.jsonl").exists() and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        done = subprocess.run(cmd, cwd=ROOT, env=client_env(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    finally:
+        fake.stop()
+    assert_exactly_once(out, items=10, per_item=2)
+
+
+def test_redone_item_replaces_its_files(fake, tmp_path):
+    """Other settings redo every item under the same names; files the old records listed and the new ones do not
+    are removed, so the tree still holds exactly what the manifest lists."""
+    folder = make_folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    first = asyncio.run(runner(picture_items([folder]), [fake], out).run())
+    assert first["done"] == 3
+    workflow = load_workflow("ben2_remove_background")
+    del workflow["6"]  # the mask picture is no longer saved
+    second = asyncio.run(runner(picture_items([folder]), [fake], out, workflow=workflow).run())
+    assert (second["done"], second["skipped"]) == (3, 0)
+    assert_exactly_once(out, items=3, per_item=1)
+
+
+def test_output_names_are_the_documented_pattern(fake, tmp_path):
+    """docs/client.md gives the batch's output names; a picture and a JSONL prompt with an id follow it, and two
+    pictures that would share a name in one folder (a.png, a.jpg) get distinct ones."""
+    docs = (ROOT / "docs" / "client.md").read_text(encoding="utf-8")
+    assert "`OUT/<sub-folders>/<stem>_<node>_<n>.<ext>`" in docs
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "a.jpg")
+    (folder / "b.png").write_bytes(png_bytes((4, 5, 6)))
+    summary = asyncio.run(runner(picture_items([folder]), [fake], tmp_path / "out").run())
+    assert summary["done"] == 3
+    names = sorted(rel for r in manifest(tmp_path / "out") for rel in r["outputs"])
+    assert names[-2:] == ["b_4_1.png", "b_6_1.png"]
+    stems = {rel.rsplit("_", 2)[0] for rel in names[:-2]}
+    assert len(stems) == 2 and all(s.startswith("a-") for s in stems)
+
+
+def test_single_dead_server_gives_up_after_the_limit_with_a_message_that_fits(tmp_path):
+    """Issue 18, item 8: one --server that never answers: no talk of "the other servers", and --give-up-after
+    is honoured (the run waits for it that long, then stops with exit status 1 and says what to do)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    folder = make_folder(tmp_path / "in", 2)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "client", "batch", "ben2_remove_background", "--input", str(folder),
+                           "--out", str(tmp_path / "out"), "--server", dead, "--give-up-after", "2",
+                           "--probe-interval", "0.2"], cwd=ROOT, env=client_env(), capture_output=True, text=True,
+                          timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    assert "other servers" not in done.stderr
+    assert f"ComfyUI at {dead} does not answer" in done.stderr and "for up to 2 s (--give-up-after)" in done.stderr
+    assert "stopped early: no ComfyUI server answered for 2 s (--give-up-after)" in done.stderr
+    assert 2 <= elapsed < 30
+
+
+def test_server_that_starts_late_is_waited_for(object_info, tmp_path):
+    """The same limit works the other way: a server that comes up within it gets the whole batch."""
+    port = free_port()
+    late = FakeComfy(object_info, port=port)
+    threading.Timer(1.0, late.start).start()
+    try:
+        summary = asyncio.run(runner(picture_items([make_folder(tmp_path / "in", 3)]), [f"http://127.0.0.1:{port}"],
+                                     tmp_path / "out", give_up_after=20).run())
+    finally:
+        time.sleep(0.1)
+        late.stop()
+    assert (summary["done"], summary["stopped"]) == (3, None)

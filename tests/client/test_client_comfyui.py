@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import json
 import os
@@ -25,12 +26,12 @@ from pathlib import Path
 import pytest
 import yaml
 from client_helpers import client_env, png_bytes
+from fake_comfy import free_port
 from PIL import Image
 
 from client.batch import BatchRunner, picture_items
 from client.comfy import Timeouts
 from client.experiments import DEFAULT_FILE, load_experiments
-from client.fake_comfy import free_port
 from client.workflow import BUNDLED_DIR, load_workflow
 
 pytestmark = pytest.mark.comfyui  # two real servers start: about 25 s on an idle 2-core machine
@@ -163,6 +164,8 @@ def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
         (folder / path.name).write_text(json.dumps(workflow))
     experiments = load_experiments(DEFAULT_FILE, folder)
     picture = base64.b64encode(png_bytes((20, 200, 20), (64, 48))).decode()
+    before = {server.url: server_files(server) for server in comfy_pair}
+    history_before = {server.url: server_history(server) for server in comfy_pair}
 
     async def go():
         app = build_app(experiments, [comfy_pair[0].url, comfy_pair[1].url])
@@ -176,7 +179,7 @@ def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
                 "experiment_id": "ben2_flux_fill", "feature_id": "outpainting", "input_image_base64": picture,
                 "prompt": "hills", "steps": 1})
             redux = await client.post("/generate", json={"mode": "redux", "input_image": picture, "width": 64,
-                                                          "height": 48, "num_inference_steps": 1})
+                                                          "height": 48, "num_inference_steps": 1, "num_images": 2})
             return [(r.status, await r.json()) for r in (ready, listed, inpaint, outpaint, redux)]
 
     (rs, ready), (ls, listed), (i_s, inpaint), (o_s, outpaint), (gs, redux) = asyncio.run(asyncio.wait_for(go(), 400))
@@ -191,10 +194,78 @@ def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
     assert wide.size == (64 + 256, 48)
     if "flux_redux_variations" in {p.stem for p in BUNDLED_DIR.glob("*.json")}:
         assert gs == 200 and redux["success"], redux
-        variation = Image.open(__import__("io").BytesIO(base64.b64decode(redux["image_base64"])))
-        assert variation.size == (64, 48)
+        assert len(redux["images_base64"]) == 2  # num_images: rendered and returned, no more
+        for encoded in redux["images_base64"]:
+            variation = Image.open(__import__("io").BytesIO(base64.b64decode(encoded)))
+            assert variation.size == (64, 48)
     else:
         assert gs == 501 and "flux_redux_variations" in redux["error"]
+    # the pictures travelled in the prompts and over the WebSocket: no file in ComfyUI's folders, no history kept
+    assert {server.url: server_files(server) for server in comfy_pair} == before
+    assert {server.url: server_history(server) for server in comfy_pair} == history_before
+
+
+def server_history(server: ComfyProcess) -> list[str]:
+    with urllib.request.urlopen(server.url + "/history") as answer:
+        return sorted(json.loads(answer.read()))
+
+
+def server_files(server: ComfyProcess) -> list[str]:
+    return sorted(str(p.relative_to(server.work)) for name in ("input", "output", "temp")
+                  for p in (server.work / name).rglob("*") if p.is_file())
+
+
+def test_serve_abandoned_request_is_interrupted_on_real_comfyui(comfy_pair, tmp_path):
+    """A caller that disconnects while its prompt runs: serve interrupts that prompt (ComfyUI logs it by id) and
+    the server is idle again right away instead of rendering for nobody."""
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from client.serve import build_app
+
+    server = comfy_pair[0]
+    picture = base64_png((200, 120, 20), (64, 64))
+
+    def running_id():
+        with urllib.request.urlopen(server.url + "/queue") as answer:
+            running = json.loads(answer.read())["queue_running"]
+        return running[0][1] if running else None
+
+    async def go():
+        async with TestServer(build_app(load_experiments(), [server.url])) as app_server:
+            async with aiohttp.ClientSession() as session:
+                async def call():
+                    async with session.post(app_server.make_url("/generate"), json={
+                            "mode": "redux", "input_image": picture, "width": 256, "height": 256,
+                            "num_inference_steps": 200, "num_images": 4}) as answer:
+                        return await answer.read()
+                request = asyncio.create_task(call())
+                prompt_id = None
+                for _ in range(600):
+                    prompt_id = await asyncio.to_thread(running_id)
+                    if prompt_id:
+                        break
+                    await asyncio.sleep(0.1)
+                assert prompt_id, "the prompt never started"
+                await asyncio.sleep(0.5)
+                request.cancel()  # the caller goes away: its connection closes
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+                for _ in range(300):
+                    if await asyncio.to_thread(running_id) is None:
+                        return prompt_id, True
+                    await asyncio.sleep(0.1)
+                return prompt_id, False
+
+    prompt_id, idle = asyncio.run(asyncio.wait_for(go(), 240))
+    assert idle, "ComfyUI still renders the abandoned prompt 30 s later"
+    assert f"Interrupting prompt {prompt_id}" in server.log.read_text(errors="replace")
+
+
+def base64_png(color, size) -> str:
+    import base64
+
+    return base64.b64encode(png_bytes(color, size)).decode()
 
 
 def test_batch_resume_after_killing_the_client(comfy_pair, tmp_path):
@@ -220,31 +291,48 @@ def test_batch_resume_after_killing_the_client(comfy_pair, tmp_path):
     assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 6
 
 
-def test_batch_over_two_real_servers_one_killed(comfy_pair, tmp_path):
-    """Last in this module: it kills a server for good."""
-    victim, survivor = comfy_pair
-    items = picture_items([picture_folder(tmp_path / "in", 6)])
+def test_batch_server_killed_and_restarted_rejoins_and_takes_items(comfy_pair, tmp_path):
+    """kill -9 one of two servers after the first item; while it restarts the other one is paused (SIGSTOP), so
+    items are left for it: it rejoins, is checked again and takes items; every item is done exactly once."""
+    victim, other = comfy_pair
+    items = picture_items([picture_folder(tmp_path / "in", 8)])
     events: list = []
-    killed = threading.Event()
+    state: dict = {}
+
+    def restart():
+        victim.kill()
+        victim.start().wait_ready()
 
     def emit(event):
         events.append(event)
-        if event["event"] == "item_done" and not killed.is_set():
-            killed.set()
-            threading.Thread(target=victim.kill, daemon=True).start()
+        if event["event"] == "item_done" and "killed" not in state:
+            state["killed"] = True
+            os.kill(other.proc.pid, signal.SIGSTOP)
+            threading.Thread(target=restart, daemon=True).start()
+        elif event["event"] == "item_done" and event["server"] == victim.url and "paused" not in state:
+            if any(e["event"] == "server_down" and e["server"] == victim.url for e in events):
+                state["paused"] = False
+                os.kill(other.proc.pid, signal.SIGCONT)  # the victim is back and working: the other goes on
 
     workflow = load_workflow("ben2_remove_background")
     workflow["3"]["inputs"]["resolution"] = 128
     runner = BatchRunner(workflow_name="ben2_remove_background", workflow=copy.deepcopy(workflow), items=items,
-                         urls=[victim.url, survivor.url], out_dir=tmp_path / "out", in_flight=2,
+                         urls=[victim.url, other.url], out_dir=tmp_path / "out", in_flight=2,
                          timeouts=Timeouts(connect=3, request=10, poll=1, poll_ws_down=0.3, stall=120, heartbeat=2),
                          probe_interval=0.5, emit=emit, progress=False)
-    summary = asyncio.run(asyncio.wait_for(runner.run(), 300))
+    try:
+        summary = asyncio.run(asyncio.wait_for(runner.run(), 400))
+    finally:
+        os.kill(other.proc.pid, signal.SIGCONT)
     records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
-    assert summary["done"] == 6 and summary["failed"] == 0
-    assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 6
-    assert all(r["status"] == "done" for r in records)
-    assert any(e["event"] == "server_down" and e["server"] == victim.url for e in events)
+    assert summary["done"] == 8 and summary["failed"] == 0
+    assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 8
+    kinds = [(e["event"], e.get("server")) for e in events]
+    down = kinds.index(("server_down", victim.url))
+    back = kinds.index(("server_up", victim.url), down)
+    assert ("item_done", victim.url) in kinds[back:], "the restarted server took no item"
+    outputs = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert outputs == sorted(rel for r in records for rel in r["outputs"]) and len(outputs) == 16
     shutil.rmtree(tmp_path / "in", ignore_errors=True)
 
 
@@ -264,6 +352,7 @@ def test_dataset_factory_decomposes_and_edits_on_real_servers(comfy_pair, tmp_pa
         Image.new("RGB", (64, 64), (40 * i, 120, 200 - 30 * i)).save(folder / f"{i:04d}_sample.png")
     config = load_config(None, [
         f"outputs={tmp_path / 'outputs'}", f"inputs.roots=[{data}]", "instructions.default=[make it rain]",
+        "instructions.templates={}",
         "decompose.resolution=64", "decompose.steps=2", "decompose.layers=2",
         'decompose.overrides={"Decompose.prompt": "a coloured square"}',
         "generate.workflow=flux_fill_inpaint", "generate.mask_layer=1",

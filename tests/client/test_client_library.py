@@ -7,6 +7,7 @@ import time
 
 import pytest
 from client_helpers import png_bytes
+from fake_comfy import FakeComfy, Faults, free_port
 
 from client.comfy import ComfyServer, Timeouts
 from client.errors import (
@@ -18,7 +19,6 @@ from client.errors import (
     WorkflowError,
     format_execution_error,
 )
-from client.fake_comfy import FakeComfy, Faults, free_port
 from client.validate import find_problems
 from client.workflow import add_preview, apply_overrides, find_node, load_workflow, parse_assignment
 

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from client_helpers import client_env, png_bytes
-
-from client.fake_comfy import free_port
+from fake_comfy import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

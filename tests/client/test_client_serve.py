@@ -7,6 +7,7 @@ import base64
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,11 @@ import yaml
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from client_helpers import client_env, png_bytes
+from fake_comfy import free_port
 from PIL import Image
 
 from client.comfy import Timeouts
 from client.experiments import DEFAULT_FILE, ExperimentsError, load_experiments
-from client.fake_comfy import free_port
 from client.serve import Limits, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def test_edit_returns_output_and_ben2_cutout(fake):
     assert decode(body["output_image_base64"]).getpixel((0, 0))[:3] == (5, 245, 245)
     assert decode(body["background_removed_image_base64"]).size == (32, 32)
     assert body["elapsed_time"] >= 0
-    prompt = next(iter(fake.history.values()))["prompt"][2]
+    prompt = next(iter(fake.prompts.values()))
     assert prompt["6"]["inputs"]["steps"] == 2 and prompt["6"]["inputs"]["denoise"] == 0.9
     assert prompt["5"]["inputs"]["prompt"] == "a gym"
     clones = [n for n in prompt.values() if n["class_type"] == "EditKitBEN2RemoveBackground" and not n["inputs"]["invert"]]
@@ -87,7 +88,7 @@ def test_qwen_features_route_the_request_into_their_workflows(fake, feature, nod
         return response.status, await response.json()
     status, body = call([fake.url], requests)
     assert status == 200 and body["success"] is True, body
-    prompt = next(iter(fake.history.values()))["prompt"][2]
+    prompt = next(iter(fake.prompts.values()))
     inputs = prompt[node]["inputs"]
     assert prompt[node]["class_type"] == "EditKitQwenImageEdit"
     assert (inputs["prompt"], inputs["steps"], inputs["true_cfg_scale"], inputs["denoise"],
@@ -102,7 +103,7 @@ def test_edit_outpainting_has_no_cutout(fake):
             "prompt": "hills", "steps": 1})
         return response.status, await response.json()
     status, body = call([fake.url], requests)
-    assert status == 200 and body["background_removed_image_base64"] is None and body["output_image_base64"]
+    assert status == 200 and body["background_removed_image_base64"] is None and body["output_image_base64"], body
 
 
 @pytest.mark.parametrize(("payload", "status", "message"), [
@@ -162,9 +163,9 @@ def test_generate_redux_uses_its_workflow_or_answers_501(fake):
         assert s1 == 501 and "flux_redux_variations" in b1["error"] and b1["success"] is False
         assert s2 == 501 and "flux_redux_variations" in b2["error"]
         return
-    assert s1 == 200 and b1["success"] and decode(b1["image_base64"]).size == (16, 16), b1
+    assert s1 == 200 and b1["success"] and decode(b1["image_base64"]).size == (32, 32), b1
     assert s2 == 200 and b2["success"], b2
-    first = next(iter(fake.history.values()))["prompt"][2]
+    first = next(iter(fake.prompts.values()))
     sampler = next(n for n in first.values() if n["inputs"].get("steps") is not None)
     assert (sampler["inputs"]["steps"], sampler["inputs"]["seed"], sampler["inputs"]["guidance"]) == (2, 5, 2.5)
     assert sampler["inputs"]["width"] == sampler["inputs"]["height"] == 1024
@@ -192,7 +193,7 @@ def test_generate_runs_a_configured_mode_json_and_multipart(fake, tmp_path):
     (s1, b1), (s2, b2) = call([fake.url], requests, experiments=load_experiments(path))
     assert s1 == 200 and b1["success"] and b1["error"] is None and decode(b1["image_base64"]).size == (32, 32)
     assert s2 == 200 and decode(b2["image_base64"]).getpixel((0, 0))[:3] == (255, 255, 255)
-    prompts = [h["prompt"][2] for h in fake.history.values()]
+    prompts = list(fake.prompts.values())
     assert prompts[0]["6"]["inputs"]["steps"] == 3 and prompts[0]["6"]["inputs"]["seed"] == 42  # seed default
     assert prompts[1]["6"]["inputs"]["steps"] == 50 and prompts[1]["6"]["inputs"]["seed"] == 7
     assert prompts[1]["6"]["inputs"]["guidance"] == 3.5 and prompts[1]["5"]["inputs"]["prompt"] == "q"
@@ -225,7 +226,7 @@ def test_health_ready_token_and_size_limit(fake):
 
 
 def test_readyz_needs_editkit_nodes(object_info):
-    from client.fake_comfy import FakeComfy, minimal_object_info
+    from fake_comfy import FakeComfy, minimal_object_info
     with FakeComfy(minimal_object_info()) as plain:
         async def requests(client):
             response = await client.get("/readyz")
@@ -255,3 +256,244 @@ def test_serve_refuses_other_addresses_without_a_token():
     done = subprocess.run([sys.executable, "-m", "client", "serve", "--host", "0.0.0.0"], cwd=ROOT,
                           env={**client_env(), "EDITKIT_SERVE_TOKEN": ""}, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "pass --token TOKEN" in done.stderr
+
+
+# -- requests cost what they return and stop when abandoned (issue 18, item 3) ---------------------------------
+
+def test_generate_renders_num_images_and_returns_all(fake):
+    async def requests(client):
+        one = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE})
+        three = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE, "num_images": 3})
+        return [(r.status, await r.json()) for r in (one, three)]
+    (s1, b1), (s3, b3) = call([fake.url], requests)
+    assert s1 == 200 and len(b1["images_base64"]) == 1 and b1["image_base64"] == b1["images_base64"][0]
+    assert s3 == 200 and len(b3["images_base64"]) == 3
+    batch_sizes = [next(n["inputs"]["batch_size"] for n in p.values() if "batch_size" in n["inputs"])
+                   for p in fake.prompts.values()]
+    assert batch_sizes == [1, 3]  # ComfyUI renders what is returned, no more
+
+
+def test_no_files_are_left_in_comfyui_unless_keep_files(fake):
+    """The request's picture travels in the prompt (EditKit's base64 loader) and the answer's pictures come back
+    over the WebSocket: nothing is uploaded to ComfyUI's input/ or saved to its output/ or temp/, and the history
+    entry (which holds the picture) is deleted. --keep-files runs the workflow as written."""
+    payload = {"experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE, "prompt": "a gym", "steps": 2}
+
+    async def requests(client):
+        response = await client.post("/api/edit_with_comfyui", json=payload)
+        return response.status, await response.json()
+    status, body = call([fake.url], requests)
+    assert status == 200, body
+    assert decode(body["output_image_base64"]).getpixel((0, 0))[:3] == (5, 245, 245)
+    assert decode(body["background_removed_image_base64"]).size == (32, 32)
+    assert fake.uploads == {} and fake.files == {}
+    posted = next(iter(fake.prompts.values()))
+    assert posted["2"]["class_type"] == "EditKitLoadImageBase64" and posted["2"]["inputs"]["data"] == PICTURE
+    outputs = sorted(n["class_type"] for n in posted.values() if n["class_type"] in ("SaveImage", "PreviewImage",
+                                                                                       "SaveImageWebsocket"))
+    assert outputs == ["SaveImageWebsocket", "SaveImageWebsocket"]  # the answer and the cut-out; the mask save is gone
+    assert fake.history_deleted == list(fake.prompts) and fake.history == {}
+    status, body = call([fake.url], requests, limits=Limits(keep_files=True))
+    assert status == 200 and len(fake.uploads) == 1 and len(fake.files) >= 2
+
+
+def test_pictures_without_frame_metadata_are_matched_to_their_node(object_info):
+    """A ComfyUI that sends bare picture frames (no prompt/node ids): the client matches them to the node ComfyUI
+    said it was executing, so the answer and the cut-out do not swap."""
+    from fake_comfy import FakeComfy, Faults
+
+    with FakeComfy(object_info, faults=Faults(ignore_feature_flags=True)) as plain:
+        async def requests(client):
+            response = await client.post("/api/edit_with_comfyui", json={
+                "experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE, "prompt": "a gym", "steps": 2})
+            return response.status, await response.json()
+        status, body = call([plain.url], requests)
+    assert status == 200, body
+    assert decode(body["output_image_base64"]).getpixel((0, 0))[:3] == (5, 245, 245)
+    assert decode(body["background_removed_image_base64"]).size == (32, 32)
+
+
+def test_pictures_sent_after_history_is_written_are_not_lost(object_info):
+    """ComfyUI writes a prompt's history as soon as its worker is done, while the WebSocket frames carrying the
+    pictures may still wait in its send queue; a poll of /history in that window must not end the wait early."""
+    from fake_comfy import FakeComfy, Faults
+
+    with FakeComfy(object_info, faults=Faults(frames_lag=1.0)) as lagging:
+        async def requests(client):
+            response = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE, "num_images": 2})
+            return response.status, await response.json()
+        status, body = call([lagging.url], requests)
+    assert status == 200 and len(body["images_base64"]) == 2, body
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_abandoned_requests_are_taken_off_the_queue_or_interrupted_only_that_one(object_info):
+    """Three callers on one busy server: the one whose prompt waits in the queue gives up, then the one whose prompt
+    runs gives up. The first is deleted from the queue, the second interrupted (by its prompt id), and the third
+    finishes normally. The real ``python -m client serve`` process is used (its handler cancellation included)."""
+    from fake_comfy import FakeComfy, Faults
+
+    slow = FakeComfy(object_info, faults=Faults(node_seconds=0.25)).start()
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "client", "serve", "--port", str(port), "--server", slow.url],
+                             cwd=ROOT, env=client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    body = {"experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE, "prompt": "a gym", "steps": 2}
+
+    async def go():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(base + "/healthz") as answer:
+                        if answer.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+
+            async def post(timeout):
+                try:
+                    async with session.post(base + "/api/edit_with_comfyui", json=body,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
+                        return answer.status
+                except asyncio.TimeoutError:
+                    return "gave up"
+            running = asyncio.create_task(post(2.0))     # runs first, gives up while running
+            await asyncio.sleep(0.5)
+            queued = asyncio.create_task(post(1.0))      # queued behind it, gives up while waiting
+            await asyncio.sleep(0.3)
+            patient = asyncio.create_task(post(60.0))    # queued too, waits for its answer
+            return await running, await queued, await patient
+    try:
+        running, queued, patient = asyncio.run(asyncio.wait_for(go(), 90))
+        assert (running, queued, patient) == ("gave up", "gave up", 200)
+        first, second, third = slow.received
+        assert _wait_for(lambda: second in slow.deleted and first in slow.interrupts)
+        assert first not in slow.executed and second not in slow.executed and third in slow.executed
+        assert third not in slow.interrupts and third not in slow.deleted
+        assert first not in slow.history or slow.history[first]["status"]["status_str"] == "error"
+    finally:
+        serve.kill()
+        serve.wait(10)
+        slow.stop()
+
+
+def test_request_over_the_time_limit_answers_504_and_cancels_its_prompt(object_info, tmp_path):
+    from fake_comfy import FakeComfy, Faults
+
+    config = yaml.safe_load(DEFAULT_FILE.read_text())
+    config["comfyui"]["timeout"] = 0.5
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with FakeComfy(object_info, faults=Faults(node_seconds=0.3)) as slow:
+        async def requests(client):
+            response = await client.post("/api/edit_with_comfyui", json={
+                "experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE, "prompt": "a gym"})
+            return response.status, await response.json()
+        status, body = call([slow.url], requests, experiments=load_experiments(path))
+        assert status == 504 and "comfyui.timeout" in body["error"] and "cancelled" in body["error"]
+        assert _wait_for(lambda: slow.received[0] in slow.interrupts)
+        assert slow.received[0] not in slow.executed
+
+
+def test_redux_prompt_is_followed_or_refused_and_model_id_checked(fake, tmp_path):
+    """Issue 18, item 3: a prompt goes through the with-prompt workflow (a text encoder configured), or, without
+    one configured, is refused with a 400 that says why; a model_id the mode does not serve is refused too."""
+    async def with_prompt(client):
+        response = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE,
+                                                         "prompt": "as a watercolor", "width": 64, "height": 48})
+        other_model = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE,
+                                                            "model_id": "stabilityai/sdxl"})
+        named = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE,
+                                                      "model_id": "black-forest-labs/FLUX.1-Redux-dev"})
+        return [(r.status, await r.json()) for r in (response, other_model, named)]
+    (s1, b1), (s2, b2), (s3, b3) = call([fake.url], with_prompt)
+    assert s1 == 200 and b1["success"], b1
+    posted = next(iter(fake.prompts.values()))
+    encode = [n for n in posted.values() if n["class_type"] == "EditKitFluxTextEncode"]
+    assert [n["inputs"]["prompt"] for n in encode] == ["as a watercolor"]
+    assert s2 == 400 and "'model_id' 'stabilityai/sdxl' is not served by mode 'redux'" in b2["error"]
+    assert "black-forest-labs/FLUX.1-Redux-dev" in b2["error"]
+    assert s3 == 200
+    config = yaml.safe_load(DEFAULT_FILE.read_text())
+    del config["generate"]["redux"]["with_prompt"]
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(config))
+    received = len(fake.received)
+
+    async def refused(client):
+        response = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE, "prompt": "x"})
+        return response.status, await response.json()
+    status, body = call([fake.url], refused, experiments=load_experiments(path))
+    assert status == 400 and "'prompt' cannot be used" in body["error"] and "no text encoder configured" in body["error"]
+    assert "with_prompt" in body["error"] and len(fake.received) == received
+
+
+# -- bad input: 4xx naming the field and the fix, before anything is queued (issue 18, item 4) ------------------
+
+def test_bad_inputs_name_the_field_and_the_fix_before_anything_is_queued(fake):
+    async def requests(client):
+        answers = {}
+        answers["width"] = await client.post("/generate", json={"mode": "redux", "input_image": PICTURE, "width": 1000})
+        answers["not_a_picture"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_flux_fill", "input_image_base64": base64.b64encode(b"hello, not a picture").decode()})
+        form = FormData()
+        form.add_field("mode", "redux")
+        form.add_field("input_image", png_bytes(), filename="x.png", content_type="image/png")
+        answers["form_to_json"] = await client.post("/generate", data=form)
+        form = FormData()
+        form.add_field("experiment_id", "ben2_flux_fill")
+        form.add_field("input_image_base64", png_bytes(), filename="x.png", content_type="image/png")
+        answers["form_to_edit"] = await client.post("/api/edit_with_comfyui", data=form)
+        answers["steps"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE, "guidance_scale": 500})
+        return {k: (r.status, await r.json()) for k, r in answers.items()}
+    answers = call([fake.url], requests)
+    status, body = answers["width"]
+    assert status == 400 and "'width' must be a multiple of 16" in body["error"] and "use 992 or 1008" in body["error"]
+    status, body = answers["not_a_picture"]
+    assert status == 400 and "'input_image_base64' is not a picture" in body["error"]
+    assert "BytesIO" not in body["error"] and "send the picture file's bytes" in body["error"]
+    status, body = answers["form_to_json"]
+    assert status == 400 and "send JSON, or post the form to POST /generate/upload" in body["error"]
+    status, body = answers["form_to_edit"]
+    assert status == 400 and "takes a JSON object" in body["error"] and "base64-encoded" in body["error"]
+    status, body = answers["steps"]
+    assert status == 400 and "'guidance_scale' must be between 0.0 and 100.0 here" in body["error"]
+    assert fake.received == [] and fake.uploads == {}
+
+
+def test_cors_preflight_and_answers_for_allowed_origins(fake):
+    origin = "http://localhost:5173"
+
+    async def requests(client):
+        preflight = await client.options("/api/edit_with_comfyui", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization"})
+        listed = await client.get("/api/image_editing/experiments",
+                                  headers={"Origin": origin, "Authorization": "Bearer t0k"})
+        unauthorised = await client.get("/api/image_editing/experiments", headers={"Origin": origin})
+        stranger = await client.options("/api/edit_with_comfyui", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        return [(r.status, dict(r.headers), await r.read()) for r in (preflight, listed, unauthorised, stranger)]
+
+    async def go():
+        app = build_app(load_experiments(), [fake.url], "t0k", None, FAST, cors_origins=[origin])
+        async with TestClient(TestServer(app)) as client:
+            return await requests(client)
+    preflight, listed, unauthorised, stranger = asyncio.run(go())
+    assert preflight[0] == 204 and preflight[1]["Access-Control-Allow-Origin"] == origin
+    assert "Authorization" in preflight[1]["Access-Control-Allow-Headers"]
+    assert listed[0] == 200 and listed[1]["Access-Control-Allow-Origin"] == origin
+    assert unauthorised[0] == 401 and unauthorised[1]["Access-Control-Allow-Origin"] == origin  # the page can read it
+    assert stranger[0] == 403 and b"--cors-origin http://evil.example" in stranger[2]
+    assert "Access-Control-Allow-Origin" not in stranger[1]

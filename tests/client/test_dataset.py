@@ -257,7 +257,7 @@ def test_config_errors_name_the_key(tmp_path):
     config = load_config(None, ["qa.min_psnr_outside_mask=28", "services.edit.endpoint=http://127.0.0.1:1"])
     assert config["qa"]["min_psnr_outside_mask"] == 28 and config["services"]["edit"]["endpoint"] == [
         "http://127.0.0.1:1"]
-    assert load_config(ROOT / "client" / "dataset" / "example.yaml")["inputs"]["roots"] == ["data"]
+    assert load_config(ROOT / "client" / "dataset" / "example.yaml")["inputs"]["roots"] == ["client/dataset/example_data"]
 
 
 def test_missing_or_empty_input_folders_stop_with_a_clear_message(tmp_path, capsys):
@@ -360,3 +360,146 @@ def test_server_mode_refuses_targets_that_do_not_fit_the_workflow(tmp_path, fake
 
     with pytest.raises(ClientError, match=r"generate.targets/overrides do not fit the workflow 'flux_fill_inpaint'"):
         Factory(config, mock_mode=False).run(["generate"])
+
+
+# -- issue 18: defaults that run, malformed files, the edit's mask rule, empty splits, exactly once --------------
+
+def test_defaults_are_example_yaml_and_the_default_workflow_is_bundled():
+    """example.yaml says it shows every key with its default: the code's defaults are exactly it, and the default
+    edit workflow is bundled with targets that fit it."""
+    from client.dataset.config import DEFAULTS
+    from client.workflow import apply_overrides, bundled_names, load_workflow, split_target
+
+    assert load_config(None) == load_config(ROOT / "client" / "dataset" / "example.yaml")
+    assert yaml.safe_load((ROOT / "client" / "dataset" / "example.yaml").read_text("utf-8")) == DEFAULTS
+    for section in ("decompose", "generate"):
+        settings = DEFAULTS[section]
+        assert settings["workflow"] in bundled_names()
+        targets = [(*split_target(t), 1) for name, t in settings["targets"].items() if t and name != "image"]
+        apply_overrides(load_workflow(settings["workflow"]), targets)
+
+
+def test_documented_first_command_runs_from_the_repository_root(tmp_path):
+    """docs/dataset.md's first command, word for word, from a folder laid out like the repository root: the
+    shipped example tree goes through every stage in mock mode."""
+    from test_client_install import FIRST_DATASET_COMMAND, repository_like
+
+    assert "python -m client dataset --config client/dataset/example.yaml --mock" in (
+        ROOT / "docs" / "dataset.md").read_text("utf-8")
+    work = repository_like(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "client", *FIRST_DATASET_COMMAND], cwd=work, capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads((work / "outputs" / "reports" / "qa" / "report.json").read_text("utf-8"))
+    assert report["summary"]["samples"] == 6 and report["summary"]["pairs"] >= 6
+    assert report["issues"] == []
+
+
+def test_malformed_instruction_files_become_qa_entries(tmp_path):
+    """Issue 18, item 6: an invalid .json, a Latin-1 .txt and a .json of the wrong shape are QA entries naming the
+    file and the fix; the run finishes and the other samples get their pairs."""
+    tree = make_tree(tmp_path, samples=3)
+    data = tree["data"]
+    broken = {"0300_json": ("json", b'["make it red", '), "0301_latin": ("txt", "rendre la façade rouge\n".encode("latin-1")),
+              "0302_shape": ("json", b'{"instructions": "make it red"}')}
+    for sample_id, (ext, content) in broken.items():
+        folder = data / "物体一致性" / sample_id
+        folder.mkdir(parents=True)
+        _picture(300 + len(sample_id), 40, 40).save(folder / f"{sample_id}.png")
+        (folder / f"{sample_id}.{ext}").write_bytes(content)
+    assert run_factory(write_config(tmp_path, data)) == 0
+    report = json.loads((tmp_path / "outputs" / "reports" / "qa" / "report.json").read_text("utf-8"))
+    bad = {Path(i["path"]).stem: i["message"] for i in report["issues"] if i["check"] == "bad_instructions"}
+    assert set(bad) == set(broken)
+    assert "not valid JSON (line 1" in bad["0300_json"] and "not UTF-8 text" in bad["0301_latin"]
+    assert "save the file as UTF-8" in bad["0301_latin"] and "expected a list of strings" in bad["0302_shape"]
+    assert not any(p["id"] in broken for p in report["pairs"]) and report["summary"]["pairs"] > 0
+    assert not any(i["check"] == "empty_instructions" and i["id"] in broken for i in report["issues"])
+
+
+def test_qa_mask_rule_is_the_edits_on_a_soft_alpha_layer():
+    """Issue 18, item 7: FLUX.1-Fill repaints wherever the mask is above 0 and blends with the soft mask. An edit
+    that did exactly that on a layer with soft alpha (a feathered edge and a half-transparent region) passes the
+    outside-the-mask check; one that also changed pixels with mask 0 fails it."""
+    from client.dataset import qa
+
+    source = np.asarray(_picture(7, 64, 64), dtype=np.float32) / 255.0
+    mask = np.zeros((64, 64), np.float32)
+    mask[8:40, 8:40] = 1.0
+    ramp = np.linspace(1.0, 0.0, 12, dtype=np.float32)
+    mask[8:40, 40:52] = ramp  # a feathered edge
+    mask[44:60, 4:60] = 0.4   # a half-transparent part of the layer
+    generated = np.roll(source, 1, axis=-1) * 0.8 + 0.1
+    kept_to_mask = source * (1 - mask[..., None]) + generated * mask[..., None]
+    thresholds = load_config(None)["qa"]
+    checks = qa.check_pair(source, kept_to_mask, mask, thresholds)
+    assert all(c["ok"] for c in checks.values()), checks
+    leaked = kept_to_mask.copy()
+    leaked[60:, :] = generated[60:, :]  # rows the mask does not touch at all
+    checks = qa.check_pair(source, leaked, mask, thresholds)
+    assert not checks["outside_mask"]["ok"] and checks["outside_mask"]["psnr"] < 30
+    assert qa.check_pair(source, source.copy(), mask, thresholds)["near_copy"]["ok"] is False
+
+
+def test_an_empty_split_still_writes_its_metadata(tmp_path):
+    tree = make_tree(tmp_path, samples=3)
+    config = write_config(tmp_path, tree["data"], export={"validation_percent": 0})
+    assert run_factory(config) == 0
+    hf = tmp_path / "outputs" / "dataset" / "hf"
+    assert (hf / "validation" / "metadata.jsonl").read_text("utf-8") == ""
+    assert (hf / "train" / "metadata.jsonl").read_text("utf-8").count("\n") > 0
+
+
+# The factory in a subprocess that dies (os._exit) at the N-th append to one stage's manifest, i.e. after that
+# item's files are written and before its line is: the rerun must not leave a second copy or an unlisted file.
+DATASET_KILLER = """
+import os, sys
+stage, n = sys.argv[1], int(sys.argv[2]); calls = [0]
+import client.manifest as manifest
+original = manifest.Manifest.append
+def append(self, record):
+    if self.path.name == stage + ".jsonl":
+        calls[0] += 1
+        if calls[0] == n:
+            os._exit(9)
+    original(self, record)
+manifest.Manifest.append = append
+from client.__main__ import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def staging_files(out: Path, stage: str) -> list[str]:
+    return sorted(os.path.abspath(p) for p in (out / "staging" / stage).rglob("*") if p.is_file())
+
+
+def listed_files(out: Path, stage: str) -> list[str]:
+    records = [r for r in (json.loads(line) for line in (out / "manifests" / f"{stage}.jsonl").read_text(
+        "utf-8").splitlines()) if r["status"] == "done"]
+    last = {r["item"]: r for r in records}
+    if stage == "decompose":
+        files = [f for r in last.values() for layer in r["layers"] for f in layer.values()]
+    else:
+        files = [f for r in last.values() for f in (r["edit"], r["mask"]) if f]
+    return sorted(os.path.abspath(f) for f in files)
+
+
+@pytest.mark.parametrize("stage", ["decompose", "generate"])
+def test_kill_between_writing_and_recording_in_a_stage_leaves_each_output_once(tmp_path, stage):
+    tree = make_tree(tmp_path / "a", samples=6, size=(32, 32))
+    clean = write_config(tmp_path / "a", tree["data"])
+    assert run_factory(clean) == 0
+    (tmp_path / "b").mkdir()
+    killed_cfg = write_config(tmp_path / "b", tree["data"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = subprocess.run([sys.executable, "-c", DATASET_KILLER, stage, "4", "dataset", "--config", str(killed_cfg),
+                             "--mock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    assert run_factory(killed_cfg) == 0
+    a, b = tmp_path / "a" / "outputs", tmp_path / "b" / "outputs"
+    assert digest_tree(a / "dataset") == digest_tree(b / "dataset")
+    for name in ("decompose", "generate"):
+        assert staging_files(b, name) == listed_files(b, name)
+        assert len(set(listed_files(b, name))) == len(listed_files(b, name))
+    assert not [p for p in b.rglob(".*")], "a hidden folder or file stayed behind"
+    assert {p.stat().st_mode & 0o777 for p in b.rglob("*") if p.is_file()} == {0o644}

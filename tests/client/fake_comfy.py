@@ -1,13 +1,16 @@
 """A fake ComfyUI server (test double) with ComfyUI 0.3.64's endpoints and message shapes.
 
-Used by the client's tests and by ``python -m client.benchmark``; it runs in a background thread with
+Used by the client's tests and by ``scripts/benchmark_client.py``; it runs in a background thread with
 its own event loop, so the code under test (in the test's loop or in a subprocess) talks to it over
 real sockets on 127.0.0.1. It executes prompts one at a time, like ComfyUI's single worker, sending
 the same WebSocket messages in the same order (``execution_start``, ``execution_cached``,
 ``executing``, ``progress``, ``executed``, ``execution_success`` or ``execution_error`` /
 ``execution_interrupted``, then ``executing`` with ``node: null`` after the history entry is
-written). Save/Preview nodes "render" the picture of the LoadImage upstream of them, colour-inverted,
-so a test can tell which input produced which output.
+written). Save/Preview nodes "render" the picture of the LoadImage (or EditKit base64 loader) upstream
+of them, colour-inverted, so a test can tell which input produced which output; one picture per
+``batch_size`` of the sampler upstream. ``SaveImageWebsocket`` sends its pictures as binary frames the
+way ComfyUI 0.3.64 does: with prompt and node ids when the client announced
+``supports_preview_metadata`` (and ``Faults.ignore_feature_flags`` is off), else bare.
 
 Faults, switched on through :attr:`FakeComfy.faults` or methods: an input text containing ``FAIL``
 makes that node raise (``execution_error``); ``drop_ws_after`` closes every WebSocket after N
@@ -18,9 +21,12 @@ like a dead process (queue and history lost) and :meth:`revive` restarts it on t
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import io
 import json
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -46,6 +52,8 @@ def minimal_object_info(images: list[str] | None = None) -> dict:
                       "output": [], "output_name": [], "output_node": True, "name": "SaveImage", "category": "image"},
         "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": [], "output_name": [],
                          "output_node": True, "name": "PreviewImage", "category": "image"},
+        "SaveImageWebsocket": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": [], "output_name": [],
+                               "output_node": True, "name": "SaveImageWebsocket", "category": "api/image"},
     }
 
 
@@ -57,6 +65,9 @@ class Faults:
     steps: int = 2                      # progress messages per node that has a 'steps' input
     reject_with: dict | None = None     # answer every POST /prompt with this 400 body
     lose_history: bool = False          # forget finished prompts (as a restarted server)
+    ignore_feature_flags: bool = False  # send bare picture frames (as a ComfyUI before preview metadata)
+    frames_lag: float = 0.0             # write history this long before sending SaveImageWebsocket's pictures, as a
+                                        # real server does when its send queue lags behind its worker
 
 
 @dataclass
@@ -77,12 +88,15 @@ class FakeComfy:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self.received: list[str] = []     # prompt ids posted
+        self.prompts: dict[str, dict] = {}  # prompt id → the prompt posted (kept when history is deleted)
         self.executed: list[str] = []     # prompt ids that finished successfully
         self.uploads: dict[str, bytes] = {}
         self.files: dict[tuple, bytes] = {}
         self.history: dict[str, dict] = {}
         self.interrupts: list = []
         self.deleted: list = []
+        self.history_deleted: list = []
+        self.flags: dict[str, dict] = {}  # client id → the feature flags it announced
         self._reset_state()
 
     @property
@@ -167,6 +181,7 @@ class FakeComfy:
         r.add_get("/queue", self._get_queue)
         r.add_post("/queue", self._post_queue)
         r.add_get("/history/{pid}", self._history)
+        r.add_post("/history", self._post_history)
         r.add_post("/upload/image", self._upload)
         r.add_get("/view", self._view)
         r.add_post("/interrupt", self._post_interrupt)
@@ -193,7 +208,7 @@ class FakeComfy:
             await self._never.wait()
         return await handler(request)
 
-    async def _send(self, client_id: str | None, kind: str, data: dict) -> None:
+    async def _send(self, client_id: str | None, kind: str, data: dict | bytes) -> None:
         if self.hung:
             return
         targets = [client_id] if client_id else list(self.sockets)
@@ -202,7 +217,10 @@ class FakeComfy:
             if ws is None or ws.closed:
                 continue
             try:
-                await ws.send_str(json.dumps({"type": kind, "data": data}))
+                if isinstance(data, bytes):
+                    await ws.send_bytes(data)
+                else:
+                    await ws.send_str(json.dumps({"type": kind, "data": data}))
             except (ConnectionError, RuntimeError):
                 continue
             ws.sent = getattr(ws, "sent", 0) + 1
@@ -219,9 +237,16 @@ class FakeComfy:
         sid = request.query.get("clientId") or uuid.uuid4().hex
         self.sockets[sid] = ws
         await ws.send_str(json.dumps({"type": "status", "data": {"status": self._queue_info(), "sid": sid}}))
+        first = True
         async for message in ws:
             if message.type == WSMsgType.ERROR:
                 break
+            if first and message.type == WSMsgType.TEXT:  # ComfyUI reads feature flags from the first message only
+                with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                    body = json.loads(message.data)
+                    if body.get("type") == "feature_flags" and isinstance(body.get("data"), dict):
+                        self.flags[sid] = body["data"]
+            first = False
         if self.sockets.get(sid) is ws:
             self.sockets.pop(sid, None)
         return ws
@@ -254,6 +279,7 @@ class FakeComfy:
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
         self.number += 1
         self.received.append(prompt_id)
+        self.prompts[prompt_id] = prompt
         self.queue_items.append(_Queued(self.number, prompt_id, prompt, body.get("client_id"), outputs))
         self._wake.set()
         return web.json_response({"prompt_id": prompt_id, "number": self.number, "node_errors": {}})
@@ -319,6 +345,15 @@ class FakeComfy:
         pid = request.match_info["pid"]
         return web.json_response({pid: self.history[pid]} if pid in self.history else {})
 
+    async def _post_history(self, request):
+        body = await request.json()
+        for prompt_id in body.get("delete", []):
+            self.history_deleted.append(prompt_id)
+            self.history.pop(prompt_id, None)
+        if body.get("clear"):
+            self.history.clear()
+        return web.Response(status=200)
+
     async def _upload(self, request):
         post = await request.post()
         image = post.get("image")
@@ -378,12 +413,43 @@ class FakeComfy:
         node = prompt[node_id]
         if node["class_type"] == "LoadImage":
             return self.uploads.get(node["inputs"].get("image"))
+        if node["class_type"] == "EditKitLoadImageBase64":
+            text = str(node["inputs"].get("data", ""))
+            return base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text)
         for value in node.get("inputs", {}).values():
             if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
                 found = self._source_picture(prompt, str(value[0]), seen)
                 if found is not None:
                     return found
         return None
+
+    def _batch_size(self, prompt: dict, node_id: str, seen=None) -> int:
+        """The ``batch_size`` of the nearest upstream sampler (a node with ``steps`` too; BEN2's ``batch_size`` is
+        how many pictures it processes at once, not how many it makes), 1 when none."""
+        seen = seen or set()
+        if node_id in seen:
+            return 1
+        seen.add(node_id)
+        inputs = prompt[node_id].get("inputs", {})
+        if isinstance(inputs.get("batch_size"), int) and "steps" in inputs:
+            return inputs["batch_size"]
+        for value in inputs.values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
+                size = self._batch_size(prompt, str(value[0]), seen)
+                if size != 1:
+                    return size
+        return 1
+
+    async def _send_picture(self, client_id: str | None, prompt_id: str, node_id: str, png: bytes) -> None:
+        """A picture frame as ComfyUI's server sends it (event 4 with metadata, or event 1 bare)."""
+        flags = self.flags.get(client_id or "", {})
+        if flags.get("supports_preview_metadata") and not self.faults.ignore_feature_flags:
+            meta = json.dumps({"node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
+                               "parent_node_id": None, "real_node_id": node_id, "image_type": "image/png"}).encode()
+            frame = struct.pack(">I", 4) + struct.pack(">I", len(meta)) + meta + png
+        else:
+            frame = struct.pack(">I", 1) + struct.pack(">I", 2) + png
+        await self._send(client_id, "binary", frame)
 
     async def _execute(self, item: _Queued) -> None:
         cid, pid, prompt = item.client_id, item.prompt_id, item.prompt
@@ -426,7 +492,6 @@ class FakeComfy:
                     "current_inputs": {k: [str(v)] for k, v in node["inputs"].items()}, "current_outputs": executed})
                 break
             if self.object_info[node["class_type"]].get("output_node"):
-                kind = "output" if node["class_type"] == "SaveImage" else "temp"
                 source = self._source_picture(prompt, node_id)
                 picture = Image.new("RGB", (16, 16), (10, 20, 30))
                 if source is not None:
@@ -434,11 +499,27 @@ class FakeComfy:
                         picture = ImageOps.invert(opened.convert("RGB"))
                 buffer = io.BytesIO()
                 picture.save(buffer, format="PNG")
+                count = self._batch_size(prompt, node_id)
+                if node["class_type"] == "SaveImageWebsocket":
+                    if self.faults.frames_lag:
+                        self.history[pid] = {"prompt": [item.number, pid, prompt, {"client_id": cid}, item.outputs],
+                                             "outputs": {}, "meta": {},
+                                             "status": {"status_str": "success", "completed": True, "messages": []}}
+                        await asyncio.sleep(self.faults.frames_lag)
+                    for index in range(count):
+                        await self._send_picture(cid, pid, node_id, buffer.getvalue())
+                        await message("progress", {"value": index + 1, "max": count, "node": node_id}, keep=False)
+                    executed.append(node_id)
+                    continue
+                kind = "output" if node["class_type"] == "SaveImage" else "temp"
                 prefix = str(node["inputs"].get("filename_prefix", "ComfyUI_temp"))
                 subfolder, _, stem = prefix.rpartition("/")
-                name = f"{stem}_{len(self.files) + 1:05d}_.png"
-                self.files[(kind, subfolder, name)] = buffer.getvalue()
-                ui = {"images": [{"filename": name, "subfolder": subfolder, "type": kind}]}
+                refs = []
+                for _ in range(count):
+                    name = f"{stem}_{len(self.files) + 1:05d}_.png"
+                    self.files[(kind, subfolder, name)] = buffer.getvalue()
+                    refs.append({"filename": name, "subfolder": subfolder, "type": kind})
+                ui = {"images": refs}
                 outputs_ui[node_id] = ui
                 await message("executed", {"node": node_id, "display_node": node_id, "output": ui}, keep=False)
             executed.append(node_id)

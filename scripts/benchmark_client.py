@@ -1,12 +1,13 @@
 """Measure the client: overhead per item, resume time, and (with real ComfyUI) 1 vs 2 servers.
 
-    python -m client.benchmark                       # fake server: overhead (200 items), resume (10,000)
-    python -m client.benchmark --comfyui-root /path/to/ComfyUI --comfyui-python /path/to/python \\
+    python scripts/benchmark_client.py               # fake server: overhead (200 items), resume (10,000)
+    python scripts/benchmark_client.py --comfyui-root /path/to/ComfyUI --comfyui-python /path/to/python \\
         --models /path/to/tiny/models                 # also batch throughput on 1 vs 2 real CPU servers
 
 Overhead compares ``ComfyServer.run`` (validation against /object_info, WebSocket follow, history) with
 the least a script must do for the same prompt: POST /prompt, wait on the WebSocket for the end, GET
-/history. Both run against the in-process fake server, so the difference is the client's own cost.
+/history. Both run against the in-process fake server (the test double in ``tests/client/fake_comfy.py``),
+so the difference is the client's own cost.
 The tiny models tree comes from ``python tests/make_tiny_models.py DIR``.
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -27,12 +29,17 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
-from . import console
-from .batch import BatchRunner, Item, picture_items
-from .comfy import ComfyServer
-from .fake_comfy import FakeComfy, free_port, minimal_object_info
-from .manifest import Manifest
-from .workflow import load_workflow
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "client"))
+
+from fake_comfy import FakeComfy, free_port, minimal_object_info  # noqa: E402
+
+from client import console  # noqa: E402
+from client.batch import BatchRunner, Item, picture_items  # noqa: E402
+from client.comfy import ComfyServer  # noqa: E402
+from client.manifest import Manifest  # noqa: E402
+from client.workflow import load_workflow  # noqa: E402
 
 
 def _prompt(image: str) -> dict:
@@ -115,7 +122,7 @@ def _start_comfy(root: str, python: str, models: Path, work: Path, threads: int)
     packs.mkdir(parents=True, exist_ok=True)
     link = packs / "EditKit"
     if not link.exists():
-        link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+        link.symlink_to(ROOT, target_is_directory=True)
     port = free_port()
     config = work / f"paths_{port}.yaml"
     folders = {p.name: str(p) for p in models.iterdir() if p.is_dir()}
@@ -176,7 +183,7 @@ def real_servers(root: str, python: str, models: Path, count: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python scripts/benchmark_client.py", description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--resume-items", type=int, default=10_000)
     parser.add_argument("--comfyui-root", default=os.environ.get("COMFYUI_ROOT"))
