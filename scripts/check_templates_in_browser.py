@@ -57,8 +57,9 @@ JS_DIALOG_TEXTS = """
 """
 
 JS_OPEN_BROWSER = """
-async (pack) => {
-  const visible = () => document.querySelector('[data-testid^="template-workflow-"]');
+async (pack, names) => {
+  // Ours, not the cards of the category shown before the click (they share the data-testid pattern).
+  const visible = () => names.some(n => document.querySelector(`[data-testid="template-workflow-${n}"]`));
   const entry = () => Array.from(document.querySelectorAll('.p-dialog li')).find(e => e.textContent.trim() === pack);
   for (let attempt = 0; attempt < 3 && !entry(); attempt++) {
     await app.extensionManager.command.execute('Comfy.BrowseTemplates');
@@ -66,7 +67,7 @@ async (pack) => {
   }
   if (!entry()) return [];
   entry().click();
-  for (let i = 0; i < 100 && !visible(); i++) await new Promise(r => setTimeout(r, 100));
+  for (let i = 0; i < 300 && !visible(); i++) await new Promise(r => setTimeout(r, 100));
   // The grid renders more cards as it is scrolled: scroll to the end until no more appear, then back up.
   const cards = () => document.querySelectorAll('[data-testid^="template-workflow-"]').length;
   const grid = document.querySelector('.p-dialog .p-dataview-content');
@@ -277,7 +278,11 @@ def open_page(page: ex.DevTools, url: str, timeout: float) -> None:
 
 def open_template(page: ex.DevTools, name: str, api: dict) -> list[str]:
     """Open one template from the template browser, as a click on its card does."""
-    if f"template-workflow-{name}" not in page.call_js(JS_OPEN_BROWSER, ex.PACK_NAME):
+    for _attempt in range(2):  # a page still busy loading may show the browser before its cards
+        if f"template-workflow-{name}" in page.call_js(JS_OPEN_BROWSER, ex.PACK_NAME, [name]):
+            break
+        page.call_js(JS_CLOSE_DIALOGS)
+    else:
         return [f"no card for {name} under Custom Nodes, {ex.PACK_NAME}"]
     if not page.call_js(JS_CLICK_CARD, name):
         return [f"cannot click the card of {name}"]
@@ -303,7 +308,7 @@ def check(args: argparse.Namespace) -> dict:
         with server as url, ex.chromium_page(ex.find_chromium(args.chromium), args.timeout) as page:
             open_page(page, url, args.timeout)
             # 1. The template browser and its thumbnails at card size
-            cards = page.call_js(JS_OPEN_BROWSER, ex.PACK_NAME)
+            cards = page.call_js(JS_OPEN_BROWSER, ex.PACK_NAME, names)
             images = page.call_js(JS_CARD_IMAGES, names)
             for index in range(page.call_js(JS_SCROLL_GRID, 0)):  # every row of cards, as the user scrolls
                 page.call_js(JS_SCROLL_GRID, index)

@@ -1,9 +1,9 @@
 """The templates in ComfyUI's real frontend (1.27.10), in headless Chromium: scripts/check_templates_in_browser.py.
 
-Slow (about 4 minutes on 2 cores: it starts ComfyUI and opens every template twice through the template
-browser), so it runs with ``-m slow``: thumbnails at card size, the missing-models dialog when files are absent
-and its absence when they are present, every template's opening view at 1600x1000, the loader's message at
-queue time, and the node search words. Needs ``COMFYUI_ROOT`` (with ``EDITKIT_PYTHON``, the Python that runs it)
+Slow (5 minutes on a quiet 2-core machine, 12 under heavy load: it starts ComfyUI and opens every template
+twice through the template browser), so it runs with ``-m slow``: thumbnails at card size, the missing-models
+dialog when files are absent and its absence when they are present, every template's opening view at
+1600x1000, the loader's message at queue time, and the node search words. Needs ``COMFYUI_ROOT`` (with ``EDITKIT_PYTHON``, the Python that runs it)
 and Chromium (``apt-get install -y chromium``; ``.ci/run`` installs it when missing).
 """
 
