@@ -16,7 +16,7 @@ from ..pipelines.ben2 import RemovalSettings, apply_matte, load_ben2, parse_hex_
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.runtime import Component
 from . import comfy_bridge
-from .common import files_signature
+from .common import LoaderFiles, ModelFile, files_signature
 
 CATEGORY = "EditKit/background removal"
 MODEL_TYPE = "EDITKIT_BEN2"
@@ -27,6 +27,8 @@ RESIZE_MODES = ("square (as trained)", "keep aspect ratio")
 BACKGROUNDS = ("color", "alpha (RGBA)")
 
 comfy_bridge.register_model_folder(MODEL_FOLDER, comfy_bridge.BEN2_EXTENSIONS)
+FILES = LoaderFiles({"model_name": ModelFile(MODEL_FOLDER, "BEN2 Base: model.safetensors from Hugging Face "
+                                                           "PramaLLC/BEN2 (any name; or BEN2_Base.pth from there)")})
 
 
 def _compute_dtype(precision: str) -> torch.dtype:
@@ -98,6 +100,10 @@ class EditKitBEN2Loader:
             return files_signature([comfy_bridge.model_path(MODEL_FOLDER, model_name)])
         except EditKitError:
             return ""  # the load itself reports the missing file
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return FILES.check(model_name=model_name)
 
     def load(self, model_name: str, precision: str):
         path = comfy_bridge.model_path(MODEL_FOLDER, model_name)

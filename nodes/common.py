@@ -6,10 +6,15 @@ with the same ranges and tooltips.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..pipelines.core import integrity
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.loading import file_key
 from ..pipelines.flux.conditioning import FluxText, read_conditioning
@@ -91,6 +96,19 @@ def chosen_folder(value: str):
     return None if value in (NONE, "", None) else bridge.model_path("diffusers", value)
 
 
+def pipeline_folders(*classes: str) -> list[str]:
+    """``models/diffusers`` folders whose ``model_index.json`` names one of these pipeline classes, in the order
+    of ``classes``: a loader's default folder, so a new loader never starts on another model's folder."""
+    found: dict[str, str] = {}
+    for name in bridge.list_diffusers_folders():
+        try:
+            with open(bridge.model_path("diffusers", name) / "model_index.json", encoding="utf-8") as handle:
+                found[name] = json.load(handle).get("_class_name", "")
+        except (OSError, ValueError, AttributeError, EditKitError):
+            continue
+    return [name for cls in classes for name in sorted(found) if found[name] == cls]
+
+
 def loader_signature(diffusers_folder: str | None, *files: tuple[str, str]) -> str:
     """A loader's IS_CHANGED: size and mtime of its chosen folder and files (``(widget value, models folder)``).
 
@@ -106,3 +124,137 @@ def loader_signature(diffusers_folder: str | None, *files: tuple[str, str]) -> s
 def latent_dict(raw_latents: torch.Tensor) -> dict:
     """LATENT in ComfyUI's convention: raw VAE space, float32, CPU."""
     return {"samples": raw_latents.float().cpu()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a loader's file widgets may name, checked when a prompt is queued (VALIDATE_INPUTS)
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file widget of a loader: the ComfyUI models folder it lists, what belongs there (with where to get
+    it, for names the bundled workflows do not use), and the diffusers sub-folder it replaces, if any."""
+
+    folder: str
+    what: str
+    component: str | None = None
+
+
+@dataclass(frozen=True)
+class LoaderFiles:
+    """A loader's model choices, checked by its ``VALIDATE_INPUTS`` before anything runs.
+
+    ComfyUI skips its own "Value not in list" check for every input ``VALIDATE_INPUTS`` takes (execution.py
+    0.3.64, ``validate_inputs``), so a missing file gets EditKit's message: the folder it looked in, what to
+    put there and where to get it (from ``workflows/notes/models.json`` for the names the templates use). Files
+    and the diffusers sub-folders the loader will read are checked for completeness from their headers
+    (:mod:`..pipelines.core.integrity`), so a broken download is reported on the loader, at once.
+
+    ComfyUI reports a failed check once per input the function takes, so the message is one short paragraph.
+    """
+
+    files: dict[str, ModelFile]
+    folder_what: str | None = None  # what diffusers_folder should hold; None: the loader has no folder widget
+
+    def check(self, **values) -> bool | str:
+        problems: list[str] = []
+        folder = None
+        chosen = values.get("diffusers_folder")
+        if self.folder_what is not None and isinstance(chosen, str) and chosen not in (NONE, ""):
+            folder, problem = self._folder(chosen)
+            if problem:
+                problems.append(problem)
+        components = []
+        for widget, spec in self.files.items():
+            value = values.get(widget)
+            if value is None:
+                continue  # a linked input: its value is known only when the graph runs
+            if value in (FROM_FOLDER, NONE):
+                if folder is not None and spec.component:
+                    components.append(spec.component)
+                continue
+            problem = _file_problem(widget, value, spec)
+            if problem:
+                problems.append(problem)
+        if folder is not None:
+            for damage in integrity.folder_damage(folder, components):
+                where = damage.path.relative_to(folder).as_posix()
+                problems.append(f"diffusers_folder '{chosen}': {where} is {damage.problem}; download it again"
+                                f"{_folder_source(chosen)}.")
+        return True if not problems else " ".join(problems)
+
+    def _folder(self, name: str) -> tuple[Path | None, str | None]:
+        path = _find("diffusers", name)
+        entry = known_model(name)
+        if path is None:
+            dirs = bridge.folder_dirs("diffusers")
+            target = dirs[0] / name if dirs else Path("models/diffusers") / name
+            if entry and entry.get("repo"):
+                get = f"download every file of Hugging Face {entry['repo']} into {target}"
+            else:
+                get = f"put {self.folder_what} there under this name"
+            return None, (f"diffusers_folder '{name}' is not in {_looked_in('diffusers')}: {get}, or choose (none) "
+                          "and pick single files.")
+        if not (path / "model_index.json").is_file():
+            return None, (f"diffusers_folder '{name}' ({path}) has no model_index.json: it is not a whole diffusers "
+                          f"folder. Download the whole repository{_folder_source(name)}.")
+        return path, None
+
+
+def _find(folder: str, name: str) -> Path | None:
+    if ".." in Path(name).parts:
+        return None
+    return next((base / name for base in bridge.folder_dirs(folder) if (base / name).exists()), None)
+
+
+def _looked_in(folder: str) -> str:
+    """Where ComfyUI looks for ``folder``: its first directory (and how many more there are)."""
+    dirs = bridge.folder_dirs(folder)
+    if not dirs:
+        return f"any models/{folder} folder (none is configured)"
+    more = f" (or {len(dirs) - 1} other {folder} folder{'s' if len(dirs) > 2 else ''})" if len(dirs) > 1 else ""
+    return f"{dirs[0]}{more}"
+
+
+def _file_problem(widget: str, name, spec: ModelFile) -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"{widget}: pick a file from ComfyUI's models/{spec.folder} folder."
+    path = _find(spec.folder, name)
+    entry = known_model(name)
+    if path is None:
+        if entry:
+            get = f"download {entry['url']} into it" if entry.get("url") else f"get it from {entry['source']}"
+        else:
+            get = f"put {spec.what} there"
+        return f"{widget} '{name}' is not in {_looked_in(spec.folder)}: {get}, or pick another file."
+    if not path.is_file():
+        return f"{widget} '{name}' ({path}) is a folder, not a model file: pick a file."
+    problem = integrity.file_damage(path)
+    if problem:
+        source = f" from {entry['url']}" if entry and entry.get("url") else ""
+        return f"{widget}: {path} is {problem}; download it again{source}."
+    return None
+
+
+_MODELS_TABLE = Path(__file__).resolve().parents[1] / "workflows" / "notes" / "models.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _models_table() -> dict:
+    try:
+        with open(_MODELS_TABLE, encoding="utf-8") as handle:
+            return json.load(handle)["models"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def known_model(name: str) -> dict | None:
+    """The ``workflows/notes/models.json`` entry of a model file or folder the bundled workflows name."""
+    return _models_table().get(name)
+
+
+def _folder_source(name: str) -> str:
+    entry = known_model(name)
+    if entry and entry.get("repo"):
+        return f" from Hugging Face {entry['repo']}"
+    return ""

@@ -33,7 +33,7 @@ def convention_input() -> tuple:
 
 
 class EditKitFluxSampler:
-    DISPLAY_NAME = "EditKit · Flux Sampler"
+    DISPLAY_NAME = "EditKit · Flux Text to Image Sampler"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Generates with FLUX.1-dev, FLUX.1-schnell or any 64-feature Flux transformer from EditKit · Flux Loader: "

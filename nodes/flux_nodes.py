@@ -15,6 +15,8 @@ from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,
     NONE,
+    LoaderFiles,
+    ModelFile,
     batch_input,
     chosen_file,
     denoise_input,
@@ -22,13 +24,28 @@ from .common import (
     guidance_input,
     latent_dict,
     loader_signature,
+    pipeline_folders,
     seed_input,
     steps_input,
 )
 
 CATEGORY = "EditKit/flux"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
+FILES = LoaderFiles(
+    folder_what="a FLUX.1 diffusers folder (every file of the Hugging Face repository "
+                "black-forest-labs/FLUX.1-Fill-dev or FLUX.1-dev)",
+    files={
+        "transformer_file": ModelFile("diffusion_models", "a FLUX.1 transformer as one file, BFL layout "
+                                      "(flux1-fill-dev.safetensors or flux1-dev.safetensors from Hugging Face "
+                                      "Comfy-Org/flux1-dev) or a .gguf", "transformer"),
+        "vae_file": ModelFile("vae", "the FLUX.1 VAE, ae.safetensors (Hugging Face black-forest-labs/FLUX.1-dev)",
+                              "vae"),
+        "clip_l_file": ModelFile("text_encoders", "CLIP-L, clip_l.safetensors (Hugging Face "
+                                 "comfyanonymous/flux_text_encoders)", "text_encoder"),
+        "t5_file": ModelFile("text_encoders", "T5-XXL, t5xxl_fp16.safetensors (Hugging Face "
+                             "comfyanonymous/flux_text_encoders)", "text_encoder_2"),
+    },
+)
 
 
 class EditKitFluxLoader:
@@ -52,13 +69,14 @@ class EditKitFluxLoader:
     @classmethod
     def INPUT_TYPES(cls):
         folders = bridge.list_diffusers_folders()
+        flux = pipeline_folders("FluxFillPipeline", "FluxPipeline")  # never another model's folder
         transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
         vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
         encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
         return {
             "required": {
                 "diffusers_folder": ([NONE, *folders], {
-                    "default": folders[0] if folders else NONE,
+                    "default": flux[0] if flux else NONE,
                     "tooltip": "A FLUX.1 diffusers folder in models/diffusers (e.g. FLUX.1-Fill-dev). Choose "
                                "(none) to load everything from single files.",
                 }),
@@ -94,6 +112,11 @@ class EditKitFluxLoader:
         return loader_signature(
             diffusers_folder, (transformer_file, "diffusion_models"), (vae_file, "vae"), (clip_l_file, "text_encoders"), (t5_file, "text_encoders"),
         )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file):
+        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file, vae_file=vae_file,
+                           clip_l_file=clip_l_file, t5_file=t5_file)
 
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)

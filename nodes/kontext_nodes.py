@@ -93,6 +93,7 @@ class EditKitKontextInpaintLoader:
         return spec
 
     IS_CHANGED = EditKitFluxLoader.IS_CHANGED
+    VALIDATE_INPUTS = EditKitFluxLoader.VALIDATE_INPUTS
 
     def load(self, widen_init="zeros", **files):
         model, text, vae = EditKitFluxLoader().load(**files)

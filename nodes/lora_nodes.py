@@ -15,7 +15,7 @@ from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.lora import LORA_EXTENSIONS, LoraFamily, add_lora
 from ..pipelines.flux.lora import FLUX_LORA
 from . import comfy_bridge as bridge
-from .common import files_signature
+from .common import LoaderFiles, ModelFile, files_signature
 
 
 def lora_node_class(family: LoraFamily, model_type: str, *, class_name: str, display_name: str, category: str,
@@ -26,6 +26,8 @@ def lora_node_class(family: LoraFamily, model_type: str, *, class_name: str, dis
     transformer on its handle (``FluxModel.transformer``). The node copies the handle with the
     LoRA added: the incoming model, and whatever else uses it, is unchanged.
     """
+
+    files = LoaderFiles({"lora_name": ModelFile("loras", f"a {family_models} LoRA (.safetensors)")})
 
     class LoraNode:
         DISPLAY_NAME = display_name
@@ -65,6 +67,10 @@ def lora_node_class(family: LoraFamily, model_type: str, *, class_name: str, dis
                 return files_signature([bridge.model_path("loras", lora_name)])
             except EditKitError:
                 return ""  # apply() reports the missing file
+
+        @classmethod
+        def VALIDATE_INPUTS(cls, lora_name):
+            return files.check(lora_name=lora_name)
 
         def apply(self, model, lora_name, strength):
             return (add_lora(model, family, bridge.model_path("loras", lora_name), strength, attribute),)

@@ -13,6 +13,7 @@ from ..pipelines.qwen_image import sizes
 from ..pipelines.qwen_image import vae as vae_ops
 from ..pipelines.qwen_image.edit import check_prompt, edit
 from ..pipelines.qwen_image.loading import (
+    EDIT_PIPELINES,
     VARIANTS,
     QwenImageModel,
     scheduler_config,
@@ -25,11 +26,14 @@ from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,
     NONE,
+    LoaderFiles,
+    ModelFile,
     batch_input,
     chosen_file,
     chosen_folder,
     latent_dict,
     loader_signature,
+    pipeline_folders,
     seed_input,
     steps_input,
 )
@@ -44,6 +48,19 @@ VAE_TYPE = "EDITKIT_QWEN_IMAGE_VAE"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTO_VARIANT = "auto"
 MAX_REFERENCE_SIDE = 4096
+FILES = LoaderFiles(
+    folder_what="a Qwen-Image-Edit-2509 diffusers folder (every file of the Hugging Face repository "
+                "Qwen/Qwen-Image-Edit-2509)",
+    files={
+        "transformer_file": ModelFile("diffusion_models", "a Qwen-Image-Edit-2509 transformer: "
+                                      "qwen_image_edit_2509_fp8_e4m3fn.safetensors or _bf16 (Hugging Face "
+                                      "Comfy-Org/Qwen-Image-Edit_ComfyUI) or a .gguf", "transformer"),
+        "text_encoder_file": ModelFile("text_encoders", "Qwen2.5-VL-7B: qwen_2.5_vl_7b_fp8_scaled.safetensors "
+                                       "(Hugging Face Comfy-Org/Qwen-Image_ComfyUI)", "text_encoder"),
+        "vae_file": ModelFile("vae", "the Qwen-Image VAE: qwen_image_vae.safetensors (Hugging Face "
+                              "Comfy-Org/Qwen-Image_ComfyUI)", "vae"),
+    },
+)
 
 
 
@@ -82,14 +99,14 @@ class EditKitQwenImageLoader:
     @classmethod
     def INPUT_TYPES(cls):
         folders = bridge.list_diffusers_folders()
-        qwen = [f for f in folders if "qwen" in f.lower()]
+        edit_folders = pipeline_folders(*EDIT_PIPELINES)  # never Qwen-Image-Layered's or text-to-image's folder
         transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
         encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
         vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
         return {
             "required": {
                 "diffusers_folder": ([NONE, *folders], {
-                    "default": qwen[0] if qwen else NONE,
+                    "default": edit_folders[0] if edit_folders else NONE,
                     "tooltip": "The Qwen-Image-Edit-2509 diffusers folder in models/diffusers (every component, with "
                                "tokenizer and processor). (none): everything comes from the single files below and "
                                "the tokenizer from ComfyUI's bundled copy.",
@@ -127,6 +144,11 @@ class EditKitQwenImageLoader:
             diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
         )
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
+        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
+                           text_encoder_file=text_encoder_file, vae_file=vae_file)
+
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
              weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)
@@ -144,6 +166,11 @@ class EditKitQwenImageLoader:
 
 def _one_picture(image: torch.Tensor, name: str) -> torch.Tensor:
     pixels = image_to_nchw(image)
+    if pixels.shape[0] == 0:
+        raise EditKitError(
+            f"'{name}' got an empty batch (no picture): the node connected to it produced none. Connect a picture "
+            f"(e.g. Load Image) to '{name}'" + (", or disconnect it." if name != "image" else ".")
+        )
     if pixels.shape[0] != 1:
         raise EditKitError(
             f"'{name}' holds {pixels.shape[0]} pictures, but it takes one. Give the pictures to edit one per run "
@@ -158,7 +185,7 @@ def _size_input(default: int, tooltip: str) -> tuple:
 
 
 class EditKitQwenImageEdit:
-    DISPLAY_NAME = "EditKit · Qwen-Image Edit"
+    DISPLAY_NAME = "EditKit · Qwen-Image Edit / Inpaint"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Edits a picture with Qwen-Image-Edit-2509 following an instruction: recolour or replace things, add or "
@@ -246,7 +273,10 @@ class EditKitQwenImageEdit:
                 **{f"image{i}": ("IMAGE", {"tooltip": f"Reference picture {i} (picture {i} in the prompt)."})
                    for i in range(2, 6)},
                 "references": ("IMAGE", {"tooltip": "More reference pictures as a batch (pictures 6, 7, ... or "
-                                                    "following the connected imageN). Any count."}),
+                                                    "following the connected imageN). Any count. Note: ComfyUI's "
+                                                    "Batch Images (ImageBatch) crops each added picture to the first "
+                                                    "one's aspect ratio (centre) and resizes it to its size; to keep "
+                                                    "pictures whole, connect them to image2..image5 instead."}),
                 "mask": ("MASK", {"tooltip": "Optional: only this area of image 1 may change (1 = change). The "
                                              "result is blended back with it, so every pixel outside comes back "
                                              "exactly. Best with reference_size 'no shift'."}),
@@ -265,7 +295,12 @@ class EditKitQwenImageEdit:
             if extra is not None:
                 pictures.append(_one_picture(extra, f"image{index}"))
         if references is not None:
-            pictures += list(image_to_nchw(references).split(1))
+            batch = image_to_nchw(references)
+            if batch.shape[0] == 0:
+                raise EditKitError("'references' got an empty batch (no picture): the node connected to it produced "
+                                   "none. Connect one or more reference pictures (Batch Images joins several), or "
+                                   "disconnect 'references'.")
+            pictures += list(batch.split(1))
         pixel_mask = None
         if mask is not None:
             pixel_mask = mask_to_nchw(mask)

@@ -17,6 +17,8 @@ from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,
     NONE,
+    LoaderFiles,
+    ModelFile,
     chosen_file,
     chosen_folder,
     loader_signature,
@@ -30,6 +32,19 @@ log = logging.getLogger("EditKit")
 CATEGORY = "EditKit/qwen-image"
 MODEL_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED"
 VAE_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED_VAE"
+FILES = LoaderFiles(
+    folder_what="a Qwen-Image-Layered diffusers folder (every file of the Hugging Face repository "
+                "Qwen/Qwen-Image-Layered)",
+    files={
+        "transformer_file": ModelFile("diffusion_models", "a Qwen-Image-Layered transformer: "
+                                      "qwen_image_layered_bf16.safetensors or _fp8mixed (Hugging Face "
+                                      "Comfy-Org/Qwen-Image-Layered_ComfyUI) or a .gguf", "transformer"),
+        "text_encoder_file": ModelFile("text_encoders", "Qwen2.5-VL-7B: qwen_2.5_vl_7b_fp8_scaled.safetensors "
+                                       "(Hugging Face Comfy-Org/Qwen-Image_ComfyUI)", "text_encoder"),
+        "vae_file": ModelFile("vae", "the RGBA VAE: qwen_image_layered_vae.safetensors (Hugging Face "
+                              "Comfy-Org/Qwen-Image-Layered_ComfyUI)", "vae"),
+    },
+)
 
 
 
@@ -96,6 +111,11 @@ class EditKitQwenImageLayeredLoader:
         return loader_signature(
             diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
         )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
+        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
+                           text_encoder_file=text_encoder_file, vae_file=vae_file)
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)

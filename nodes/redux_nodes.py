@@ -15,12 +15,24 @@ from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,
     NONE,
+    LoaderFiles,
+    ModelFile,
     chosen_file,
     loader_signature,
 )
 
 CATEGORY = "EditKit/flux redux"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FILES = LoaderFiles(
+    folder_what="a FLUX.1-Redux-dev diffusers folder (every file of the Hugging Face repository "
+                "black-forest-labs/FLUX.1-Redux-dev)",
+    files={
+        "style_model_file": ModelFile("style_models", "the Redux embedder: flux1-redux-dev.safetensors (Hugging Face "
+                                      "Comfy-Org/Flux1-Redux-Dev)", "image_embedder"),
+        "clip_vision_file": ModelFile("clip_vision", "SigLIP: sigclip_vision_patch14_384.safetensors (Hugging Face "
+                                      "Comfy-Org/sigclip_vision_384)", "image_encoder"),
+    },
+)
 
 
 
@@ -77,6 +89,11 @@ class EditKitReduxLoader:
             diffusers_folder, (style_model_file, "style_models"), (clip_vision_file, "clip_vision"),
         )
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, diffusers_folder, style_model_file, clip_vision_file):
+        return FILES.check(diffusers_folder=diffusers_folder, style_model_file=style_model_file,
+                           clip_vision_file=clip_vision_file)
+
     def load(self, diffusers_folder, style_model_file, clip_vision_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype] or bridge.default_dtype("text_encoder")
@@ -85,7 +102,7 @@ class EditKitReduxLoader:
 
 
 class EditKitReduxEncode:
-    DISPLAY_NAME = "EditKit · Redux Encode"
+    DISPLAY_NAME = "EditKit · Redux Encode (variations)"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Turns pictures into a FLUX.1 conditioning with the Redux prior, so FLUX.1-dev makes variations of them "

@@ -26,6 +26,8 @@ from . import comfy_bridge as bridge
 from .common import (
     FROM_FOLDER,
     NONE,
+    LoaderFiles,
+    ModelFile,
     batch_input,
     chosen_file,
     chosen_folder,
@@ -43,6 +45,17 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 MODEL_TYPE = "EDITKIT_ZIMAGE"
 TEXT_TYPE = "EDITKIT_ZIMAGE_TEXT"
 VAE_TYPE = "EDITKIT_VAE"
+FILES = LoaderFiles(
+    folder_what="a Z-Image diffusers folder (every file of the Hugging Face repository Tongyi-MAI/Z-Image-Turbo)",
+    files={
+        "transformer_file": ModelFile("diffusion_models", "the Z-Image-Turbo transformer: "
+                                      "z_image_turbo_bf16.safetensors (Hugging Face Comfy-Org/z_image_turbo) or a "
+                                      ".gguf", "transformer"),
+        "text_encoder_file": ModelFile("text_encoders", "Qwen3-4B: qwen_3_4b.safetensors (Hugging Face "
+                                       "Comfy-Org/z_image_turbo)", "text_encoder"),
+        "vae_file": ModelFile("vae", "the FLUX.1 VAE: ae.safetensors (Hugging Face Comfy-Org/z_image_turbo)", "vae"),
+    },
+)
 
 
 
@@ -102,6 +115,11 @@ class EditKitZImageLoader:
         return loader_signature(
             diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
         )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
+        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
+                           text_encoder_file=text_encoder_file, vae_file=vae_file)
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)
@@ -173,7 +191,7 @@ def _hidden_links(prompt, unique_id, slot: int) -> bool:
 
 
 class EditKitZImageSampler:
-    DISPLAY_NAME = "EditKit · Z-Image Sampler"
+    DISPLAY_NAME = "EditKit · Z-Image Text to Image Sampler"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Samples Z-Image-Turbo: text-to-image, or img2img from a LATENT (e.g. after ComfyUI's LatentUpscale). "
@@ -268,7 +286,7 @@ class EditKitZImageSampler:
 
 
 class EditKitZImageProgressive:
-    DISPLAY_NAME = "EditKit · Z-Image Progressive"
+    DISPLAY_NAME = "EditKit · Z-Image Progressive Upscale"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "The whole progressive recipe in one node: a small picture fixes the composition, then the latent is "

@@ -24,6 +24,14 @@ What the written files contain besides the API values (frontend 1.27.10 behaviou
 * Widget inputs appear in each node's ``inputs`` list too (after all socket inputs), so link target slots
   count them.
 * Titles wider than their node are cut short on the canvas; this tool widens such nodes before the layout.
+* Each loader node's ``properties.models`` lists the single files it names, with their download URL and
+  ComfyUI folder (from ``workflows/notes/models.json``, see ``scripts/workflow_notes.py``): the frontend's
+  "missing models" dialog reads it when the template opens.
+* ``extra.ds`` (the view the template browser restores) centres the whole graph in a 1600x1000 window at a
+  zoom where node text is drawn (``OPEN_VIEW``); the layout puts the Note under the first columns, or wraps a
+  long chain into a second row, when only that fits.
+
+Thumbnails (``workflows/<name>.jpg``) are drawn by ``scripts/make_thumbnails.py``, not taken from the graph.
 
 Requirements (a developer tool, not run in CI):
 
@@ -45,6 +53,7 @@ import argparse
 import base64
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -78,11 +87,19 @@ CHROMIUM_FLAGS = (
 )
 # Value written for every control_after_generate widget (see the module docstring).
 CONTROL_VALUE = "fixed"
-NOTE_WIDTH = 520
-THUMBNAIL_WIDTH = 640
-THUMBNAIL_QUALITY = 85
+NOTE_WIDTH = 440
 # Node fields that only describe the layout; --check reports differences in them as a note, not as drift.
 LAYOUT_FIELDS = ("pos", "size")
+# The view a template opens in (saved as the workflow's extra.ds, which the template browser restores): a
+# 1600x1000 window with frontend 1.27.10's default UI has its canvas at x 64..1600 (side bar on the left),
+# y 78..1000 (tabs and menu bar on top), with the minimap (250x200) and the canvas tool bar over its bottom right
+# corner (together 323x266 px). The graph must fit that canvas (less a margin, and clear of that corner) at a
+# zoom where the frontend still draws node text: LiteGraph switches to low-quality drawing below 8 px / 14 px
+# = 0.571 (LiteGraph.Canvas.MinFontSizeForLOD over NODE_TEXT_SIZE); 0.585 leaves a little room.
+# scripts/check_templates_in_browser.py measures all of this again in the real UI.
+OPEN_WINDOW = (1600, 1000)
+OPEN_CANVAS = (64, 78, 1536, 922)  # x, y, width, height of the canvas in that window
+OPEN_VIEW = workflow_layout.View(width=OPEN_CANVAS[2], height=OPEN_CANVAS[3], min_scale=0.585, corner=(324, 268))
 
 
 class ExportError(RuntimeError):
@@ -396,11 +413,18 @@ JS_READY = """
 """
 
 JS_EXPORT = """
-async (api, name, controlValue, note) => {
+async (api, name, controlValue, note, models) => {
   app.loadApiJson(api, name);
   const loaded = app.graph._nodes.length;
   if (loaded !== Object.keys(api).length) return {error: `the page built ${loaded} of ${Object.keys(api).length} nodes`};
   await window.__editkitSettle();
+  // The files each loader names, with their download URLs: the frontend's "missing models" dialog reads them
+  // when the template is opened (scripts/workflow_notes.py node_models).
+  for (const [id, entries] of Object.entries(models)) {
+    const node = app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(id);
+    if (!node) return {error: `no node ${id} for properties.models`};
+    node.properties = {...(node.properties ?? {}), models: entries};
+  }
   for (const node of app.graph._nodes)
     for (const widget of node.widgets ?? [])
       for (const linked of widget.linkedWidgets ?? [])
@@ -624,10 +648,16 @@ def layout_problems(graph: dict, geometry: dict) -> list[str]:
     links = [tuple(link) for link in geometry["links"]]
     problems = [f"nodes {a} and {b} overlap" for a, b in workflow_layout.overlaps(nodes, positions, title_height)]
     for origin, _slot, target, _target_slot in links:
-        if positions[origin][0] + nodes[origin].size[0] >= positions[target][0]:
-            problems.append(f"link {origin} -> {target} does not run left to right")
+        wrapped = positions[target][1] - title_height > positions[origin][1] + nodes[origin].size[1]
+        if positions[origin][0] + nodes[origin].size[0] >= positions[target][0] and not wrapped:
+            problems.append(f"link {origin} -> {target} runs neither left to right nor down into a second row")
+    scale = opening_view(nodes, positions, title_height)["scale"]
+    if scale < OPEN_VIEW.min_scale:
+        problems.append(f"at {OPEN_WINDOW[0]}x{OPEN_WINDOW[1]} the whole graph fits only at zoom {scale:.2f}, below "
+                        f"{OPEN_VIEW.min_scale} where the frontend stops drawing node text")
     notes = [i for i, g in geometry["nodes"].items() if g["type"] in workflow_notes.NOTE_TYPES]
-    _best, (best_crossings, best_through, _run) = workflow_layout.arrange(nodes, links, title_height, notes)
+    _best, (_fits, best_crossings, best_through, _rank, _run) = workflow_layout.arrange(
+        nodes, links, title_height, notes, OPEN_VIEW)
     crossing = workflow_layout.crossings(nodes, links, positions)
     through = workflow_layout.links_through_nodes(nodes, links, positions, title_height)
     if crossing > best_crossings:
@@ -646,6 +676,7 @@ def without_layout(graph: dict) -> dict:
     for node in copy["nodes"]:
         for field in LAYOUT_FIELDS:
             node.pop(field, None)
+    copy.get("extra", {}).pop("ds", None)  # follows the layout
     return copy
 
 
@@ -721,7 +752,7 @@ def export_one(page: DevTools, name: str, api: dict, object_info: dict, real_run
         return {}, [str(error)]
     note = {"type": workflow_notes.NOTE_TYPE, "title": workflow_notes.NOTE_TITLE, "text": text,
             "width": NOTE_WIDTH, "height": 120}
-    result = page.call_js(JS_EXPORT, api, name, CONTROL_VALUE, note)
+    result = page.call_js(JS_EXPORT, api, name, CONTROL_VALUE, note, workflow_notes.node_models(api))
     if "error" in result:
         return {}, [result["error"]]
     problems = show_outputs(page, api, object_info, real_run, timeout)
@@ -730,18 +761,33 @@ def export_one(page: DevTools, name: str, api: dict, object_info: dict, real_run
     geometry = page.call_js(JS_GEOMETRY)
     notes = [i for i, g in geometry["nodes"].items() if g["type"] in workflow_notes.NOTE_TYPES]
     positions, _score = workflow_layout.arrange(geometry_nodes(geometry), [tuple(x) for x in geometry["links"]],
-                                                geometry["titleHeight"], notes)
+                                                geometry["titleHeight"], notes, OPEN_VIEW)
     result = page.call_js(JS_APPLY, {k: list(v) for k, v in positions.items()})
     problems += [f"page error while loading: {e}" for e in page.errors]
     problems += [f"loadApiJson: {p}" for p in prompt_differences(api, result["prompt"])]
     problems += [f"layout: {p}" for p in layout_problems(result["graph"], page.call_js(JS_GEOMETRY))]
-    return result["graph"], problems
+    graph = result["graph"]
+    final = page.call_js(JS_GEOMETRY)
+    graph.setdefault("extra", {})["ds"] = opening_view(geometry_nodes(final), {str(n["id"]): tuple(n["pos"])
+                                                       for n in graph["nodes"]}, final["titleHeight"])
+    return graph, problems
 
 
-def verify_template(page: DevTools, name: str, api: dict, ui: dict, object_info: dict, real_run: bool, timeout: float,
-                    thumbnail: Path | None) -> list[str]:
-    """Open the UI file as the template browser does and compare what the page then holds and would queue; check
-    the layout as opened and again after outputs are shown; write the thumbnail from the opened template."""
+def opening_view(nodes: dict[str, workflow_layout.Node], positions: dict, title_height: float) -> dict:
+    """The zoom and offset the template opens with (extra.ds, restored by the template browser): the whole graph
+    at the top left of OPEN_VIEW, at most at 100 %, clear of the minimap and tool bar (workflow_layout.fit_scale).
+    LiteGraph draws a graph point p at (p + offset) * scale."""
+    x0, y0, _x1, _y1 = workflow_layout.bounds(nodes, positions, title_height)
+    scale = math.floor(workflow_layout.fit_scale(nodes, positions, title_height, OPEN_VIEW) * 1e4) / 1e4
+    edge = OPEN_VIEW.margin / scale + OPEN_VIEW.pad
+    return {"offset": [round(edge - x0, 2), round(edge - y0, 2)], "scale": scale}
+
+
+def verify_template(page: DevTools, name: str, api: dict, ui: dict, object_info: dict, real_run: bool,
+                    timeout: float) -> list[str]:
+    """Open the UI file as the template browser does and compare what the page then holds and would queue (the
+    prompt, the Note, each loader's properties.models); check the layout as opened and again after outputs are
+    shown."""
     page.errors.clear()
     result = page.call_js(JS_OPEN_TEMPLATE, ui, name)
     graph = result["graph"]
@@ -765,11 +811,10 @@ def verify_template(page: DevTools, name: str, api: dict, ui: dict, object_info:
     if want_note is not None and [n.get("widgets_values") for n in notes] != [[want_note]]:
         problems.append("the model-files Note is missing or out of date (workflows/notes/models.json changed?)")
     problems += [f"graphToPrompt: {p}" for p in prompt_differences(api, result["prompt"])]
+    problems += [f"properties.models: {p}" for p in models_differences(api, graph)]
     problems += [f"layout after opening: {p}" for p in layout_problems(graph, page.call_js(JS_GEOMETRY))]
-    clip = page.call_js(JS_FIT_VIEW)
+    page.call_js(JS_FIT_VIEW)
     problems += [f"text box after opening: {p}" for p in page.call_js(JS_TEXT_BOXES, False)]
-    if thumbnail is not None:
-        write_thumbnail(page, clip, thumbnail)
     problems += show_outputs(page, api, object_info, real_run, timeout)
     after = page.call_js(JS_SERIALIZE)
     problems += [f"layout after a run: {p}" for p in layout_problems(after["graph"], page.call_js(JS_GEOMETRY))]
@@ -778,17 +823,16 @@ def verify_template(page: DevTools, name: str, api: dict, ui: dict, object_info:
     return problems
 
 
-def write_thumbnail(page: DevTools, clip: dict, target: Path) -> None:
-    """A JPEG of the opened template as the canvas draws it (graph, example picture, Note), for the template
-    browser's card (it requests <pack>/<name>.jpg beside the JSON). Written whole or not at all."""
-    scale = THUMBNAIL_WIDTH / max(clip["width"], 1)
-    shot = page.call("Page.captureScreenshot", format="jpeg", quality=THUMBNAIL_QUALITY, captureBeyondViewport=False,
-                     clip={"x": clip["x"], "y": clip["y"], "width": clip["width"], "height": clip["height"],
-                           "scale": scale})
-    data = base64.b64decode(shot["data"])
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)
+def models_differences(api: dict, graph: dict) -> list[str]:
+    """Each node's properties.models against workflows/notes/models.json (workflow_notes.node_models)."""
+    want = workflow_notes.node_models(api)
+    problems = []
+    for node in graph["nodes"]:
+        got = (node.get("properties") or {}).get("models")
+        expected = want.get(str(node["id"]))
+        if got != expected and not (got in (None, []) and expected is None):
+            problems.append(f"node {node['id']} lists {got}, expected {expected}")
+    return problems
 
 
 def run(args: argparse.Namespace) -> int:
@@ -826,7 +870,6 @@ def run(args: argparse.Namespace) -> int:
             open_comfyui(page, url, class_types, args.timeout)
             for name, api in apis.items():
                 target = out_dir / f"{name}.json"
-                thumbnail = out_dir / f"{name}.jpg"
                 graph, problems = export_one(page, name, api, object_info, args.run, args.timeout)
                 if graph and not problems:
                     text = format_json(graph) + "\n"
@@ -840,12 +883,7 @@ def run(args: argparse.Namespace) -> int:
                 if target.is_file() and (not problems or args.check):
                     ui = json.loads(target.read_text(encoding="utf-8"))
                     problems += [f"template round trip: {p}" for p in
-                                 verify_template(page, name, api, ui, object_info, args.run, args.timeout,
-                                                 None if args.check else thumbnail)]
-                    if args.check and not thumbnail.is_file():
-                        problems.append(f"{_shown(thumbnail)} is missing; run without --check to write it")
-                    elif not args.check:
-                        print(f"wrote {_shown(thumbnail)}")
+                                 verify_template(page, name, api, ui, object_info, args.run, args.timeout)]
                 if problems:
                     failures += 1
                     print(f"FAILED {name}:\n  " + "\n  ".join(problems), file=sys.stderr)

@@ -61,6 +61,12 @@ def portrait() -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.rectangle([40, 80, 260, 420], fill=(200, 190, 150))  # window
     draw.rectangle([520, 300, 740, 768], fill=(90, 70, 60))  # shelf
+    _portrait_person(draw)
+    return image.filter(ImageFilter.GaussianBlur(1.5))
+
+
+def _portrait_person(draw: ImageDraw.ImageDraw) -> None:
+    """The person of :func:`portrait` (also drawn alone by scripts/make_thumbnails.py for its cut-out)."""
     draw.ellipse([214, 520, 554, 900], fill=(60, 80, 140))  # shoulders
     draw.rectangle([344, 430, 424, 560], fill=(224, 180, 150))  # neck
     draw.ellipse([274, 190, 494, 470], fill=(232, 190, 160))  # face
@@ -68,7 +74,6 @@ def portrait() -> Image.Image:
     for x in (340, 428):
         draw.ellipse([x - 12, 300, x + 12, 318], fill=(50, 40, 35))  # eyes
     draw.arc([334, 350, 434, 410], 20, 160, fill=(150, 70, 70), width=6)  # mouth
-    return image.filter(ImageFilter.GaussianBlur(1.5))
 
 
 def _figure(draw: ImageDraw.ImageDraw, cx: int, top: int, suit, stripe=None) -> None:

@@ -11,7 +11,11 @@ after the first run. :func:`arrange` takes the node sizes measured *after* the p
   orderings it falls back to barycentre sorting) and keeps the one with the fewest link crossings, then the
   fewest links drawn through another node, then the shortest vertical link runs;
 * stacks each column with a gap that includes the title bar, and puts the "model files" Note in a column of
-  its own on the left, where a user starts reading.
+  its own on the left, where a user starts reading;
+* with a :class:`View` (the canvas a template opens on, and the smallest zoom at which the frontend still
+  draws node text), prefers arrangements the whole graph fits into at that zoom: the Note under the first
+  columns instead of beside them, and, for long chains, the columns wrapped into a second row below the first
+  (the link into the second row then runs down and back to the left).
 
 :func:`crossings` and :func:`links_through_nodes` are also what the export's checks use on a finished file.
 Standard library only, like the export script.
@@ -23,9 +27,22 @@ import itertools
 import math
 from dataclasses import dataclass
 
-GAP_X = 80  # horizontal room between columns, so links are visible and titles do not touch
+GAP_X = 64  # horizontal room between columns, so links are visible and titles do not touch
 GAP_Y = 40  # vertical gap between nodes (the title bar comes on top of it)
 MAX_ORDERINGS = 5040
+
+
+@dataclass(frozen=True)
+class View:
+    """The canvas a template opens on (screen pixels), the smallest zoom that still draws node text, and the
+    overlays in its bottom right corner (the frontend's minimap and canvas tool bar) no node may sit under."""
+
+    width: float
+    height: float
+    min_scale: float
+    corner: tuple[float, float] = (0.0, 0.0)  # width, height of the covered bottom-right corner
+    margin: float = 12.0  # screen pixels kept free along the canvas edges
+    pad: float = 40.0  # graph units kept free around the graph
 
 
 @dataclass
@@ -73,17 +90,60 @@ def order_key(node_id) -> tuple:
 
 
 def place(nodes: dict[str, Node], columns: list[list[str]], title_height: float,
-          free: list[str]) -> dict[str, tuple[float, float]]:
-    """Positions (LiteGraph ``pos``: the body's top-left; the title bar is above it) for columns in order."""
+          free: list[str], note_below: bool = False, split: int | None = None) -> dict[str, tuple[float, float]]:
+    """Positions (LiteGraph ``pos``: the body's top-left; the title bar is above it) for columns in order.
+
+    ``free`` nodes (notes) form a first column, or with ``note_below`` sit under the first columns; ``split``
+    starts a second row of columns (below the first) at that column index."""
     positions: dict[str, tuple[float, float]] = {}
-    x = 0.0
-    for group in ([free] if free else []) + columns:
-        y = title_height
+
+    def stack(group: list[str], x: float, top: float) -> float:
+        y = top + title_height
         for n in group:
             positions[n] = (x, y)
             y += nodes[n].size[1] + title_height + GAP_Y
-        x += max(nodes[n].size[0] for n in group) + GAP_X
+        return max(nodes[n].size[0] for n in group)
+
+    left = 0.0
+    if free and not note_below:
+        left = stack(free, 0.0, 0.0) + GAP_X
+    rows = [columns] if split is None else [columns[:split], columns[split:]]
+    top = 0.0
+    for row in rows:
+        x = left
+        for group in row:
+            x += stack(group, x, top) + GAP_X
+        top = bottom(nodes, positions, row) + GAP_Y * 2
+    if free and note_below:
+        width = max(nodes[n].size[0] for n in free)
+        under = [n for n in positions if positions[n][0] < width + GAP_X]
+        stack(free, 0.0, max((positions[n][1] + nodes[n].size[1] for n in under), default=-GAP_Y) + GAP_Y)
     return positions
+
+
+def bottom(nodes: dict[str, Node], positions: dict, groups: list[list[str]]) -> float:
+    return max(positions[n][1] + nodes[n].size[1] for group in groups for n in group)
+
+
+def bounds(nodes: dict[str, Node], positions: dict, title_height: float) -> tuple[float, float, float, float]:
+    """The graph's extent, title bars included: (x0, y0, x1, y1)."""
+    return (min(x for x, _y in positions.values()), min(y - title_height for _x, y in positions.values()),
+            max(x + nodes[n].size[0] for n, (x, _y) in positions.items()),
+            max(y + nodes[n].size[1] for n, (_x, y) in positions.items()))
+
+
+def fit_scale(nodes: dict[str, Node], positions: dict, title_height: float, view: View) -> float:
+    """The largest zoom (at most 1) at which the whole graph, placed at the view's top left with ``view.pad``
+    around it, lies inside the view and no node lies under the covered corner."""
+    x0, y0, x1, y1 = bounds(nodes, positions, title_height)
+    room_w, room_h = view.width - 2 * view.margin, view.height - 2 * view.margin
+    scale = min(1.0, room_w / (x1 - x0 + 2 * view.pad), room_h / (y1 - y0 + 2 * view.pad))
+    free_w, free_h = view.width - view.corner[0] - view.margin, view.height - view.corner[1] - view.margin
+    for n, (x, y) in positions.items():  # a node reaching into the corner needs a zoom that keeps it out
+        right, below = x + nodes[n].size[0] - x0 + view.pad, y + nodes[n].size[1] - y0 + view.pad
+        if right * scale > free_w and below * scale > free_h:
+            scale = min(scale, max(free_w / right, free_h / below))
+    return scale
 
 
 def segments(nodes: dict[str, Node], links: list[Link], positions: dict) -> list[tuple]:
@@ -159,24 +219,34 @@ def _barycentre(columns: list[list[str]], links: list[Link]) -> list[list[str]]:
 
 
 def arrange(nodes: dict[str, Node], links: list[Link], title_height: float,
-            free: list[str] | tuple = ()) -> tuple[dict[str, tuple[float, float]], tuple]:
-    """Best positions for ``nodes`` and their score (crossings, links through nodes, vertical run).
+            free: list[str] | tuple = (), view: View | None = None) -> tuple[dict[str, tuple[float, float]], tuple]:
+    """Best positions for ``nodes`` and their score (fits the view or not, crossings, links through nodes,
+    how far from the plain layout, vertical run).
 
-    ``free`` nodes (notes: no links) go in a first column of their own, in the given order."""
+    ``free`` nodes (notes: no links) go in a first column of their own, in the given order; with a ``view`` they
+    may go under the first columns, and the columns may wrap into a second row, when only that fits the view."""
     free = list(free)
     columns = _columns(nodes, links, set(free))
     total = math.prod(math.factorial(len(c)) for c in columns)
     if total <= MAX_ORDERINGS:
-        candidates = (list(map(list, combo)) for combo in itertools.product(*(itertools.permutations(c)
-                                                                               for c in columns)))
+        orders = [list(map(list, combo)) for combo in itertools.product(*(itertools.permutations(c)
+                                                                          for c in columns))]
     else:
-        candidates = iter([_barycentre(columns, links)])
+        orders = [_barycentre(columns, links)]
+    # (note below?, row split) in order of preference: the plain layout first
+    variants = [(False, None)]
+    if view is not None:
+        variants += [(True, None)] if free else []
+        variants += [(below, k) for below in ([False, True] if free else [False]) for k in range(1, len(columns))]
     best, best_score = None, None
-    for candidate in candidates:
-        positions = place(nodes, candidate, title_height, free)
-        value = score(nodes, links, positions, title_height)
-        if best_score is None or value < best_score:
-            best, best_score = positions, value
+    for candidate in orders:
+        for rank, (below, split) in enumerate(variants):
+            positions = place(nodes, candidate, title_height, free, below, split)
+            fits = view is None or fit_scale(nodes, positions, title_height, view) >= view.min_scale
+            crossing, through, vertical = score(nodes, links, positions, title_height)
+            value = (not fits, crossing, through, rank, vertical)
+            if best_score is None or value < best_score:
+                best, best_score = positions, value
     return best, best_score
 
 

@@ -605,12 +605,72 @@ def test_template_has_a_current_model_files_note(name):
 
 
 @pytest.mark.parametrize("name", api_names())
-def test_template_has_a_jpeg_thumbnail(name):
-    """The template browser requests <pack>/<name>.jpg beside the JSON (a grey box when it is missing)."""
+def test_loaders_list_their_files_for_the_missing_models_dialog(name):
+    """Each loader's properties.models names the single files it picks, with their download URL and folder, as
+    workflows/notes/models.json says (frontend 1.27.10 shows its missing-models dialog from them; the browser
+    check proves the dialog). Folders and GGUF files are in the Note only (workflow_notes explains why)."""
+    api, ui = load_pair(name)
+    models = workflow_notes.load_models()
+    listed = {str(n["id"]): (n.get("properties") or {}).get("models") for n in ui["nodes"]}
+    expected = workflow_notes.node_models(api)
+    assert {k: v for k, v in listed.items() if v} == expected
+    for node_id, entries in expected.items():
+        values = api[node_id]["inputs"].values()
+        for entry in entries:
+            assert entry["name"] in values and entry["url"].startswith("https://huggingface.co/")
+            assert "/resolve/" in entry["url"] and entry["directory"] == models[entry["name"]]["folder"]
+    single = [ref for ref in workflow_notes.model_references(api) if models[ref].get("kind") != "folder"]
+    unlisted = {ref for ref in single if ref not in {e["name"] for es in expected.values() for e in es}}
+    assert all(ref.endswith(".gguf") or not models[ref].get("url") for ref in unlisted), unlisted
+
+
+@pytest.mark.parametrize("name", api_names())
+def test_thumbnail_is_what_the_script_draws(name):
+    """The card picture (workflows/<name>.jpg, which the template browser requests beside the JSON) is drawn by
+    scripts/make_thumbnails.py from the example pictures and the API file, and redrawn when they change."""
+    import make_thumbnails
+
+    table = make_thumbnails.load_table()
+    assert name in table, f"add a row for {name} to workflows/notes/thumbnails.json"
     thumbnail = WORKFLOWS / f"{name}.jpg"
-    assert thumbnail.is_file(), f"{thumbnail.relative_to(ROOT)} is missing: run scripts/export_ui_workflows.py"
-    data = thumbnail.read_bytes()
-    assert data[:3] == b"\xff\xd8\xff" and 2_000 < len(data) < 400_000, "not a JPEG of thumbnail size"
+    assert thumbnail.is_file(), f"{thumbnail.relative_to(ROOT)} is missing: run scripts/make_thumbnails.py"
+    assert thumbnail.read_bytes()[:3] == b"\xff\xd8\xff"
+    api, _ui = load_pair(name)
+    drawn = make_thumbnails.render(name, api, table[name])
+    assert drawn.size == (make_thumbnails.SIZE, make_thumbnails.SIZE)
+    assert make_thumbnails.difference(thumbnail, drawn) <= make_thumbnails.STALE_ABOVE, \
+        f"{thumbnail.relative_to(ROOT)} is out of date: run scripts/make_thumbnails.py"
+
+
+def test_thumbnail_check_notices_a_changed_prompt():
+    import make_thumbnails
+
+    name = "flux_fill_inpaint"
+    api, _ui = load_pair(name)
+    api["2"]["inputs"]["prompt"] = "a blue vase of tulips"
+    drawn = make_thumbnails.render(name, api, make_thumbnails.load_table()[name])
+    assert make_thumbnails.difference(WORKFLOWS / f"{name}.jpg", drawn) > make_thumbnails.STALE_ABOVE
+
+
+@pytest.mark.parametrize("name", api_names())
+def test_template_opens_with_every_node_readable_at_1600x1000(name):
+    """extra.ds (restored by the template browser) shows every node inside the canvas of a 1600x1000 window,
+    clear of the minimap and tool bar, at a zoom where LiteGraph draws node text (above 8/14 = 0.571). Checked
+    on the saved sizes here; scripts/check_templates_in_browser.py checks it again in the real frontend."""
+    import export_ui_workflows as ex
+
+    _api, ui = load_pair(name)
+    ds = ui.get("extra", {}).get("ds")
+    assert ds, "no extra.ds: the template would open wherever the user's last view was"
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    assert 0.5714 < ex.OPEN_VIEW.min_scale <= scale <= 1.0
+    width, height = ex.OPEN_VIEW.width, ex.OPEN_VIEW.height
+    corner_x, corner_y = width - ex.OPEN_VIEW.corner[0], height - ex.OPEN_VIEW.corner[1]
+    for node in ui["nodes"]:
+        x0, y0 = (node["pos"][0] + ox) * scale, (node["pos"][1] - 30 + oy) * scale
+        x1, y1 = x0 + node["size"][0] * scale, y0 + (node["size"][1] + 30) * scale
+        assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height, (node["id"], node.get("title"))
+        assert not (x1 > corner_x and y1 > corner_y), f"node {node['id']} lies under the minimap or tool bar"
 
 
 @pytest.mark.parametrize("name", api_names())
@@ -666,7 +726,7 @@ def test_layout_untangles_links_and_leaves_room():
     links = [("1", 0, "3", 0), ("1", 1, "2", 0), ("2", 0, "5", 0), ("3", 0, "4", 0)]
     naive = wl.place(nodes, [["1"], ["2", "3"], ["4", "5"]], 30, ["9"])
     assert wl.crossings(nodes, links, naive) > 0  # the test graph really is tangled in id order
-    positions, (crossing, through, _run) = wl.arrange(nodes, links, 30, ["9"])
+    positions, (_fits, crossing, through, _rank, _run) = wl.arrange(nodes, links, 30, ["9"])
     assert crossing == wl.crossings(nodes, links, positions) == 0 and through == 0
     assert wl.overlaps(nodes, positions, 30) == []
     assert positions["9"][0] == 0 and all(positions[n][0] > 400 for n in "12345")  # the note column comes first

@@ -48,7 +48,9 @@ VAE_EXPECTED = "the Qwen-Image VAE (qwen_image_vae.safetensors, 16 latent channe
 EDIT_2509 = "Qwen-Image-Edit-2509"
 EDIT = "Qwen-Image-Edit"
 TEXT_TO_IMAGE = "Qwen-Image"
+LAYERED = "Qwen-Image-Layered"  # picture -> RGBA layers: its own loader and node
 VARIANTS = (EDIT_2509, EDIT)
+EDIT_PIPELINES = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")  # model_index.json classes of edit models
 
 
 def _load_json(path: Path) -> dict:
@@ -68,6 +70,8 @@ def count_blocks(keys, prefix: str) -> int:
 def variant_from_text(text: str) -> str | None:
     """The variant a model name or title names, or None when it names none."""
     t = re.sub(r"[\s\-.]+", "_", text.lower())
+    if "layered" in t:
+        return LAYERED
     if "edit" in t:
         return EDIT_2509 if re.search(r"2509|2511|plus", t) else EDIT
     if "qwen_image" in t or "qwenimage" in t:
@@ -84,6 +88,8 @@ def variant_from_folder(folder: Path) -> str | None:
         return EDIT_2509
     if name.startswith("QwenImageEdit"):
         return EDIT
+    if name.startswith("QwenImageLayered"):
+        return LAYERED
     if name.startswith("QwenImage"):
         return TEXT_TO_IMAGE
     return None
@@ -142,6 +148,12 @@ def resolve_variant(requested: str, folder: Path | None, file: Path | None) -> s
             f"This is Qwen-Image (the text-to-image model), found from {source}, not an edit model. Load "
             "Qwen-Image-Edit-2509 (qwen_image_edit_2509_*.safetensors or the Qwen-Image-Edit-2509 diffusers folder). "
             "If the file really is an Edit model with another name, set 'variant' in EditKit · Qwen-Image Loader."
+        )
+    if found == LAYERED:
+        raise EditKitError(
+            f"This is Qwen-Image-Layered (it splits a picture into transparent layers), found from {source}, not an "
+            "edit model: load it with EditKit · Qwen-Image-Layered Loader. Here, load Qwen-Image-Edit-2509 "
+            "(qwen_image_edit_2509_*.safetensors or the Qwen-Image-Edit-2509 diffusers folder)."
         )
     if found is None:
         log.info("EditKit: %s does not say which Qwen-Image model it is; assuming %s.", source, EDIT_2509)
