@@ -7,7 +7,9 @@ Reading
     turned into that one form by diffusers' own converters (``<Family>LoraLoaderMixin.lora_state_dict``:
     kohya ``lora_unet_...`` keys with alphas, ComfyUI/BFL original keys, diffusers/PEFT keys), through
     a small per-family adapter, :class:`LoraFamily`. A family adds one entry (its mixin and, where
-    diffusers leaves a gap, a key-fixing function); everything else here is family-agnostic.
+    diffusers leaves a gap, a key-fixing function); everything else here is family-agnostic. Each
+    layer's ``alpha / r`` comes from its ``.alpha`` tensor where the file has one, else from the
+    ``LoraConfig`` diffusers saved in the file, read by peft (:func:`_peft_config`), else it is 1.
 
 Applying, and why forward hooks
     A LoRA'd model is the *same* shared module plus an immutable tuple of ``(LoraWeights, strength)``
