@@ -108,7 +108,7 @@ class EditKitFluxSampler:
         vae_component = vae.get()
         init = None
         if latent is not None:
-            init = vae_ops.raw_to_model(vae_component, latent["samples"])
+            init = vae_ops.raw_to_model(vae_component, vae_ops.read_latent(latent["samples"]))
         elif image is not None:
             pixels = image_to_nchw(image)
             gen.check_size(pixels.shape[-1], pixels.shape[-2])

@@ -133,7 +133,7 @@ def _check_source(image, source_latent) -> None:
 
 def _source_latent(vae, image, source_latent, runtime) -> torch.Tensor:
     if source_latent is not None:
-        return vae_ops.raw_to_model(vae, source_latent["samples"])
+        return vae_ops.raw_to_model(vae, vae_ops.read_latent(source_latent["samples"], "source_latent"))
     return vae_ops.encode(vae, image_to_nchw(image), runtime)
 
 

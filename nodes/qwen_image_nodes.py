@@ -9,6 +9,7 @@ import torch
 from ..pipelines.core import sampling as core
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.images import image_to_nchw, mask_to_nchw, nchw_to_image
+from ..pipelines.qwen_image import latent as qwen_latent
 from ..pipelines.qwen_image import sizes
 from ..pipelines.qwen_image import vae as vae_ops
 from ..pipelines.qwen_image.edit import check_prompt, edit
@@ -200,7 +201,8 @@ class EditKitQwenImageEdit:
     RETURN_NAMES = ("image", "latent")
     OUTPUT_TOOLTIPS = (
         "The edited pictures (batch_size of them). With a mask they have image 1's exact size.",
-        "The generated latents in ComfyUI's raw VAE space (native VAEDecode with the Qwen-Image VAE works on them).",
+        "The generated latents in ComfyUI's raw VAE space and Wan-2.1 shape [batch, 16, 1, height/8, width/8]: "
+        "native VAEDecode with the Qwen-Image VAE, LatentUpscaleBy and SaveLatent work on them.",
     )
 
     @classmethod
@@ -280,13 +282,18 @@ class EditKitQwenImageEdit:
                 "mask": ("MASK", {"tooltip": "Optional: only this area of image 1 may change (1 = change). The "
                                              "result is blended back with it, so every pixel outside comes back "
                                              "exactly. Best with reference_size 'no shift'."}),
+                "latent": ("LATENT", {"tooltip": "Optional: a Qwen-Image latent (native VAE Encode with the Qwen-Image "
+                                                 "VAE, LoadLatent, a latent upscale or an earlier edit). Its size "
+                                                 "replaces output_size, and with denoise below 1 the edit starts from "
+                                                 "it instead of from image 1. Each latent gives batch_size results."}),
             },
         }
 
     def run(self, model, text_encoder, vae, image, prompt, negative_prompt=" ", true_cfg_scale=4.0, steps=28,
             seed=0, denoise=1.0, sampler="euler", batch_size=1, output_size=sizes.MATCH_IMAGE_1, width=1024,
             height=1024, max_megapixels=1.0, reference_size=sizes.NO_SHIFT, custom_vl_size=384,
-            custom_vae_size=1024, image2=None, image3=None, image4=None, image5=None, references=None, mask=None):
+            custom_vae_size=1024, image2=None, image3=None, image4=None, image5=None, references=None, mask=None,
+            latent=None):
         # Check everything cheap before loading 20+ GB of weights.
         check_prompt(prompt)
         core.SamplerSettings(name=sampler, seed=seed)
@@ -306,8 +313,10 @@ class EditKitQwenImageEdit:
             pixel_mask = mask_to_nchw(mask)
             if pixel_mask.shape[0] != 1:
                 raise EditKitError(f"Got {pixel_mask.shape[0]} masks; give one mask for image 1.")
+        start = None if latent is None else qwen_latent.from_comfy(latent["samples"])
         output = sizes.OutputSize(output_size, width, height, max_megapixels)
-        output.resolve(pictures[0].shape[-1], pictures[0].shape[-2])
+        if start is None:
+            output.resolve(pictures[0].shape[-1], pictures[0].shape[-2])
         if reference_size == sizes.REFERENCE:
             references_plan = sizes.ReferenceSizes(sizes.REFERENCE)
         else:
@@ -321,9 +330,10 @@ class EditKitQwenImageEdit:
             steps=steps, seed=seed, denoise=denoise, mask=pixel_mask,
             sampler=core.SamplerSettings(name=sampler, seed=seed), batch_size=batch_size, output=output,
             references=references_plan, variant=variant,
+            init_latents=None if start is None else vae_ops.latent_format(vae_component).to_model(start),
         )
         raw = vae_ops.latent_format(vae_component).to_raw(result.latents)
-        return nchw_to_image(result.images), latent_dict(raw)
+        return nchw_to_image(result.images), latent_dict(qwen_latent.to_comfy(raw))
 
 
 EditKitQwenImageLora = lora_node_class(

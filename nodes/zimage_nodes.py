@@ -254,10 +254,7 @@ class EditKitZImageSampler:
                                "the latent with a VAE Decode node.")
         init = None
         if latent is not None:
-            init = latent["samples"]
-            if init.ndim != 4 or init.shape[1] != 16:
-                raise EditKitError(f"The latent has shape {tuple(init.shape)}; Z-Image needs a 16-channel FLUX.1-VAE "
-                                   "latent [batch, 16, height/8, width/8].")
+            init = vae_ops.read_latent(latent["samples"])
         else:
             check_size(width, height)
         core.check_partial(denoise, denoise_convention)

@@ -7,6 +7,8 @@
     diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors  same, 2-D weights stored as fp8
     diffusion_models/Qwen-Image-Edit-2509-Q8_0.gguf               GGUF Q8_0 (city96 layout: no prefix)
     vae/qwen_image_vae.safetensors                      ComfyUI's Wan-VAE key layout, bf16
+    vae/qwen_image_vae_full_width.safetensors           the same layout at the real width (random), for ComfyUI's
+                                                        own VAELoader, which only builds the real architecture
     text_encoders/qwen_2.5_vl_7b.safetensors            ComfyUI layout (model.layers.*, visual.*), bf16
     text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors ComfyUI's scaled fp8 (weight/scale in fp8 + scale_weight)
 
@@ -48,6 +50,7 @@ FILES = {
     "fp8": "qwen_image_edit_2509_fp8_e4m3fn.safetensors",
     "gguf": "Qwen-Image-Edit-2509-Q8_0.gguf",
     "vae": "qwen_image_vae.safetensors",
+    "native_vae": "qwen_image_vae_full_width.safetensors",
     "te_bf16": "qwen_2.5_vl_7b.safetensors",
     "te_fp8": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
 }
@@ -227,6 +230,30 @@ def vae_to_wan(sd: dict) -> dict:
     back = convert(out)
     assert set(back) == set(sd), sorted(set(back) ^ set(sd))[:5]
     return out
+
+
+def full_width_vae_wan() -> dict[str, torch.Tensor]:
+    """A random Qwen-Image VAE of the real architecture, in ComfyUI's Wan-2.1 key layout, bf16.
+
+    ComfyUI 0.3.64's VAELoader recognises a Wan-2.1 VAE by its keys and always builds the real widths
+    (``dim`` 96, multipliers 1-2-4-4, 2 residual blocks, 16 latent channels: 127 M parameters), so this is the
+    smallest file it accepts. Built on the meta device and filled with small seeded noise (RMS-norm scales at 1),
+    quicker than diffusers' initialisation; only its shapes matter, and both VAEs read the same numbers.
+    """
+    from diffusers import AutoencoderKLQwenImage
+
+    config = {k: v for k, v in json.loads((pack_module("pipelines.qwen_image.loading").CONFIG_DIR / "vae"
+                                           / "config.json").read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage(**config)
+    generator = torch.Generator().manual_seed(SEED + 7)
+    sd = {}
+    for name, tensor in vae.state_dict().items():
+        if name.endswith("gamma"):
+            sd[name] = torch.ones(tensor.shape, dtype=torch.bfloat16)
+        else:
+            sd[name] = (torch.randn(tensor.shape, generator=generator) * 0.02).to(torch.bfloat16)
+    return vae_to_wan(sd)
 
 
 def transformer_to_comfy(sd: dict) -> dict:

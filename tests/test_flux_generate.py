@@ -163,6 +163,9 @@ def test_node_bad_input(dev_loader):
         call_node(EditKitFluxSampler, model=model, vae=vae, conditioning=cond, denoise=0.0, width=64, height=64)
     with pytest.raises(EditKitError, match="height 72 → 80|height 72 → 64"):
         call_node(EditKitFluxSampler, model=model, vae=vae, conditioning=cond, width=64, height=72)
+    with pytest.raises(EditKitError, match=r"\(1, 16, 1, 4, 4\) \(a Qwen-Image / Wan latent\).*16-channel FLUX.1-VAE"):
+        call_node(EditKitFluxSampler, model=model, vae=vae, conditioning=cond, latent={"samples": torch.zeros(
+            1, 16, 1, 4, 4)}, denoise=0.5)
 
 
 def test_schnell_from_single_files_uses_its_static_shift(parts):

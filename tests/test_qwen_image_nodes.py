@@ -91,10 +91,31 @@ def test_loader_and_edit_give_picture_and_raw_latent():
     image, latent = _edit(model, text, vae, batch_size=2, seed=5)
     assert image.shape == (2, 48, 64, 3) and image.dtype == torch.float32
     raw = latent["samples"]
-    assert raw.shape == (2, 16, 6, 8)
-    with torch.inference_mode():  # raw VAE space: the VAE decodes it as it is, as ComfyUI's VAEDecode would
-        decoded = vae.get().module.decode(raw.unsqueeze(2), return_dict=False)[0][:, :, 0]
+    assert raw.shape == (2, 16, 1, 6, 8)  # ComfyUI's Wan-2.1 shape: one frame
+    with torch.inference_mode():  # raw VAE space: the VAE decodes it as it is, as ComfyUI's VAEDecode does
+        decoded = vae.get().module.decode(raw, return_dict=False)[0][:, :, 0]
     assert (((decoded + 1) / 2).clamp(0, 1).movedim(1, -1) - image).abs().max() < 1e-4
+
+
+def test_edit_reads_4d_and_5d_latents():
+    """The LATENT input takes ComfyUI's 5-D latents and 4-D ones alike (the same edit); its size is the output's,
+    its content the start. Video latents, other channel counts and odd sizes are refused with what to do."""
+    model, text, vae = _load()
+    common = dict(image=_image(32, 48), denoise=0.5)
+    raw = torch.randn(2, 16, 1, 4, 6, generator=torch.Generator().manual_seed(3))
+    five, five_latent = _edit(model, text, vae, **common, latent={"samples": raw})
+    four, four_latent = _edit(model, text, vae, **common, latent={"samples": raw[:, :, 0]})
+    assert five.shape == (2, 32, 48, 3)  # the latent's size (48x32), not image 1's (32x48)
+    assert five_latent["samples"].shape == (2, 16, 1, 4, 6)
+    assert torch.equal(five, four) and torch.equal(five_latent["samples"], four_latent["samples"])
+    other, _ = _edit(model, text, vae, **common, latent={"samples": raw.flip(0)})
+    assert not torch.equal(other, five)  # the latent is the start
+    with pytest.raises(EditKitError, match="holds 3 frames"):
+        _edit(model, text, vae, **common, latent={"samples": torch.zeros(1, 16, 3, 4, 4)})
+    with pytest.raises(EditKitError, match="16-channel Qwen-Image VAE latent"):
+        _edit(model, text, vae, **common, latent={"samples": torch.zeros(1, 4, 4, 4)})
+    with pytest.raises(EditKitError, match="multiples of 16 pixels"):
+        _edit(model, text, vae, **common, latent={"samples": torch.zeros(1, 16, 1, 3, 4)})
 
 
 def test_single_files_in_the_loader():

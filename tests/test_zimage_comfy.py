@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from editkit.pipelines.zimage.latents import upscale_raw
+from editkit.pipelines.zimage.latents import upscale_raw, upscale_size
 from packload import ROOT
 
 pytestmark = pytest.mark.comfyui
@@ -74,3 +74,22 @@ def test_latent_resize_equals_comfyuis_latent_upscale_nodes(comfyui, method):
     assert torch.equal(upscale_raw(raw, 336, 432, method), native_size)  # ComfyUI floors pixels // 8 too
     native_by = comfyui.node_class("LatentUpscaleBy")().upscale({"samples": copy.deepcopy(raw)}, method, 2.0)[0]
     assert torch.equal(upscale_raw(raw, 336, 432, method), native_by["samples"])
+
+
+def test_stages_below_64_pixels_are_raised_to_64_as_latent_upscale_does(comfyui):
+    """A 48x48 stage after a 32x32 one: ComfyUI's LatentUpscale resizes to 64x64 (8x8 latent), so the recipe does too."""
+    modular = _modular()
+    modular["3"]["inputs"].update(width=32, height=32)
+    modular["4"]["inputs"].update(width=48, height=48)
+    graph = comfyui.run(modular)
+    assert graph.success, graph.error()
+    assert graph.output("5", 0)["samples"].shape == (1, 16, 8, 8)  # LatentUpscale made the 48x48 target 64x64
+    progressive = _progressive()
+    progressive["2"]["inputs"]["stages"] = STAGES.replace("{height: 32, width: 48,", "{height: 32, width: 32,").replace(
+        "{height: 64, width: 80,", "{height: 48, width: 48,")
+    one = comfyui.run(progressive)
+    assert one.success, one.error()
+    final = graph.output("7", 0)["samples"]
+    assert final.shape == (1, 16, 16, 16)
+    assert torch.equal(one.output("2", 1)["samples"], final)
+    assert torch.equal(upscale_raw(graph.output("3", 0)["samples"], *upscale_size(48, 48)), graph.output("4", 0)["samples"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editkit.pipelines.core.errors import EditKitError
-from editkit.pipelines.zimage.latents import scaled_size, upscale_raw
+from editkit.pipelines.zimage.latents import scaled_size, upscale_raw, upscale_size
 from editkit.pipelines.zimage.recipe import DEFAULT_STAGES_YAML, parse_recipe
 
 SEED_YAML = """
@@ -113,3 +113,12 @@ def test_nearest_exact_latent_upscale_is_comfyuis_call():
     assert scaled_size(21, 27, 2.0) == (336, 432)
     with pytest.raises(EditKitError, match="Unknown upscale method 'bislerp'"):
         upscale_raw(raw, 336, 432, "bislerp")
+
+
+def test_later_stages_below_64_pixels_take_latent_upscales_64():
+    """A later stage's width/height go through LatentUpscale, which raises a side below 64 px to 64 (fault 8)."""
+    text = ("progressive_stages:\n  s1: {width: 32, height: 16}\n  s2: {width: 48, height: 96, strength: 0.5}\n"
+            "  s3: {scale_by: 2.0, strength: 0.5}\n")
+    recipe = parse_recipe(text)
+    assert [(s.width, s.height) for s in recipe.stages] == [(32, 16), (64, 96), (128, 192)]
+    assert upscale_size(48, 96) == (64, 96) and upscale_size(16, 640) == (64, 640) and upscale_size(64, 80) == (64, 80)

@@ -7,7 +7,9 @@ Reading
     turned into that one form by diffusers' own converters (``<Family>LoraLoaderMixin.lora_state_dict``:
     kohya ``lora_unet_...`` keys with alphas, ComfyUI/BFL original keys, diffusers/PEFT keys), through
     a small per-family adapter, :class:`LoraFamily`. A family adds one entry (its mixin and, where
-    diffusers leaves a gap, a key-fixing function); everything else here is family-agnostic.
+    diffusers leaves a gap, a key-fixing function); everything else here is family-agnostic. Each
+    layer's ``alpha / r`` comes from its ``.alpha`` tensor where the file has one, else from the
+    ``LoraConfig`` diffusers saved in the file, read by peft (:func:`_peft_config`), else it is 1.
 
 Applying, and why forward hooks
     A LoRA'd model is the *same* shared module plus an immutable tuple of ``(LoraWeights, strength)``
@@ -51,7 +53,7 @@ import functools
 import inspect
 import json
 import logging
-import re
+import math
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -107,17 +109,27 @@ def guess_architecture(keys: Iterable[str]) -> dict[str, int]:
 ConvertFn = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, float]]]
 
 
-def diffusers_converter(mixin: str, returns_alphas: bool = False) -> ConvertFn:
+def bare_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with diffusers' component prefix ``transformer.`` taken off its keys (no module is named so)."""
+    return {key.removeprefix("transformer."): value for key, value in state_dict.items()}
+
+
+def diffusers_converter(mixin: str, returns_alphas: bool = False, bare: bool = False) -> ConvertFn:
     """A converter that runs ``diffusers.loaders.<mixin>.lora_state_dict`` on a state dict.
 
     ``returns_alphas``: the mixin takes ``return_alphas=True`` (Flux's does) and returns the
     ``alpha`` entries of diffusers/PEFT files separately; other mixins fold alphas into the weights.
+    ``bare``: the keys lose their ``transformer.`` prefix first. diffusers' Qwen-Image and Z-Image
+    converters, which run as soon as a file has ``.alpha`` keys, put ``transformer.`` before every
+    key they return, so a PEFT file's ``transformer.<module>`` keys would come back with it twice.
     """
 
     def convert(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         import diffusers.loaders as loaders
 
         loader = getattr(loaders, mixin)
+        if bare:
+            state_dict = bare_keys(state_dict)
         if returns_alphas:
             converted, alphas = loader.lora_state_dict(dict(state_dict), return_alphas=True)
             return converted, dict(alphas or {})
@@ -200,25 +212,52 @@ def _sample(keys: Iterable[str], n: int = 3) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "") if keys else "none"
 
 
-def _peft_metadata(metadata: dict[str, str]) -> dict:
-    """diffusers' saved LoraConfig (``lora_adapter_metadata``) for the transformer, if the file has one."""
+def _peft_config(path: Path, metadata: dict[str, str]):
+    """peft's ``LoraConfig`` for the transformer from diffusers' saved adapter config, or None.
+
+    diffusers writes the ``LoraConfig`` it trained with into the file's ``lora_adapter_metadata`` (one JSON
+    object, keys prefixed with the component, ``transformer.r``); peft parses it, forward-compatibly (keys of
+    newer peft versions are dropped with a warning), so ``r``, ``lora_alpha``, the patterns and ``use_rslora``
+    mean exactly what they mean to peft. Unreadable metadata is ignored with a warning, as before.
+    """
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return {}
+        return None
     try:
-        config = json.loads(raw)
+        packed = json.loads(raw)
     except ValueError:
-        return {}
-    found = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
-    return found or {k: v for k, v in config.items() if "." not in k}
+        log.warning("EditKit: LoRA %s has unreadable lora_adapter_metadata; its alphas are taken as 1 per rank.",
+                    path.name)
+        return None
+    if not isinstance(packed, dict):
+        return None
+    fields = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")}
+    fields = fields or {k: v for k, v in packed.items() if "." not in k}
+    from peft import LoraConfig
+
+    try:
+        config = LoraConfig.from_peft_type(**fields)
+    except (TypeError, ValueError) as exc:
+        log.warning("EditKit: LoRA %s: peft cannot read its lora_adapter_metadata (%s); its alphas are taken as 1 "
+                    "per rank.", path.name, exc)
+        return None
+    return config if isinstance(config, LoraConfig) else None
 
 
-def _pattern_value(patterns: dict, module: str):
-    """PEFT's ``alpha_pattern``/``rank_pattern`` lookup: a key matching the end of the module name."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return None
+def _config_scale(path: Path, config, module: str, rank: int) -> float:
+    """``alpha / r`` of one layer as peft's ``LoraModel`` derives it from its config (patterns by ``get_pattern_key``).
+
+    Where EditKit differs: the rank is the one the file stores. peft would build the layer at the config's rank
+    and fail to load a file that disagrees; EditKit applies what is stored and says so in the log.
+    """
+    from peft.utils.other import get_pattern_key
+
+    config_rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    if int(config_rank) != rank:
+        log.warning("EditKit: LoRA %s says rank %s for %s but stores rank %d; using %d.",
+                    path.name, config_rank, module, rank, rank)
+    return float(alpha) / (math.sqrt(rank) if config.use_rslora else rank)
 
 
 _SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down",
@@ -255,7 +294,7 @@ def _collect(path: Path, family: LoraFamily, converted: dict[str, torch.Tensor],
         raise ModelFileError(
             path, f"The LoRA file has {len(unknown)} tensors EditKit cannot apply (e.g. {_sample(unknown)}; "
                   "only plain LoRA down/up pairs are supported, not LoKr, LoHa or DoRA)", family.expected)
-    config = _peft_metadata(metadata)
+    config = _peft_config(path, metadata) if any(m not in alpha_of for m in parts) else None
     layers: dict[str, LoraLayer] = {}
     for module, pair in parts.items():
         if set(pair) != {"down", "up"}:
@@ -266,14 +305,12 @@ def _collect(path: Path, family: LoraFamily, converted: dict[str, torch.Tensor],
             raise ModelFileError(path, f"The LoRA layer '{module}' has mismatched matrices (down "
                                        f"{tuple(down.shape)}, up {tuple(up.shape)})", family.expected)
         rank = down.shape[0]
-        alpha = alpha_of.get(module)
-        if alpha is None and config:
-            alpha = _pattern_value(config.get("alpha_pattern"), module) or config.get("lora_alpha")
-            rank_in_config = _pattern_value(config.get("rank_pattern"), module) or config.get("r")
-            if alpha is not None and rank_in_config and int(rank_in_config) != rank:
-                log.warning("EditKit: LoRA %s says rank %s for %s but stores rank %d; using %d.",
-                            path.name, rank_in_config, module, rank, rank)
-        scale = 1.0 if alpha is None else float(alpha) / (rank ** 0.5 if config.get("use_rslora") else rank)
+        if module in alpha_of:
+            scale = alpha_of[module] / rank
+        elif config is not None:
+            scale = _config_scale(path, config, module, rank)
+        else:
+            scale = 1.0  # no alpha anywhere: diffusers and peft apply B @ A as it is
         layers[module] = LoraLayer(down, up, scale)
     return layers, tuple(ignored)
 

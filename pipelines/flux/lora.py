@@ -3,8 +3,11 @@
 diffusers' ``FluxLoraLoaderMixin.lora_state_dict`` reads diffusers/PEFT files, kohya
 (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``.alpha``) and ComfyUI/BFL original
 keys with ``lora_down``/``lora_up`` (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``).
-Three gaps are filled here, before it runs:
+Four gaps are filled here, before it runs:
 
+* keys with no prefix at all, as lightx2v writes its Lightning LoRAs (``<module>.lora_down.weight`` +
+  ``.alpha``), get the prefix their module tree implies: ``diffusion_model.`` for BFL modules
+  (``double_blocks``, ``single_blocks``, ...), diffusers/PEFT names for diffusers modules;
 * original-key files that use PEFT's ``lora_A``/``lora_B`` names with ``diffusion_model.`` keys
   (what several trainers export "for ComfyUI") are renamed to the kohya form diffusers reads;
 * diffusers splits a single block's fused ``linear1`` (q, k, v and the MLP input) at the fixed
@@ -26,12 +29,30 @@ import torch
 from ..core.lora import LoraFamily, diffusers_converter
 
 _ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_PREFIXES = (*_ORIGINAL_PREFIXES, "transformer.", "base_model.", "lora_", "text_encoder", "te.", "te1.", "te2.")
+_BFL_MODULES = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.",
+                "guidance_in.")
+_BARE_SUFFIXES = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight", ".alpha": ".alpha"}
 _RENAMES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
             ".lora_down.weight": ".lora_down.weight", ".lora_up.weight": ".lora_up.weight", ".alpha": ".alpha"}
 _OWN = re.compile(r"^lora_unet_(single_blocks_(\d+)_linear1|final_layer_linear|final_layer_adaLN_modulation_1)"
                   r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 _convert_with_diffusers = diffusers_converter("FluxLoraLoaderMixin", returns_alphas=True)
+
+
+def _with_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unprefixed ``<module>.lora_down/up.weight`` / ``.alpha`` keys → BFL or diffusers/PEFT keys; others unchanged."""
+    out = {}
+    for key, tensor in state_dict.items():
+        suffix = next((s for s in _BARE_SUFFIXES if key.endswith(s)), None)
+        if suffix is None or key.startswith(_PREFIXES):
+            out[key] = tensor
+        elif key.startswith(_BFL_MODULES):
+            out["diffusion_model." + key] = tensor
+        else:
+            out["transformer." + key[: -len(suffix)] + _BARE_SUFFIXES[suffix]] = tensor
+    return out
 
 
 def _to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,7 +115,7 @@ def _convert_own(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]
 
 def convert_flux_lora(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Any FLUX.1 LoRA layout → diffusers keys (``[transformer.]<module>.lora_A/B.weight``) and alphas."""
-    rest, own, own_alphas = _convert_own(_to_kohya(state_dict))
+    rest, own, own_alphas = _convert_own(_to_kohya(_with_prefix(state_dict)))
     converted, alphas = _convert_with_diffusers(rest) if rest else ({}, {})
     converted = dict(converted)
     converted.update(own)

@@ -7,7 +7,6 @@ multi-round edits and re-runs with the same prompt cost nothing.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from ..core.errors import EditKitError, ModelFileError
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component, Runtime
+from ..core.transformers_loading import from_state_dict
 from .loading import (
     CLIP_EXPECTED,
     CONFIG_DIR,
@@ -28,8 +28,6 @@ from .loading import (
     read_state_dict,
     unavailable,
 )
-
-log = logging.getLogger("EditKit")
 
 DEFAULT_T5_LENGTH = 512
 _CACHE_SIZE = 64
@@ -110,33 +108,6 @@ def _tokenizers(folder: Path | None, clip_dir: Path | None, t5_dir: Path | None)
     return clip_tok, t5_tok
 
 
-def _load_into(model_cls, config, sd: dict[str, torch.Tensor], path: Path, expected: str, ignore=()):
-    """Build ``model_cls(config)`` without allocating weights, then assign the file's tensors."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    wanted = set(model.state_dict())
-    missing = sorted(wanted - set(sd) - set(ignore))
-    if missing:
-        raise ModelFileError(path, f"Not {expected.split(' (')[0]}: {len(missing)} tensors missing, e.g. {missing[:3]}",
-                             expected)
-    unexpected = set(sd) - wanted
-    if unexpected:
-        log.debug("EditKit: ignoring %d extra tensors in %s", len(unexpected), path.name)
-    try:
-        model.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise ModelFileError(path, f"Tensor shapes do not match ({exc})", expected) from exc
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:  # non-persistent buffers (e.g. position ids) are rebuilt on the CPU
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            if attr == "position_ids":
-                module.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
-            else:
-                raise ModelFileError(path, f"Cannot initialise buffer {name}", expected)
-    return model
-
-
 def _clip_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -158,9 +129,7 @@ def _clip_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         prefixed = any(k.startswith("text_model.") for k in CLIPTextModel(config).state_dict())
     if prefixed:
         sd = {f"text_model.{k}": v for k, v in sd.items()}
-    position_ids = "text_model.embeddings.position_ids" if prefixed else "embeddings.position_ids"
-    model = _load_into(CLIPTextModel, config, sd, path, CLIP_EXPECTED, ignore=(position_ids,))
-    return model.to(dtype)
+    return from_state_dict(CLIPTextModel, config, sd, dtype, path, CLIP_EXPECTED)
 
 
 def _t5_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -184,16 +153,9 @@ def _t5_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     config.d_kv = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads
     config.num_layers = count_blocks(sd, "encoder.block.")
     config.d_ff = sd["encoder.block.0.layer.1.DenseReluDense.wo.weight"].shape[1]
-    model = _load_into(T5EncoderModel, config, sd, path, T5_EXPECTED)
-    model.shared = model.encoder.embed_tokens  # keep the embedding tied as in the released model
-    model.to(dtype)
-    if dtype == torch.float16:
-        # T5's feed-forward output overflows in fp16; transformers' own loader keeps these layers in fp32.
-        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-        for name, module in model.named_modules():
-            if keep and name.endswith(keep):
-                module.float()
-    return model
+    # transformers ties shared / encoder.embed_tokens and keeps _keep_in_fp32_modules (wo) in fp32 for fp16
+    return from_state_dict(T5EncoderModel, config, {k: v for k, v in sd.items() if v is not None}, dtype, path,
+                           T5_EXPECTED)
 
 
 def _text_encoders(folder, clip_file, t5_file, clip_tok_dir, t5_tok_dir, dtype, storage=None) -> FluxTextEncoders:

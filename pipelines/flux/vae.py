@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from ..core.errors import EditKitError
 from ..core.latent_format import LatentFormat
 from ..core.runtime import Component, Runtime
 
@@ -40,6 +41,18 @@ def latent_format(vae: Component) -> LatentFormat:
 def _scale_shift(vae: Component) -> tuple[float, float]:
     fmt = latent_format(vae)
     return float(fmt.scale), float(fmt.shift)
+
+
+def read_latent(samples: torch.Tensor, what: str = "latent") -> torch.Tensor:
+    """A LATENT's samples checked to be FLUX.1-VAE latents ``[B,16,h,w]`` (FLUX.1 and Z-Image), else a clear error."""
+    if samples.ndim != 4 or samples.shape[1] != FLUX_LATENT.channels:
+        other = " (a Qwen-Image / Wan latent)" if samples.ndim == 5 else ""
+        raise EditKitError(
+            f"The {what} has shape {tuple(samples.shape)}{other}; this model needs a 16-channel FLUX.1-VAE latent "
+            "[batch, 16, height/8, width/8]. Encode the picture with the FLUX.1 VAE (ae.safetensors), or decode "
+            "a latent of another model with its own VAE first."
+        )
+    return samples
 
 
 def raw_to_model(vae: Component, latents: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ its unbatched call (tested within 1e-5).
 
 With a ``mask`` the decoded result is blended back into picture 1 at its own size, so every
 pixel outside the mask is picture 1's pixel, bit for bit.
+
+With ``init_latents`` (a LATENT from ComfyUI's VAE Encode, LoadLatent, an upscale or an earlier edit)
+the edit works at that latent's size and, with ``denoise < 1``, starts from it instead of from
+picture 1, as ComfyUI's KSampler does with its latent; picture 1 still conditions the edit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from ..core import sampling as core
 from ..core.errors import EditKitError
+from ..core.images import repeat_batch
 from ..core.lora import applies_loras
 from ..core.runtime import Component, Runtime
 from . import vae as vae_ops
@@ -100,11 +105,14 @@ def edit(
     references: ReferenceSizes = DEFAULT_REFERENCES,
     variant: str = EDIT_2509,
     cfg_batched: bool | None = None,
+    init_latents: torch.Tensor | None = None,
     progress=None,
 ) -> EditResult:
     """Edit picture 1 (``pictures[0]``, ``[1,3,H,W]`` in 0..1) following ``prompt``; see the module docstring.
 
     ``transformer`` may carry LoRAs (:class:`..core.lora.LoraComponent`): they are applied for this run only.
+    ``init_latents`` (model space ``[L,16,h,w]``) sets the working size (``output`` is then not used) and,
+    with ``denoise < 1``, the start; each of its latents yields ``batch_size`` results.
     """
     _check_pictures(pictures)
     check_prompt(prompt)
@@ -115,7 +123,12 @@ def edit(
     use_cfg = float(true_cfg_scale) > 1.0
 
     image_h, image_w = pictures[0].shape[-2:]
-    width, height = output.resolve(image_w, image_h)
+    if init_latents is not None:
+        init_latents = repeat_batch(init_latents, batch_size)
+        batch_size = init_latents.shape[0]
+        width, height = init_latents.shape[-1] * SPATIAL, init_latents.shape[-2] * SPATIAL
+    else:
+        width, height = output.resolve(image_w, image_h)
     plan = references.plan([(p.shape[-1], p.shape[-2]) for p in pictures], (width, height),
                            same_vl_as_vae=variant == EDIT)
     if mask is not None and tuple(mask.shape[-2:]) != (image_h, image_w):
@@ -140,7 +153,9 @@ def edit(
     ref_latents = [vae_ops.encode(vae, vae_copy(p, *vae_wh), runtime) for p, (_vl, vae_wh) in zip(pictures, plan)]
     lh, lw = height // SPATIAL, width // SPATIAL
     init = None
-    if denoise < 1.0:
+    if denoise < 1.0 and init_latents is not None:
+        init = pack(init_latents.float())
+    elif denoise < 1.0:
         first = ref_latents[0] if plan[0][1] == (width, height) else vae_ops.encode(
             vae, vae_copy(pictures[0], width, height), runtime)
         init = pack(first).repeat(batch_size, 1, 1)

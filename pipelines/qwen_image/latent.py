@@ -4,7 +4,13 @@ Qwen-Image's VAE (a Wan-2.1-style causal 3-D VAE used on single frames) produces
 the transformer works on ``(raw - mean) / std`` per channel (**model space**), which is ComfyUI's
 ``Wan21`` latent format (also used for step previews). ComfyUI's LATENT stores the raw form, so
 the LATENT boundary converts with :data:`QWEN_IMAGE` (:class:`..core.latent_format.LatentFormat`)
-and nothing else in the package knows the numbers. The transformer reads 2x2 latent patches as
+and nothing else in the package knows the numbers.
+
+ComfyUI stores Wan-2.1 latents as videos, ``[B,16,T,H/8,W/8]`` (its VAE reads ``shape[4]``), and
+Qwen-Image pictures as one frame, ``T = 1``. EditKit's LATENT outputs have that 5-D shape
+(:func:`to_comfy`), so native VAEDecode, LatentUpscaleBy and SaveLatent work on them; LATENT inputs
+take 5-D one-frame latents and also 4-D ones (what other packs, and EditKit before, wrote), read
+by :func:`from_comfy`. Inside the package latents are 4-D ``[B,16,h,w]``. The transformer reads 2x2 latent patches as
 tokens, channel-major (feature = c*4 + py*2 + px), exactly as diffusers'
 ``QwenImageEditPlusPipeline._pack_latents``.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from ..core.errors import EditKitError
 from ..core.latent_format import LatentFormat
 
 PATCH = 2  # latent pixels per token side
@@ -37,6 +44,36 @@ def format_of(vae_config) -> LatentFormat:
     if not mean or not std:
         return QWEN_IMAGE
     return LatentFormat.per_channel(mean, std, SPATIAL, PREVIEW)
+
+
+def to_comfy(raw: torch.Tensor) -> torch.Tensor:
+    """Raw latents ``[B,16,h,w]`` → ComfyUI's one-frame Wan-2.1 shape ``[B,16,1,h,w]``."""
+    return raw.unsqueeze(2)
+
+
+def from_comfy(samples: torch.Tensor, what: str = "latent") -> torch.Tensor:
+    """A Qwen-Image LATENT's samples, 5-D ``[B,16,1,h,w]`` or 4-D ``[B,16,h,w]`` → ``[B,16,h,w]``."""
+    shape = tuple(samples.shape)
+    if samples.ndim == 5 and shape[2] != 1:
+        raise EditKitError(
+            f"The {what} holds {shape[2]} frames ({shape}): a video latent, but a Qwen-Image picture is one frame. "
+            "ComfyUI's VAE Encode with the Qwen-Image VAE turns a batch of pictures into one video; encode one "
+            "picture at a time (e.g. split the batch with ImageFromBatch) or take a single frame."
+        )
+    if samples.ndim not in (4, 5) or shape[1] != CHANNELS:
+        raise EditKitError(
+            f"The {what} has shape {shape}; Qwen-Image needs a {CHANNELS}-channel Qwen-Image VAE latent "
+            f"[batch, {CHANNELS}, 1, height/8, width/8] (or [batch, {CHANNELS}, height/8, width/8]). Encode the "
+            "picture with the Qwen-Image VAE (qwen_image_vae.safetensors)."
+        )
+    raw = samples[:, :, 0] if samples.ndim == 5 else samples
+    if raw.shape[-1] % PATCH or raw.shape[-2] % PATCH:
+        w, h = raw.shape[-1] * SPATIAL, raw.shape[-2] * SPATIAL
+        raise EditKitError(
+            f"The {what} is {w}x{h} pixels; Qwen-Image needs sides that are multiples of {MULTIPLE} pixels. Resize it "
+            f"(e.g. LatentUpscale to {max(MULTIPLE, w // MULTIPLE * MULTIPLE)}x{max(MULTIPLE, h // MULTIPLE * MULTIPLE)})."
+        )
+    return raw
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,6 @@ QWEN_IMAGE_LORA = LoraFamily(
     name="qwen_image",
     display="Qwen-Image",
     architecture="Qwen-Image",
-    convert=diffusers_converter("QwenImageLoraLoaderMixin"),
+    convert=diffusers_converter("QwenImageLoraLoaderMixin", bare=True),
     expected="a Qwen-Image / Qwen-Image-Edit LoRA (e.g. Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors)",
 )

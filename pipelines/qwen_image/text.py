@@ -27,6 +27,7 @@ import torch
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
+from ..core.transformers_loading import from_state_dict
 from .loading import CONFIG_DIR, EDIT, EDIT_2509, count_blocks
 
 log = logging.getLogger("EditKit")
@@ -166,7 +167,7 @@ def _describe_foreign(sd: dict) -> str:
 
 
 def _text_encoder_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    from accelerate import init_empty_weights
+    """Qwen2.5-VL from a single file: config from the shapes, then transformers' own loader (fp32 rotary)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
     raw = read_state_dict(path, TEXT_ENCODER_EXPECTED)
@@ -180,42 +181,29 @@ def _text_encoder_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     if any(n not in by_role for n in needed):
         raise ModelFileError(path, f"This is {_describe_foreign(raw)}", TEXT_ENCODER_EXPECTED)
     del raw
-    sd = cast_stored_weights({f"{r}\0{k}": v for (r, k), v in by_role.items()}, dtype)
-    t = lambda name: sd[f"text\0{name}"].shape  # noqa: E731
-    v = lambda name: sd[f"visual\0{name}"].shape  # noqa: E731
+    # Qwen2_5_VLModel's own names: language_model.* and visual.*
+    sd = cast_stored_weights({("language_model." if r == "text" else "visual.") + k: v
+                              for (r, k), v in by_role.items()}, dtype)
+    t = lambda name: sd[f"language_model.{name}"].shape  # noqa: E731
+    v = lambda name: sd[f"visual.{name}"].shape  # noqa: E731
     config = Qwen2_5_VLConfig.from_pretrained(str(CONFIG_DIR / "text_encoder"))
     text, vision = config.text_config, config.vision_config
     text.vocab_size, text.hidden_size = t("embed_tokens.weight")
-    text.num_hidden_layers = count_blocks([k.split("\0", 1)[1] for k in sd if k.startswith("text\0")], "layers.")
+    text.num_hidden_layers = count_blocks(sd, "language_model.layers.")
     text.intermediate_size = t("layers.0.mlp.gate_proj.weight")[0]
     text.num_attention_heads = t("layers.0.self_attn.q_proj.weight")[0] // TEXT_HEAD_DIM
     text.num_key_value_heads = t("layers.0.self_attn.k_proj.weight")[0] // TEXT_HEAD_DIM
     text.layer_types = ["full_attention"] * text.num_hidden_layers
     text.max_window_layers = text.num_hidden_layers
     vision.hidden_size = v("patch_embed.proj.weight")[0]
-    vision.depth = count_blocks([k.split("\0", 1)[1] for k in sd if k.startswith("visual\0")], "blocks.")
+    vision.depth = count_blocks(sd, "visual.blocks.")
     vision.intermediate_size = v("blocks.0.mlp.gate_proj.weight")[0]
     vision.num_heads = vision.hidden_size // VISION_HEAD_DIM
     vision.out_hidden_size = v("merger.mlp.2.weight")[0]
     vision.fullatt_block_indexes = [i for i in range(vision.depth) if i % 8 == 7]  # 7, 15, 23, 31 in the 7B
     if vision.out_hidden_size != text.hidden_size:
         raise ModelFileError(path, "Vision tower and language model widths differ", TEXT_ENCODER_EXPECTED)
-    with init_empty_weights(include_buffers=False):
-        model = Qwen2_5_VLModel(config)
-    wanted = {}
-    for name in model.state_dict():
-        role = _key_role(name)
-        if role is not None:
-            wanted[f"{role[0]}\0{role[1]}"] = name
-    missing = sorted(k.replace("\0", ".") for k in set(wanted) - set(sd))
-    if missing:
-        raise ModelFileError(path, f"Not a complete Qwen2.5-VL: {len(missing)} tensors missing, e.g. {missing[:3]}",
-                             TEXT_ENCODER_EXPECTED)
-    try:
-        model.load_state_dict({name: sd[k] for k, name in wanted.items()}, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelFileError(path, f"Tensor shapes do not match ({exc})", TEXT_ENCODER_EXPECTED) from exc
-    return model.to(dtype)
+    return from_state_dict(Qwen2_5_VLModel, config, sd, dtype, path, TEXT_ENCODER_EXPECTED)
 
 
 def _tokenizer(folder: Path | None, comfy_dir: Path | None):

@@ -40,7 +40,7 @@ _TOP_PARTS = {
 }
 _BLOCK_RE = re.compile(rf"^{_BLOCK}(.+)$")
 
-_convert_with_diffusers = diffusers_converter("ZImageLoraLoaderMixin")
+_convert_with_diffusers = diffusers_converter("ZImageLoraLoaderMixin", bare=True)
 
 
 def _original_module(name: str) -> str | None:

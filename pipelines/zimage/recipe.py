@@ -8,10 +8,11 @@ progressive_stages:
 ```
 
 Any number of stages, run in file order. The first generates from noise; every later one resizes
-the previous latent (to its ``width`` x ``height``, or by ``scale_by`` as ComfyUI's LatentUpscaleBy)
-and refines it with img2img at ``strength``. EditKit's optional keys: per stage ``scale_by`` and
-``sampler``; at the top ``sampler``, ``shift``, ``strength_convention`` (``denoise``: ComfyUI
-KSampler's, the default; ``strength``: diffusers' img2img) and ``guidance_convention``
+the previous latent (to its ``width`` x ``height`` as ComfyUI's LatentUpscale, which raises a side
+below 64 pixels to 64, or by ``scale_by`` as LatentUpscaleBy) and refines it with img2img at
+``strength``; a stage's size is the one that resize really gives. EditKit's optional keys: per
+stage ``scale_by`` and ``sampler``; at the top ``sampler``, ``shift``, ``strength_convention``
+(``denoise``: ComfyUI KSampler's, the default; ``strength``: diffusers' img2img) and ``guidance_convention``
 (``comfyui``: ``guidance_scale`` is KSampler's cfg, 1 = no CFG, the default; ``diffusers``: it is
 diffusers' Z-Image ``guidance_scale``, 0 = no CFG). Every problem is reported with the stage's name
 before a model is touched.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from ..core import sampling as core
 from ..core.errors import EditKitError
-from .latents import VAE_SCALE, scaled_size
+from .latents import VAE_SCALE, scaled_size, upscale_size
 from .sampler import SIZE_MULTIPLE, cfg_from_diffusers, nearest_valid
 
 STAGE_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "strength", "scale_by", "sampler")
@@ -182,6 +183,8 @@ def _stage(name: str, spec, previous: Stage | None, default_sampler: str, guidan
             raise _fail(name, f"'{missing}' is missing (give width and height"
                               f"{'' if previous is None else ', or scale_by'}).")
         width, height = _size(name, "width", spec["width"]), _size(name, "height", spec["height"])
+        if previous is not None:  # resized like LatentUpscale, which makes a side below 64 pixels 64
+            width, height = upscale_size(width, height)
     if previous is not None and (width < previous.width or height < previous.height):
         raise _fail(name, f"{width}x{height} is smaller than the previous stage's {previous.width}x"
                           f"{previous.height}; stages may only keep or grow the size.")

@@ -25,6 +25,7 @@ import torch
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
+from ..core.transformers_loading import from_state_dict
 from ..flux.loading import count_blocks
 from .loading import CONFIG_DIR
 
@@ -180,6 +181,7 @@ def _foreign_encoder(sd: dict) -> str | None:
 
 
 def _qwen3_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """Qwen3 from a single file: config from the shapes, then transformers' own loader (fp32 rotary)."""
     from transformers import Qwen3Config, Qwen3Model
 
     raw = read_state_dict(path, QWEN3_EXPECTED)
@@ -203,21 +205,7 @@ def _qwen3_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     config.num_hidden_layers = count_blocks(sd, "layers.")
     config.max_window_layers = config.num_hidden_layers
     config.layer_types = ["full_attention"] * config.num_hidden_layers
-    with torch.device("meta"):
-        model = Qwen3Model(config)
-    wanted = set(model.state_dict())
-    missing = sorted(wanted - set(sd))
-    if missing:
-        raise ModelFileError(path, f"Not a complete Qwen3 text encoder: {len(missing)} tensors missing, e.g. "
-                             f"{missing[:3]}", QWEN3_EXPECTED)
-    try:
-        model.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelFileError(path, f"Tensor shapes do not match ({exc})", QWEN3_EXPECTED) from exc
-    # The rotary embedding's inverse frequencies are a non-persistent buffer: rebuild it on the CPU.
-    # (kept in float32: the weights already have the compute dtype).
-    model.rotary_emb = type(model.rotary_emb)(config=config)
-    return model
+    return from_state_dict(Qwen3Model, config, sd, dtype, path, QWEN3_EXPECTED)
 
 
 def _text_encoder(folder: Path | None, file: Path | None, comfy_tokenizer_dir: Path | None,

@@ -1,0 +1,135 @@
+"""Single-file text encoders (ComfyUI's files) equal transformers' own load of the same weights, in bf16/fp16 too.
+
+The reference for each encoder is transformers' ``from_pretrained`` of the diffusers folder holding the same
+weights (the tiny trees write both from one set of numbers), in the same dtype: that is what keeps the rotary
+embeddings' inverse frequencies in float32 in a bf16 model and T5's ``wo`` in float32 in fp16. Loading a single
+file must give that model, buffer for buffer and dtype for dtype, and the same encoder states; against the
+float32 model the bf16 states then differ only by bf16 arithmetic. (Fault 5: Qwen2.5-VL from a single file
+computed RoPE from bf16 frequencies; its states differed from transformers' bf16 load of the same weights.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zimage_models as zm
+from PIL import Image
+from qwen_image_models import FILES, qwen_tree
+
+from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.flux import text as flux_text
+from editkit.pipelines.qwen_image import text as qwen_text
+from editkit.pipelines.qwen_image.loading import EDIT_2509
+from editkit.pipelines.zimage import text as zimage_text
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+RUNTIME = TorchRuntime("cpu")
+
+
+def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _same_module(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Every parameter and buffer of ``ours`` has the reference's name, dtype and value."""
+    mine = dict(ours.named_parameters()) | dict(ours.named_buffers())
+    theirs = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert sorted(mine) == sorted(theirs)
+    for name, tensor in mine.items():
+        assert tensor.dtype == theirs[name].dtype, (name, tensor.dtype, theirs[name].dtype)
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def _rotary_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if "rotary" in n or n.endswith("inv_freq")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Qwen2.5-VL (Qwen-Image-Edit's encoder): the fault
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    paths = qwen_tree(tmp_path_factory.mktemp("qwen_text"))["paths"]
+    return paths["folder"], paths["folder"].parents[1] / "text_encoders" / FILES["te_bf16"]
+
+
+def _qwen_states(encoder) -> torch.Tensor:
+    """Two pictures and a long instruction: about 1,000 tokens, so late positions are reached."""
+    pictures = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+                for i in range(2)]
+    return encoder.encode("put the jacket of picture 2 on the person in picture 1, " * 14, pictures, EDIT_2509,
+                          RUNTIME)
+
+
+def test_qwen25vl_from_a_single_file_keeps_fp32_rotary_in_bf16(qwen):
+    folder, file = qwen
+    single = qwen_text.text_encoder_source(folder, file, BF16).get()
+    reference = qwen_text.text_encoder_source(folder, None, BF16).get()  # transformers' own load, bf16
+    full = qwen_text.text_encoder_source(folder, None, F32).get()
+    rotary = _rotary_buffers(single.component.module)
+    assert {n.split(".")[0] for n in rotary} == {"language_model", "visual"}
+    assert all(b.dtype == F32 for b in rotary.values()), {n: b.dtype for n, b in rotary.items()}
+    _same_module(single.component.module, reference.component.module)
+    assert single.component.module.language_model.layers[0].self_attn.q_proj.weight.dtype == BF16
+
+    # The rotation a bf16 model applies at late positions is the float32 model's (rounded to bf16 once).
+    positions = torch.arange(4096).view(1, 1, -1).expand(3, 1, -1)
+    probe = torch.zeros(1, 1, 8, dtype=BF16)
+    cos, sin = single.component.module.language_model.rotary_emb(probe, positions)
+    cos32, sin32 = full.component.module.language_model.rotary_emb(probe.float(), positions)
+    assert torch.equal(cos, cos32.to(BF16)) and torch.equal(sin, sin32.to(BF16))
+
+    states, expected, states32 = _qwen_states(single), _qwen_states(reference), _qwen_states(full)
+    assert states.shape[1] > 900
+    assert torch.equal(states, expected)  # the single file gives transformers' bf16 encoder exactly
+    assert _relative_l2(states, states32) == pytest.approx(_relative_l2(expected, states32))
+
+
+def test_qwen25vl_fp8_scaled_file_loads_in_bf16_with_fp32_rotary(qwen):
+    folder, file = qwen
+    scaled = file.parent / FILES["te_fp8"]
+    single = qwen_text.text_encoder_source(folder, scaled, BF16).get()
+    reference = qwen_text.text_encoder_source(folder, None, BF16).get()
+    _same_module(single.component.module, reference.component.module)  # fp8 x scale is exact in the tiny weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Qwen3 (Z-Image's encoder)
+
+
+def test_qwen3_from_a_single_file_equals_transformers_load(tiny_models):
+    folder = tiny_models / "diffusers" / zm.FOLDER
+    file = tiny_models / "text_encoders" / zm.TEXT_ENCODER_FILE
+    single = zimage_text.text_encoder_source(folder, file, BF16).get()
+    reference = zimage_text.text_encoder_source(folder, None, BF16).get()
+    full = zimage_text.text_encoder_source(folder, None, F32).get()
+    assert all(b.dtype == F32 for b in _rotary_buffers(single.encoder.module).values())
+    _same_module(single.encoder.module, reference.encoder.module)
+    prompt = "a portrait of a woman with freckles, soft window light " * 8
+    states = single.encode(prompt, RUNTIME)
+    assert torch.equal(states, reference.encode(prompt, RUNTIME))
+    assert _relative_l2(states, full.encode(prompt, RUNTIME)) < 2e-2  # bf16 arithmetic only
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLIP-L and T5-XXL (FLUX.1's encoders)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_clip_and_t5_from_single_files_equal_transformers_load(tiny_models, dtype):
+    folder = tiny_models / "diffusers" / "FLUX.1-Fill-dev"
+    clip_file, t5_file = tiny_models / "text_encoders" / "clip_l.safetensors", tiny_models / "text_encoders" / \
+        "t5xxl_fp16.safetensors"
+    single = flux_text.text_encoder_source(folder, clip_file, t5_file, dtype).get()
+    reference = flux_text.text_encoder_source(folder, None, None, dtype).get()
+    _same_module(single.clip.module, reference.clip.module)
+    _same_module(single.t5.module, reference.t5.module)
+    wo = single.t5.module.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert wo.dtype == (F32 if dtype == F16 else dtype)  # transformers' _keep_in_fp32_modules in fp16
+    assert single.t5.module.shared.weight is single.t5.module.encoder.embed_tokens.weight  # tied
+    prompt = ["a bowl of fruit on a wooden table"]
+    states, pooled = single.encode(prompt, RUNTIME, 64)
+    ref_states, ref_pooled = reference.encode(prompt, RUNTIME, 64)
+    assert torch.equal(states, ref_states) and torch.equal(pooled, ref_pooled)
