@@ -9,7 +9,14 @@ description, models, features: [{id, name, requires_mask}]}]``) with, per featur
   or to any other text input (e.g. a base64 loader's ``data``), which gets the base64 string;
 * ``outputs``: ``image`` (node whose pictures are the answer; default: the first SaveImage) and
   ``background_removed`` (``NODE`` or ``{node, output, set}``: that node's picture output, from a
-  copy of the node with ``set`` inputs changed when given, e.g. BEN2 with ``invert: false``).
+  copy of the node with ``set`` inputs changed when given, e.g. BEN2 with ``invert: false``);
+* ``recommended`` (optional): per numeric parameter ``{min, max, default}``, the ranges the page at
+  ``/`` offers (the guide's per-feature values); requests may still send any value the node takes.
+
+Pictures beyond the first (``input_image_2`` …, e.g. multi-picture edits) and the outpainting sides
+(``extend_left`` …) are parameters like the others. The experiments endpoint lists, per feature, how
+many pictures it takes, which parameters it accepts with the workflow's values as defaults, the
+recommended ranges and whether it returns a cut-out, so a page can build its form from it alone.
 
 A ``generate`` section maps ``/generate`` modes (``redux``) the same way, plus per mode:
 
@@ -37,7 +44,11 @@ from .errors import WorkflowError
 from .workflow import BUNDLED_DIR, bundled_names, find_node, load_workflow, resolve_target
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "experiments.yaml"
-EDIT_PARAMETERS = ("input_image", "prompt", "steps", "guidance_scale", "strength", "negative_prompt", "seed")
+EDIT_PARAMETERS = ("input_image", "input_image_2", "input_image_3", "input_image_4", "prompt", "steps",
+                   "guidance_scale", "strength", "negative_prompt", "seed", "extend_left", "extend_top",
+                   "extend_right", "extend_bottom")
+PICTURE_PARAMETERS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+RANGED = ("steps", "guidance_scale", "strength", "seed", "extend_left", "extend_top", "extend_right", "extend_bottom")
 GENERATE_PARAMETERS = ("input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "num_images")
 
 
@@ -70,6 +81,21 @@ class Feature:
     requires_mask: bool
     route: Route | None
     disabled: str | None = None
+    recommended: dict[str, dict] = field(default_factory=dict)
+
+    def public(self) -> dict:
+        """The feature as the experiments endpoint lists it: the seed's ``id`` and ``name``, then how many
+        pictures it takes, whether it returns a cut-out, the parameters it accepts (the workflow's values as
+        defaults) and the recommended ranges."""
+        parameters = {}
+        for name, targets in self.route.targets.items():
+            if name not in PICTURE_PARAMETERS:
+                node_id, input_name = targets[0]
+                parameters[name] = self.route.prompt[node_id]["inputs"].get(input_name)
+        return {"id": self.id, "name": self.name, "requires_mask": self.requires_mask,
+                "pictures": sum(1 for p in PICTURE_PARAMETERS if p in self.route.targets),
+                "cutout": self.route.background is not None, "parameters": parameters,
+                "recommended": self.recommended}
     prompt_route: Route | None = None  # generate modes: the route for requests with a prompt
     prompt_disabled: str | None = None  # why a prompt cannot be followed (no with_prompt entry)
     model_ids: list[str] = field(default_factory=list)
@@ -93,12 +119,15 @@ class Experiments:
     source: str
 
     def public(self) -> dict:
-        """``GET /api/image_editing/experiments``: only what the apps show (enabled features)."""
+        """``GET /api/image_editing/experiments``: the seed applications' shape (``id``, ``name``,
+        ``description``, ``features: [{id, name}]``) plus what a page needs to build its form (enabled
+        features only)."""
         out = []
         for exp in self.experiments.values():
-            features = [{"id": f.id, "name": f.name} for f in exp.features if f.disabled is None]
+            features = [f.public() for f in exp.features if f.disabled is None]
             if features:
-                out.append({"id": exp.id, "name": exp.name, "description": exp.description, "features": features})
+                out.append({"id": exp.id, "name": exp.name, "description": exp.description, "models": exp.models,
+                            "features": features})
         return {"experiments": out}
 
 
@@ -171,6 +200,29 @@ def _route(entry: dict, where: str, allowed: tuple, folder: Path) -> tuple[Route
     return Route(name, prompt, targets, output_node, background), None
 
 
+def _recommended(entry: dict, where: str, route: Route | None) -> dict[str, dict]:
+    """``recommended: {steps: {min, max, default}, ...}``: numeric parameters the feature maps, min ≤ default ≤ max."""
+    ranges = _require(entry, "recommended", where, dict, {})
+    out = {}
+    for name, spec in ranges.items():
+        label = f"{where}.recommended.{name}"
+        if name not in RANGED:
+            raise ExperimentsError(f"{label}: not a numeric parameter (known: {', '.join(RANGED)})")
+        if route is not None and name not in route.targets:
+            raise ExperimentsError(f"{label}: the feature has no parameter '{name}' (map it under parameters)")
+        values = {key: _require(spec, key, label, float) for key in ("min", "max", "default")}
+        unknown = sorted(set(spec) - set(values))
+        if unknown:
+            raise ExperimentsError(f"{label}: unknown key '{unknown[0]}' (known: min, max, default)")
+        if not values["min"] <= values["default"] <= values["max"]:
+            raise ExperimentsError(f"{label}: expected min ≤ default ≤ max, got {values}")
+        whole = name not in ("strength", "guidance_scale")
+        if whole and not all(float(v).is_integer() for v in values.values()):
+            raise ExperimentsError(f"{label}: '{name}' takes whole numbers, got {values}")
+        out[name] = {k: int(v) if whole else v for k, v in values.items()}
+    return out
+
+
 def load_experiments(path: Path | str = DEFAULT_FILE, folder: Path = BUNDLED_DIR) -> Experiments:
     """Read and check the experiments file; every problem names its place in the file."""
     path = Path(path)
@@ -199,7 +251,8 @@ def load_experiments(path: Path | str = DEFAULT_FILE, folder: Path = BUNDLED_DIR
                 raise ExperimentsError(f"{f_label}: the feature id '{feat_id}' is used twice")
             route, disabled = _route(feat, f_label, EDIT_PARAMETERS, folder)
             exp.features.append(Feature(feat_id, _require(feat, "name", f_label),
-                                        bool(feat.get("requires_mask", False)), route, disabled))
+                                        bool(feat.get("requires_mask", False)), route, disabled,
+                                        _recommended(feat, f_label, route)))
         experiments[exp_id] = exp
     generate: dict[str, Feature] = {}
     for mode, entry in (_require(data, "generate", where, dict, {}) or {}).items():

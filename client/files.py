@@ -9,6 +9,7 @@ folder, which the next run empties and every run removes when it ends. Files get
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -144,10 +145,9 @@ def atomic_write(path: Path, data: bytes, out_dir: Path | None = None) -> Path:
 
 
 def remove_if_empty(folder: Path) -> None:
-    try:
+    """Remove ``folder`` when it is empty; one that is not (a file is being written) or is gone stays as it is."""
+    with contextlib.suppress(OSError):
         os.rmdir(folder)
-    except OSError:
-        pass  # not empty (another file is being written) or already gone
 
 
 def list_pictures(folders: list[Path]) -> list[tuple[Path, Path]]:

@@ -42,9 +42,10 @@ class OutputStore:
         last: dict[str, dict] = {}
         for record in records:
             last[str(record["item"])] = record
+        staged_tokens = {p.name for p in self.partial.iterdir()} if self.partial.is_dir() else set()
         for record in last.values():
             token = record.get("prompt_id")
-            if record.get("status") != "done" or not token:
+            if record.get("status") != "done" or str(token) not in staged_tokens:
                 continue
             for rel in record.get("outputs") or []:
                 staged = self.partial / str(token) / rel

@@ -1,8 +1,10 @@
 """``python -m client serve``: the HTTP API the seed applications call, forwarding to ComfyUI.
 
 Endpoints: ``GET /api/image_editing/experiments``, ``POST /api/edit_with_comfyui``, ``POST /generate``
-(JSON), ``POST /generate/upload`` (multipart), ``GET /healthz`` (the process is up) and ``GET /readyz``
-(at least one ComfyUI server answers and has EditKit's nodes).
+(JSON), ``POST /generate/upload`` (multipart), ``GET /api/progress/{request id}`` (server-sent events:
+:mod:`client.progress`), ``GET /healthz`` (the process is up), ``GET /readyz`` (at least one ComfyUI
+server answers and has EditKit's nodes), and the experiments page at ``/`` (plain HTML, CSS and JS in
+``client/web/``, built from the experiments endpoint).
 
 Every error is ``{"success": false, "error": "..."}`` with a 4xx (the request is wrong: the message
 names the field and the fix; checked before anything is queued) or 5xx (ComfyUI is down, 503; a node
@@ -31,6 +33,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -46,19 +49,26 @@ from .errors import (
     ValidationFailed,
     WorkflowError,
 )
-from .experiments import EDIT_PARAMETERS, Experiments, Feature, Route
+from .experiments import PICTURE_PARAMETERS, Experiments, Feature, Route
 from .files import picture_info
+from .progress import ID_PATTERN, Channel, ProgressHub, comfy_event
 from .routing import WEBSOCKET_OUTPUT, BadValue, check_values, fill, without_files
 from .validate import validate
 from .workflow import add_preview
 
 log = logging.getLogger("editkit.client.serve")
-EDIT_FIELDS = {"experiment_id", "feature_id", "input_image_base64", *EDIT_PARAMETERS} - {"input_image"}
+EDIT_NUMBERS = (("steps", int, 1, 10000), ("guidance_scale", float, 0, 1000), ("strength", float, 0, 1),
+                ("seed", int, 0, 2**64 - 1), ("extend_left", int, 0, 16384), ("extend_top", int, 0, 16384),
+                ("extend_right", int, 0, 16384), ("extend_bottom", int, 0, 16384))
+EDIT_FIELDS = {"experiment_id", "feature_id", "input_image_base64", "extra_images_base64", "prompt", "negative_prompt",
+               *(name for name, *_ in EDIT_NUMBERS)}
+STRUCTURAL = ("extend_left", "extend_top", "extend_right", "extend_bottom")  # refused where the feature has none
+WEB_DIR = Path(__file__).resolve().parent / "web"
 GENERATE_FIELDS = {"mode", "input_image", "prompt", "height", "width", "num_inference_steps", "cfg", "seed", "model_id",
                    "num_images"}
 GENERATE_DEFAULTS = {"prompt": "", "height": 1024, "width": 1024, "num_inference_steps": 50, "cfg": 2.5, "seed": 42,
                      "model_id": None, "num_images": 1}
-OPEN_PATHS = {"/healthz", "/readyz"}
+OPEN_PATHS = {"/", "/healthz", "/readyz"}  # and /static/: the page itself; its API calls carry the token
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -106,42 +116,48 @@ async def error_middleware(request: web.Request, handler):
         return _json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
-def cors_middleware(origins: list[str]):
-    """CORS for browser apps on other origins (``--cors-origin``, repeatable; ``*`` for any).
+CORS_ORIGINS = web.AppKey("cors_origins", frozenset)
+
+
+def _permitted(origins: frozenset, origin: str | None) -> bool:
+    return bool(origin) and ("*" in origins or origin in origins)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler):
+    """CORS for browser apps on other origins (``--cors-origin``, repeatable; ``*`` for any): the preflight
+    answer here, the origin header on every other answer in :func:`cors_headers`.
 
     Written here rather than with aiohttp-cors: that package wants every route registered with it and
     would be a fifth dependency of a client that installs with four; what is needed is the preflight
-    answer and one header on every answer, including errors (this middleware is outermost).
+    answer and one header on every answer, errors and event streams included.
     """
-    allowed = set(origins)
+    origin = request.headers.get("Origin")
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if not _permitted(request.app[CORS_ORIGINS], origin):
+            hint = f"start serve with --cors-origin {origin}" if origin else "send an Origin header"
+            return _json_error(403, f"cross-origin requests from {origin or 'this page'} are not allowed: {hint}")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Access-Token, X-Request-Id",
+            "Access-Control-Max-Age": "600"})
+    return await handler(request)
 
-    def permitted(origin: str | None) -> bool:
-        return bool(origin) and ("*" in allowed or origin in allowed)
 
-    @web.middleware
-    async def cors(request: web.Request, handler):
-        origin = request.headers.get("Origin")
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            if not permitted(origin):
-                hint = (f"start serve with --cors-origin {origin}" if origin else "send an Origin header")
-                return _json_error(403, f"cross-origin requests from {origin or 'this page'} are not allowed: {hint}")
-            return web.Response(status=204, headers={
-                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Access-Token",
-                "Access-Control-Max-Age": "600"})
-        response = await handler(request)
-        if permitted(origin):
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
-        return response
-    return cors
+async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the origin header on every answer to an allowed origin, set before the headers
+    go out, so streamed answers (server-sent events) get it too."""
+    origin = request.headers.get("Origin")
+    if _permitted(request.app[CORS_ORIGINS], origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
 
 
 def token_middleware(token: str | None):
     @web.middleware
     async def check(request: web.Request, handler):
-        if token and request.path not in OPEN_PATHS:
+        if token and request.path not in OPEN_PATHS and not request.path.startswith("/static/"):
             given = request.headers.get("X-Access-Token", "")
             auth = request.headers.get("Authorization", "")
             if auth.lower().startswith("bearer "):
@@ -175,6 +191,7 @@ class Api:
         self.pool = pool
         self.limits = limits
         self.warned: set[str] = set()
+        self.progress = ProgressHub()
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -231,7 +248,7 @@ class Api:
         return value
 
     async def _execute(self, route: Route, values: dict[str, Any], pictures: dict[str, bytes],
-                       on_event=None) -> dict[str, list[bytes]]:
+                       channel: Channel | None = None) -> dict[str, list[bytes]]:
         """Fill the route's workflow, run it on a live server, return its pictures per answer key.
 
         Cancelling this coroutine (the caller disconnected) cancels the ComfyUI prompt; so does the
@@ -241,7 +258,7 @@ class Api:
         for server in self.pool.order():
             self.pool.busy[server.url] += 1
             try:
-                return await asyncio.wait_for(self._execute_on(server, route, values, pictures, on_event),
+                return await asyncio.wait_for(self._execute_on(server, route, values, pictures, channel),
                                               self.experiments.timeout)
             except ServerUnavailable as exc:
                 self.pool.down_until[server.url] = time.monotonic() + 5.0
@@ -254,7 +271,7 @@ class Api:
         raise HttpError(503, "no ComfyUI server answers: " + " | ".join(errors))
 
     async def _execute_on(self, server: ComfyServer, route: Route, values: dict, pictures: dict[str, bytes],
-                          on_event=None) -> dict[str, list[bytes]]:
+                          channel: Channel | None = None) -> dict[str, list[bytes]]:
         info = await server.object_info()
         prompt = fill(route, values)
         try:
@@ -291,6 +308,11 @@ class Api:
                 raise HttpError(400, f"invalid value for {', '.join(blamed)}: {exc}") from exc
             raise HttpError(502, str(exc)) from exc
         prompt_id = str(uuid.uuid4())
+
+        def on_event(event: dict) -> None:
+            relayed = comfy_event(event, prompt)
+            if relayed is not None and channel is not None:
+                channel.publish(relayed)
         try:
             result = await server.run(prompt, on_event, check=False, prompt_id=prompt_id,
                                       binary_nodes=set(wanted.values()) if websocket else None)
@@ -328,6 +350,28 @@ class Api:
         return web.json_response(self.experiments.public())
 
     async def edit(self, request: web.Request) -> web.Response:
+        """``POST /api/edit_with_comfyui``; with ``X-Request-Id`` its progress is relayed (:mod:`client.progress`)."""
+        request_id = request.headers.get("X-Request-Id")
+        if request_id is not None and not ID_PATTERN.fullmatch(request_id):
+            raise HttpError(400, "the X-Request-Id header must be 8 to 64 letters, digits, '-' or '_' (e.g. a UUID)")
+        channel = self.progress.channel(request_id) if request_id else None
+        if channel is not None:
+            channel.publish({"stage": "accepted"})
+        try:
+            answer = await self._edit(request, channel)
+        except HttpError as exc:
+            if channel is not None:
+                channel.publish({"stage": "error", "status": exc.status, "error": exc.message})
+            raise
+        except asyncio.CancelledError:
+            if channel is not None:
+                channel.publish({"stage": "error", "status": 499, "error": "the caller went away; the edit was cancelled"})
+            raise
+        if channel is not None:
+            channel.publish({"stage": "done", "status": 200})
+        return answer
+
+    async def _edit(self, request: web.Request, channel: Channel | None) -> web.Response:
         started = time.monotonic()
         body = await self._json_body(request)
         _reject_unknown(body, EDIT_FIELDS)
@@ -339,20 +383,33 @@ class Api:
             known = ", ".join(self.experiments.experiments) or "(none)"
             raise HttpError(404, f"unknown experiment_id '{exp_id}' (known: {known})")
         feature = _pick_feature(experiment.features, body.get("feature_id"), exp_id)
+        targets = feature.route.targets
         if "input_image_base64" not in body:
             raise HttpError(400, "'input_image_base64' is required")
-        picture = self._picture(body["input_image_base64"], "input_image_base64")
+        pictures = {"input_image": self._picture(body["input_image_base64"], "input_image_base64")}
+        extra = body.get("extra_images_base64")
+        if extra is not None:
+            takes = [p for p in PICTURE_PARAMETERS[1:] if p in targets]
+            if not isinstance(extra, list):
+                raise HttpError(400, "'extra_images_base64' must be a list of base64 pictures (pictures 2, 3, …)")
+            if len(extra) > len(takes):
+                raise HttpError(400, f"'extra_images_base64' has {len(extra)} picture(s) but feature '{feature.id}' "
+                                     f"takes {len(takes)} besides the first; send at most {len(takes)}")
+            for index, value in enumerate(extra):
+                pictures[takes[index]] = self._picture(value, f"extra_images_base64[{index}]")
         values: dict[str, Any] = {}
         for name in ("prompt", "negative_prompt"):
             if body.get(name) is not None:
                 if not isinstance(body[name], str):
                     raise HttpError(400, f"'{name}' must be text")
                 values[name] = body[name]
-        for name, kind, low, high in (("steps", int, 1, 10000), ("guidance_scale", float, 0, 1000),
-                                      ("strength", float, 0, 1), ("seed", int, 0, 2**64 - 1)):
+        for name, kind, low, high in EDIT_NUMBERS:
             if body.get(name) is not None:
+                if name in STRUCTURAL and name not in targets:
+                    raise HttpError(400, f"'{name}' does not apply to feature '{feature.id}' (it extends the canvas "
+                                         "in outpainting); leave it out")
                 values[name] = self._number(body, name, kind, low, high)
-        out = await self._execute(feature.route, values, {"input_image": picture})
+        out = await self._execute(feature.route, values, pictures, channel)
         background = out.get("background_removed") or []
         return web.json_response({
             "success": True, "experiment_id": experiment.id, "experiment_name": experiment.name,
@@ -360,6 +417,21 @@ class Api:
             "output_image_base64": base64.b64encode(out["image"][0]).decode("ascii"),
             "background_removed_image_base64": base64.b64encode(background[0]).decode("ascii") if background else None,
             "elapsed_time": round(time.monotonic() - started, 3)})
+
+    async def progress_stream(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/progress/{id}``: the request's events as server-sent events, until its last one."""
+        request_id = request.match_info["request_id"]
+        if not ID_PATTERN.fullmatch(request_id):
+            raise HttpError(400, "a request id is 8 to 64 letters, digits, '-' or '_' (the X-Request-Id you sent)")
+        channel = self.progress.channel(request_id)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):  # the page went away; the request itself goes on
+            async for event in channel.follow(idle_timeout=self.experiments.timeout + 60):
+                await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+            await response.write_eof()
+        return response
 
     async def generate(self, request: web.Request) -> web.Response:
         return await self._generate(await self._json_body(request, form_endpoint="POST /generate/upload"))
@@ -470,6 +542,11 @@ def _pick_feature(features: list[Feature], feature_id, exp_id: str) -> Feature:
                          f"{', '.join(f.id for f in features)})")
 
 
+async def page(request: web.Request) -> web.FileResponse:
+    """The experiments page (``client/web/index.html``): static, no build step, only serve's own endpoints."""
+    return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 def build_app(experiments: Experiments, urls: list[str], token: str | None = None, limits: Limits | None = None,
               timeouts: Timeouts | None = None, cors_origins: list[str] | None = None) -> web.Application:
     limits = limits or Limits()
@@ -477,14 +554,19 @@ def build_app(experiments: Experiments, urls: list[str], token: str | None = Non
     api = Api(experiments, pool, limits)
     # CORS outermost: error answers get its header too, and a preflight needs no token. Without origins
     # it still answers a preflight, with what to do.
-    middlewares = [cors_middleware(cors_origins or []), error_middleware, token_middleware(token)]
+    middlewares = [cors_middleware, error_middleware, token_middleware(token)]
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
+    app[CORS_ORIGINS] = frozenset(cors_origins or [])
     app.router.add_get("/api/image_editing/experiments", api.experiments_list)
     app.router.add_post("/api/edit_with_comfyui", api.edit)
     app.router.add_post("/generate", api.generate)
     app.router.add_post("/generate/upload", api.generate_upload)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/api/progress/{request_id}", api.progress_stream)
+    app.router.add_get("/", page)
+    app.router.add_static("/static/", WEB_DIR)
+    app.on_response_prepare.append(cors_headers)
 
     async def close_pool(app: web.Application) -> None:
         await pool.close()

@@ -146,15 +146,8 @@ def test_run_reports_real_validation_errors(comfy_pair, tmp_path):
     assert "node 1 'Load BEN2 Base' (EditKitBEN2Loader): input 'model_name': 'missing.pth' is not one of" in done.stderr
 
 
-def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
-    import base64
-
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from client.serve import build_app
-
-    # the same bundled workflows with BEN2 at 128 px (the request has no BEN2 parameter), to stay quick on a CPU
-    folder = tmp_path / "workflows"
+def quick_workflows(folder: Path) -> Path:
+    """The bundled workflows with BEN2 at 128 px (no request parameter sets it), to stay quick on a CPU."""
     folder.mkdir()
     for path in BUNDLED_DIR.glob("*.json"):
         workflow = json.loads(path.read_text())
@@ -162,7 +155,17 @@ def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
             if "resolution" in node["inputs"]:
                 node["inputs"]["resolution"] = 128
         (folder / path.name).write_text(json.dumps(workflow))
-    experiments = load_experiments(DEFAULT_FILE, folder)
+    return folder
+
+
+def test_serve_endpoints_end_to_end(comfy_pair, tmp_path):
+    import base64
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from client.serve import build_app
+
+    experiments = load_experiments(DEFAULT_FILE, quick_workflows(tmp_path / "workflows"))
     picture = base64.b64encode(png_bytes((20, 200, 20), (64, 48))).decode()
     before = {server.url: server_files(server) for server in comfy_pair}
     history_before = {server.url: server_history(server) for server in comfy_pair}
@@ -213,6 +216,108 @@ def server_history(server: ComfyProcess) -> list[str]:
 def server_files(server: ComfyProcess) -> list[str]:
     return sorted(str(p.relative_to(server.work)) for name in ("input", "output", "temp")
                   for p in (server.work / name).rglob("*") if p.is_file())
+
+
+def test_experiments_page_in_a_real_browser(comfy_pair, tmp_path):
+    """Issue 24: the page at / of serve, in headless Chromium, in front of a real ComfyUI server on the tiny models:
+    the token asked once, one inpainting and one appearance edit (original, cut-out and result at the picture's
+    size), a second edit pressed while one runs is queued, a bad upload shows the API's message next to the
+    picture, and the page served from another origin works through --cors-origin. The screenshot goes to
+    $EDITKIT_SCREENSHOT_DIR when set (docs/images/serve-page.png is one)."""
+    from browser import Browser, find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run installs it): the "
+                    "experiments page is not tested in a browser here")
+    asyncio.run(asyncio.wait_for(drive_the_page(Browser(chromium, tmp_path / "profile"), comfy_pair, tmp_path), 600))
+
+
+async def drive_the_page(browser, comfy_pair, tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from client.serve import build_app
+
+    experiments = load_experiments(DEFAULT_FILE, quick_workflows(tmp_path / "workflows"))
+    picture, portrait, broken = tmp_path / "portrait.png", tmp_path / "tracksuit.png", tmp_path / "notes.png"
+    for source, target, size in (("editkit_portrait", picture, (128, 96)), ("editkit_tracksuit", portrait, (96, 128))):
+        with Image.open(ROOT / "workflows" / "inputs" / f"{source}.png") as image:
+            image.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(target)
+    broken.write_text("these are notes, not a picture")
+    urls = [server.url for server in comfy_pair]
+    page_port = free_port()  # a second serve, another origin: the page there calls the first one's API
+    api = TestServer(build_app(experiments, urls, token="s3cret", cors_origins=[f"http://127.0.0.1:{page_port}"]))
+    page_server = TestServer(build_app(experiments, urls), port=page_port)
+    async with api, page_server, browser:
+        await browser.viewport(1280, 820)
+        await browser.goto(str(api.make_url("/")))
+        await browser.wait_for("!document.querySelector('#token-form').hidden", why="the token question")
+        await browser.type_into("#token", "s3cret")
+        await browser.click("#token-form button")
+        names = await browser.wait_for(
+            "[...document.querySelectorAll('#experiments .choice strong')].map(e => e.textContent).join('|')",
+            why="the experiments list")
+        assert names == "|".join(e["name"] for e in experiments.public()["experiments"])
+        ranges = await browser.js("document.querySelector('#feature-ranges').textContent")
+        assert ranges == "Recommended: Steps 10–50, Guidance 1–15, Strength 0–1"
+
+        # inpainting (the first experiment and feature): BEN2's cut-out, then FLUX.1-Fill's new background
+        await browser.set_files("#pictures input[type=file]", [picture])
+        await browser.wait_for("document.querySelector('[data-result=original] .size').textContent === '128×96'")
+        await browser.type_into("#field-prompt", "change the background to a modern gym")
+        await browser.type_into("#field-steps", 1)
+        await browser.click("#edit")
+        await browser.click("#edit")  # a second press while the first runs: queued, said so
+        note = await browser.js("document.querySelector('#queue-note').textContent")
+        assert "this one is queued" in note and "starts when it ends" in note
+        await wait_for_results(browser, {"original": "128×96", "cutout": "128×96", "result": "128×96"}, runs=2)
+
+        # a file that is not a picture: the API's message next to the picture
+        await browser.set_files("#pictures input[type=file]", [broken])
+        await browser.wait_for("document.querySelector('#pictures .drop span').textContent === 'notes.png'")
+        await browser.click("#edit")
+        error = await browser.wait_for(
+            "document.querySelector('[data-error-for=input_image_base64]').textContent", why="the upload error")
+        assert "'input_image_base64' is not a picture Pillow can read" in error
+
+        # appearance: BEN2 keeps the edit on the subject, Qwen-Image-Edit-2509 changes it
+        await browser.click("#experiments .choice[data-experiment=ben2_qwen_image]")
+        await browser.wait_for("document.querySelector('#features .choice[aria-checked=true]').dataset.feature"
+                               " === 'appearance'")
+        assert await browser.js("document.querySelector('[data-error-for=input_image_base64]').textContent") == ""
+        await browser.set_files("#pictures input[type=file]", [portrait])
+        await browser.wait_for("document.querySelector('[data-result=original] .size').textContent === '96×128'")
+        await browser.type_into("#field-prompt", "change the blue tracksuit to red")
+        await browser.type_into("#field-steps", 2)
+        await browser.click("#edit")
+        await wait_for_results(browser, {"original": "96×128", "cutout": "96×128", "result": "96×128"}, runs=1)
+        shots = Path(os.environ.get("EDITKIT_SCREENSHOT_DIR") or tmp_path)
+        shot = await browser.screenshot(shots / "serve-page.png")
+        with Image.open(shot) as image:
+            assert image.size[0] >= 1200 and image.size[1] >= 820  # the whole page (less a scroll bar)
+
+        # the same page from another origin, calling the API through ?api= and --cors-origin
+        await browser.goto(str(page_server.make_url("/")) + "?api=" + str(api.make_url("")).rstrip("/"))
+        await browser.wait_for("!document.querySelector('#token-form').hidden", why="the token question")
+        await browser.type_into("#token", "s3cret")
+        await browser.click("#token-form button")
+        await browser.wait_for("document.querySelectorAll('#experiments .choice').length === 2",
+                               why="the experiments through CORS")
+
+
+async def wait_for_results(browser, sizes: dict[str, str], runs: int) -> None:
+    """Wait until the progress says done (``runs`` edits ended) and each picture shows at its size."""
+    await browser.wait_for("document.querySelector('#progress-text').textContent.startsWith('Done in')"
+                           " && !document.querySelector('#queue-note').textContent.includes('waiting')",
+                           timeout=300, why="the edit to finish")
+    errors = await browser.js("[...document.querySelectorAll('.field-error')].map(e => e.textContent).join(' ')")
+    assert not errors.strip(), errors
+    for kind, size in sizes.items():
+        shown = await browser.wait_for(f"document.querySelector('[data-result={kind}] .size').textContent",
+                                       why=f"the {kind} picture")
+        assert shown == size, (kind, shown)
+        assert await browser.js(f"!!document.querySelector('[data-result={kind}] .download').href")
+    assert await browser.js("document.querySelector('#progress-bar').value") == 1
 
 
 def test_serve_abandoned_request_is_interrupted_on_real_comfyui(comfy_pair, tmp_path):

@@ -46,15 +46,35 @@ def test_experiments_list_has_the_seed_shape(fake):
         return response.status, await response.json()
     status, body = call([fake.url], requests)
     assert status == 200
-    assert body["experiments"][0] == {
-        "id": "ben2_flux_fill", "name": "BEN2 + FLUX.1 Fill",
-        "description": body["experiments"][0]["description"],
-        "features": [{"id": "inpainting", "name": "New background (inpainting)"},
-                     {"id": "outpainting", "name": "Extend the picture (outpainting)"}]}
+    first = body["experiments"][0]
+    assert (first["id"], first["name"]) == ("ben2_flux_fill", "BEN2 + FLUX.1 Fill") and first["description"]
+    assert [(f["id"], f["name"]) for f in first["features"]] == [
+        ("inpainting", "New background (inpainting)"), ("outpainting", "Extend the picture (outpainting)")]
     qwen = body["experiments"][1]
-    assert set(qwen) == {"id", "name", "description", "features"} and qwen["id"] == "ben2_qwen_image"
+    assert {"id", "name", "description", "features"} <= set(qwen) and qwen["id"] == "ben2_qwen_image"
     assert [f["id"] for f in qwen["features"]] == ["appearance", "semantic", "text", "multi_image"]
     assert len(body["experiments"]) == 2
+
+
+def test_experiments_list_carries_what_a_page_needs(fake):
+    """Per feature: how many pictures, whether a cut-out comes back, the parameters it takes with the workflow's values
+    as defaults, and the recommended ranges from experiments.yaml (the guide's; README's Qwen table)."""
+    async def requests(client):
+        response = await client.get("/api/image_editing/experiments")
+        return await response.json()
+    features = {(e["id"], f["id"]): f for e in call([fake.url], requests)["experiments"] for f in e["features"]}
+    inpaint = features[("ben2_flux_fill", "inpainting")]
+    assert (inpaint["pictures"], inpaint["cutout"]) == (1, True)
+    assert inpaint["recommended"] == {"steps": {"min": 10, "max": 50, "default": 28},
+                                      "guidance_scale": {"min": 1.0, "max": 15.0, "default": 3.5},
+                                      "strength": {"min": 0.0, "max": 1.0, "default": 0.8}}
+    assert set(inpaint["parameters"]) == {"prompt", "steps", "guidance_scale", "strength", "seed"}
+    outpaint = features[("ben2_flux_fill", "outpainting")]
+    assert outpaint["cutout"] is False and outpaint["parameters"]["extend_left"] == 128
+    assert outpaint["parameters"]["extend_top"] == 0
+    multi = features[("ben2_qwen_image", "multi_image")]
+    assert multi["pictures"] == 3 and multi["recommended"]["steps"] == {"min": 28, "max": 35, "default": 30}
+    assert features[("ben2_qwen_image", "appearance")]["recommended"]["guidance_scale"]["max"] == 4.0
 
 
 def test_edit_returns_output_and_ben2_cutout(fake):
@@ -497,3 +517,126 @@ def test_cors_preflight_and_answers_for_allowed_origins(fake):
     assert unauthorised[0] == 401 and unauthorised[1]["Access-Control-Allow-Origin"] == origin  # the page can read it
     assert stranger[0] == 403 and b"--cors-origin http://evil.example" in stranger[2]
     assert "Access-Control-Allow-Origin" not in stranger[1]
+
+
+# -- the progress relay (issue 24) ------------------------------------------------------------------------------
+
+async def _read_events(client, request_id, headers=None) -> list[dict]:
+    import json
+
+    response = await client.get(f"/api/progress/{request_id}", headers=headers or {})
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    text = (await response.read()).decode("utf-8")
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_progress_relay_streams_a_requests_events_in_order(object_info):
+    """A subscriber that comes first sees the whole run: accepted, queued (with the prompt's node count), started,
+    each node executing, the sampler's steps, finished and done; one that comes after the end gets the same
+    events and its stream ends; a refused request ends its stream with the API's error."""
+    from fake_comfy import FakeComfy, Faults
+
+    with FakeComfy(object_info, faults=Faults(node_seconds=0.05, steps=3)) as fake:
+        async def requests(client):
+            early = asyncio.create_task(_read_events(client, "request-0001"))
+            await asyncio.sleep(0.2)
+            answer = await client.post("/api/edit_with_comfyui", headers={"X-Request-Id": "request-0001"}, json={
+                "experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE, "prompt": "a gym", "steps": 3})
+            late = await _read_events(client, "request-0001")
+            refused = await client.post("/api/edit_with_comfyui", headers={"X-Request-Id": "request-0002"},
+                                        json={"experiment_id": "ben2_flux_fill", "input_image_base64": PICTURE,
+                                              "steps": "many"})
+            bad_id = await client.get("/api/progress/x")
+            return (answer.status, await early, late, refused.status, await _read_events(client, "request-0002"),
+                    bad_id.status)
+        status, early, late, refused, refused_events, bad_id = call([fake.url], requests)
+    assert status == 200 and early == late
+    stages = [e["stage"] for e in early]
+    assert stages[:3] == ["accepted", "queued", "started"] and stages[-2:] == ["finished", "done"]
+    assert [e["seq"] for e in early] == list(range(len(early)))
+    posted = next(iter(fake.prompts.values()))
+    assert early[1]["nodes"] == len(posted)
+    executing = [e["node"] for e in early if e["stage"] == "executing"]
+    assert set(executing) == set(posted) and len(executing) == len(posted)
+    steps = [(e["value"], e["max"], e["title"]) for e in early if e["stage"] == "progress" and e["node"] == "6"]
+    assert steps == [(1, 3, "Repaint the background"), (2, 3, "Repaint the background"),
+                     (3, 3, "Repaint the background")]
+    assert refused == 400 and [e["stage"] for e in refused_events] == ["accepted", "error"]
+    assert refused_events[-1]["status"] == 400 and "'steps' must be a whole number" in refused_events[-1]["error"]
+    assert bad_id == 400
+
+
+def test_page_and_its_files_are_served_and_need_no_token_but_the_api_does(fake):
+    async def requests(client):
+        page = await client.get("/")
+        script = await client.get("/static/app.js")
+        style = await client.get("/static/style.css")
+        stream = await client.get("/api/progress/request-0003")
+        return (page.status, await page.text(), script.status, await script.text(), style.status, stream.status)
+    page_status, page, script_status, script, style_status, stream_status = call(
+        [fake.url], requests, token="s3cret")
+    assert page_status == script_status == style_status == 200
+    assert '<script src="static/app.js"' in page and "/api/image_editing/experiments" in script
+    assert stream_status == 401
+
+
+def test_a_new_experiment_reaches_the_page_without_page_changes(fake, tmp_path):
+    """The page builds its form from the experiments endpoint only: an experiment added to the experiments file (as
+    the FLUX.2 [klein] one will be) is listed with its features, pictures, parameters and ranges, and the page's
+    files name no experiment, feature or workflow."""
+    config = yaml.safe_load(DEFAULT_FILE.read_text())
+    config["experiments"].append({
+        "id": "new_model", "name": "A new editing model", "description": "added later", "models": ["New"],
+        "features": [{"id": "edit", "name": "Edit", "workflow": "qwen_edit_multi_image",
+                      "parameters": {"input_image": "2.image", "input_image_2": "3.image", "prompt": "5.prompt",
+                                     "steps": "5.steps"},
+                      "recommended": {"steps": {"min": 4, "max": 8, "default": 4}}, "outputs": {"image": "6"}}]})
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+
+    async def requests(client):
+        response = await client.get("/api/image_editing/experiments")
+        return await response.json()
+    listed = call([fake.url], requests, experiments=load_experiments(path))["experiments"][-1]
+    assert listed["id"] == "new_model" and listed["features"][0]["pictures"] == 2
+    assert listed["features"][0]["recommended"] == {"steps": {"min": 4, "max": 8, "default": 4}}
+    page = "".join((ROOT / "client" / "web" / name).read_text() for name in ("index.html", "app.js", "style.css"))
+    config = yaml.safe_load(DEFAULT_FILE.read_text())
+    names = {e["id"] for e in config["experiments"]} | {f["id"] for e in config["experiments"] for f in e["features"]}
+    names |= {f["workflow"] for e in config["experiments"] for f in e["features"]}
+    assert not [name for name in names if f'"{name}"' in page or f"'{name}'" in page]
+
+
+def test_extra_pictures_and_outpainting_sides(fake):
+    """Multi-picture features take pictures 2, 3 … in extra_images_base64; outpainting takes the sides to add; both
+    are refused, naming the field, where they do not apply or do not fit."""
+    second = base64.b64encode(png_bytes((0, 0, 250), (24, 24))).decode()
+    third = base64.b64encode(png_bytes((0, 250, 0), (20, 20))).decode()
+
+    async def requests(client):
+        answers = {}
+        answers["multi"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_qwen_image", "feature_id": "multi_image", "input_image_base64": PICTURE,
+            "extra_images_base64": [second, third], "prompt": "combine", "steps": 2})
+        answers["too_many"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_qwen_image", "feature_id": "multi_image", "input_image_base64": PICTURE,
+            "extra_images_base64": [second, third, second]})
+        answers["outpaint"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_flux_fill", "feature_id": "outpainting", "input_image_base64": PICTURE,
+            "extend_left": 64, "extend_top": 32, "extend_right": 0, "extend_bottom": 16, "steps": 1})
+        answers["not_here"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_flux_fill", "feature_id": "inpainting", "input_image_base64": PICTURE,
+            "extend_left": 64})
+        answers["step"] = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_flux_fill", "feature_id": "outpainting", "input_image_base64": PICTURE,
+            "extend_left": 100})
+        return {k: (r.status, await r.json()) for k, r in answers.items()}
+    answers = call([fake.url], requests)
+    assert answers["multi"][0] == 200, answers["multi"]
+    multi, outpaint = list(fake.prompts.values())
+    assert [multi[n]["inputs"]["data"] for n in ("2", "3", "4")] == [PICTURE, second, third]
+    assert (outpaint["4"]["inputs"]["left"], outpaint["4"]["inputs"]["top"], outpaint["4"]["inputs"]["right"],
+            outpaint["4"]["inputs"]["bottom"]) == (64, 32, 0, 16)
+    assert answers["too_many"][0] == 400 and "takes 2 besides the first" in answers["too_many"][1]["error"]
+    assert answers["not_here"][0] == 400 and "'extend_left' does not apply" in answers["not_here"][1]["error"]
+    assert answers["step"][0] == 400 and "'extend_left' must be a multiple of 8" in answers["step"][1]["error"]
