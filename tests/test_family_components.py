@@ -10,7 +10,8 @@ import torch
 
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
 from editkit.pipelines.flux import loading as flux_loading
-from editkit.pipelines.qwen_image import layered_loading, loading as qwen_loading
+from editkit.pipelines.qwen_image import layered_loading
+from editkit.pipelines.qwen_image import loading as qwen_loading
 from editkit.pipelines.zimage import loading as zimage_loading
 
 SPECS = [flux_loading.TRANSFORMER, flux_loading.VAE, qwen_loading.TRANSFORMER, qwen_loading.VAE,
