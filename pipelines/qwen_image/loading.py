@@ -29,7 +29,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.family import ComponentSpec
+from ..core.loading import cast_stored_weights, read_state_dict
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 
@@ -261,46 +262,13 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None,
-                             check_config=None) -> Component:
-    """A folder's Qwen-Image transformer; ``check_config(config, sub)`` may refuse a variant (Layered does)."""
-    from diffusers import QwenImageTransformer2DModel
-
-    precision = Precision(storage or dtype, dtype)
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    config = _load_json(sub / "config.json")
-    if config.get("_class_name") != "QwenImageTransformer2DModel":
-        raise ModelFileError(sub, "Not a Qwen-Image transformer folder", "a QwenImageTransformer2DModel")
-    if check_config is not None:
-        check_config(config, sub)
-    try:
-        model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
-                                                            local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a QwenImageTransformer2DModel") from exc
-    model.eval().requires_grad_(False)
-    apply_precision(model, precision)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
-
-
-def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
-                       storage: torch.dtype | None = None) -> LazyModel:
-    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``.
-
-    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``)
-    and cast layer by layer (core.precision), as the Flux loader does.
-    """
-    storage = None if storage == dtype else storage
-    if file is None and folder is None:
-        return unavailable("Qwen-Image transformer", "No transformer: pick the Qwen-Image-Edit-2509 diffusers folder or "
-                           "a transformer file in EditKit · Qwen-Image Loader.")
-    if file is not None:
-        return LazyModel(("qwen_transformer", file_key(file), dtype, storage),
-                         lambda: _transformer_from_file(file, dtype, storage), f"Qwen-Image transformer {file.name}")
-    return LazyModel(("qwen_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
-                     lambda: _transformer_from_folder(folder, dtype, storage), f"Qwen-Image transformer of {folder.name}")
+TRANSFORMER = ComponentSpec(
+    tag="qwen_transformer", what="Qwen-Image transformer", subfolder="transformer",
+    model_class="QwenImageTransformer2DModel", kind="diffusion", from_file=_transformer_from_file, casts=True,
+    missing="No transformer: pick the Qwen-Image-Edit-2509 diffusers folder or a transformer file in EditKit · "
+            "Qwen-Image Loader.",
+)
+transformer_source = TRANSFORMER.source
 
 
 # --------------------------------------------------------------------------------------
@@ -343,26 +311,13 @@ def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "vae", path.name, dtype)
 
 
-def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLQwenImage
-
-    sub = folder / "vae"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
-    model = AutoencoderKLQwenImage.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", f"{folder.name}/vae", dtype)
-
-
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    if file is None and folder is None:
-        return unavailable("Qwen-Image VAE", "No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or "
-                           "qwen_image_vae.safetensors in EditKit · Qwen-Image Loader.")
-    if file is not None:
-        return LazyModel(("qwen_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
-                         f"Qwen-Image VAE {file.name}")
-    return LazyModel(("qwen_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
-                     lambda: _vae_from_folder(folder, dtype), f"Qwen-Image VAE of {folder.name}")
+VAE = ComponentSpec(
+    tag="qwen_vae", what="Qwen-Image VAE", subfolder="vae", model_class="AutoencoderKLQwenImage", kind="vae",
+    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    missing="No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or qwen_image_vae.safetensors in EditKit · "
+            "Qwen-Image Loader.",
+)
+vae_source = VAE.source
 
 
 # --------------------------------------------------------------------------------------
