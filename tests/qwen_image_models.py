@@ -207,7 +207,7 @@ def fp8mixed_2511(sd: dict) -> tuple[dict, dict]:
     ``comfy_quant`` descriptor, the rest bf16, plus the 2511 marker. Exact: the weights are fp8 values already."""
     out, layers = {}, {}
     for key, tensor in sd.items():
-        if tensor.ndim == 2 and key.endswith(".weight"):
+        if tensor.ndim == 2 and key.endswith(".weight") and "embed" not in key:  # as _round_fp8_: embeddings bf16
             layer, scale = key[: -len(".weight")], _pow2_scale(tensor)
             out[key] = (tensor / scale).to(torch.float8_e4m3fn)
             out[layer + ".weight_scale"] = torch.tensor(scale, dtype=torch.float32)
