@@ -38,6 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_files  # noqa: E402
+from tiny_files import randomize_ as _randomize_  # noqa: E402
+from tiny_files import save as _save  # noqa: E402
+
 from packload import offline, pack_module  # noqa: E402
 
 FOLDER = "Qwen-Image-Edit-2509"
@@ -83,13 +87,6 @@ def _round_fp8_(module: torch.nn.Module, scaled: bool) -> dict[str, float]:
             else:
                 tensor.copy_(tensor.to(torch.bfloat16).float())
     return scales
-
-
-def _randomize_(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and tensor.abs().max() == 0 and "norm" not in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
 def tiny_tokenizer():
@@ -297,36 +294,8 @@ def transformer_to_comfy(sd: dict) -> dict:
 
 
 def write_gguf(sd: dict, path: Path, quant: str = "Q8_0", name: str | None = "Qwen-Image-Edit-2509") -> None:
-    """GGUF with 2-D weights whose rows split into 32-blocks quantized, the rest F32 (city96's layout).
-
-    ``name`` is written as ``general.name`` (None: no name, as some converters leave it).
-    """
-    import gguf
-    import numpy as np
-
-    qtype = getattr(gguf.GGMLQuantizationType, quant)
-    writer = gguf.GGUFWriter(str(path), arch="qwen_image")
-    if name is not None:
-        writer.add_name(name)
-    for name, tensor in sd.items():
-        array = tensor.float().contiguous().numpy()
-        if array.ndim == 2 and array.shape[1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _save(sd: dict, path: Path, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-               for k, v in sd.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    """``name`` is written as ``general.name`` (None: no name, as some converters leave it)."""
+    tiny_files.write_gguf(sd, path, quant, arch="qwen_image", name=name)
 
 
 def _fp8_file(sd: dict, scales: dict | None) -> dict:
@@ -401,13 +370,7 @@ def _comfy_key(key: str) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    paths = make_qwen_image_models(parser.parse_args(argv).out_dir)
-    sys.stdout.write("".join(f"{role:>8}: {path}\n" for role, path in sorted(paths.items())))
-    return 0
+    return tiny_files.main(make_qwen_image_models, __doc__, argv)
 
 
 if __name__ == "__main__":
@@ -421,8 +384,5 @@ _TREE: dict = {}
 
 
 def qwen_tree(tmp_root: Path) -> dict:
-    """Components and written files, built once per process (both test modules share them)."""
-    if not _TREE:
-        components = tiny_components()
-        _TREE.update(components=components, paths=make_qwen_image_models(tmp_root, components))
-    return _TREE
+    """Components and written files, built once per process (the Qwen test modules share them)."""
+    return tiny_files.cached_tree(_TREE, tmp_root, tiny_components, lambda root, built: make_qwen_image_models(root, built))

@@ -28,6 +28,7 @@ of :mod:`..core.loading`, exactly like the Flux loaders.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -37,7 +38,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.family import ComponentSpec
+from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 
@@ -345,34 +347,6 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None,
-                             check_config=None, zero_cond_t: bool | None = None) -> Component:
-    """A folder's Qwen-Image transformer; ``check_config(config, sub)`` may refuse a variant (Layered does).
-
-    ``zero_cond_t`` None keeps the folder's config; True / False overrides it (the loader's variant widget).
-    """
-    from diffusers import QwenImageTransformer2DModel
-
-    precision = Precision(storage or dtype, dtype)
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    config = _load_json(sub / "config.json")
-    if config.get("_class_name") != "QwenImageTransformer2DModel":
-        raise ModelFileError(sub, "Not a Qwen-Image transformer folder", "a QwenImageTransformer2DModel")
-    if check_config is not None:
-        check_config(config, sub)
-    overrides = {} if zero_cond_t is None else {"zero_cond_t": zero_cond_t}
-    try:
-        model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
-                                                            local_files_only=True, **overrides)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a QwenImageTransformer2DModel") from exc
-    model.eval().requires_grad_(False)
-    apply_precision(model, precision)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
-
-
 def _log_variant(component: Component, source: str) -> Component:
     if component.module.config.zero_cond_t:
         log.info("EditKit: %s is %s (%s): the reference pictures' tokens run at timestep 0 (zero_cond_t).",
@@ -380,39 +354,49 @@ def _log_variant(component: Component, source: str) -> Component:
     return component
 
 
-def _variant_source(requested: str, folder: Path | None, file: Path | None) -> str:
-    return "the loader's variant setting" if requested in VARIANTS else f"found from {detect_variant(folder, file)[1]}"
+def _transformer_from_detected_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    """A single file with ``zero_cond_t`` as its weights (then its name) say."""
+    zero = wants_zero_cond_t("auto", None, path)
+    return _log_variant(_transformer_from_file(path, dtype, storage, zero), detect_variant(None, path)[1])
+
+
+def _log_folder_variant(module, sub: Path) -> None:
+    if module.config.zero_cond_t:
+        log.info("EditKit: %s is %s (its config sets zero_cond_t): the reference pictures' tokens run at timestep 0.",
+                 f"{sub.parent.name}/{sub.name}", EDIT_2511)
+
+
+TRANSFORMER = ComponentSpec(
+    tag="qwen_transformer", what="Qwen-Image transformer", subfolder="transformer",
+    model_class="QwenImageTransformer2DModel", kind="diffusion", from_file=_transformer_from_detected_file,
+    casts=True, check_module=_log_folder_variant,
+    missing="No transformer: pick the Qwen-Image-Edit-2509 or -2511 diffusers folder or a transformer file in "
+            "EditKit · Qwen-Image Loader.",
+)
+
+
+def _forced(variant: str) -> ComponentSpec:
+    """The transformer as the loader's ``variant`` widget says, whatever the weights say (cached apart)."""
+    zero = variant == EDIT_2511
+
+    def from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+        return _log_variant(_transformer_from_file(path, dtype, storage, zero), "the loader's variant setting")
+
+    return dataclasses.replace(TRANSFORMER, tag=f"qwen_transformer:{variant}", from_file=from_file,
+                               config_overrides=(("zero_cond_t", zero),))
 
 
 def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
                        storage: torch.dtype | None = None, variant: str = "auto") -> LazyModel:
     """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``.
 
-    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``)
-    and cast layer by layer (core.precision), as the Flux loader does. ``variant`` is the loader's
-    widget: "auto" reads the variant from the weights (then names) when the model is first used, and
-    Qwen-Image-Edit-2511 (chosen or found) loads with ``zero_cond_t``.
+    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``) and cast
+    layer by layer (core.precision), as the Flux loader does. ``variant`` is the loader's widget: "auto"
+    reads the variant from the weights (then names) when the model is first used; Qwen-Image-Edit-2511,
+    chosen or found, loads with ``zero_cond_t``.
     """
-    storage = None if storage == dtype else storage
-    if file is None and folder is None:
-        return unavailable("Qwen-Image transformer", "No transformer: pick the Qwen-Image-Edit-2509 or -2511 "
-                           "diffusers folder or a transformer file in EditKit · Qwen-Image Loader.")
-    forced = variant if variant in VARIANTS else "auto"
-
-    def load_file() -> Component:
-        zero = wants_zero_cond_t(forced, None, file)
-        return _log_variant(_transformer_from_file(file, dtype, storage, zero), _variant_source(forced, None, file))
-
-    def load_folder() -> Component:
-        zero = None if forced == "auto" else forced == EDIT_2511
-        return _log_variant(_transformer_from_folder(folder, dtype, storage, zero_cond_t=zero),
-                            _variant_source(forced, folder, None))
-
-    if file is not None:
-        return LazyModel(("qwen_transformer", file_key(file), dtype, storage, forced), load_file,
-                         f"Qwen-Image transformer {file.name}")
-    return LazyModel(("qwen_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage,
-                      forced), load_folder, f"Qwen-Image transformer of {folder.name}")
+    spec = _forced(variant) if variant in VARIANTS else TRANSFORMER
+    return spec.source(folder, file, dtype, storage)
 
 
 # --------------------------------------------------------------------------------------
@@ -455,26 +439,13 @@ def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "vae", path.name, dtype)
 
 
-def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLQwenImage
-
-    sub = folder / "vae"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
-    model = AutoencoderKLQwenImage.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", f"{folder.name}/vae", dtype)
-
-
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    if file is None and folder is None:
-        return unavailable("Qwen-Image VAE", "No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or "
-                           "qwen_image_vae.safetensors in EditKit · Qwen-Image Loader.")
-    if file is not None:
-        return LazyModel(("qwen_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
-                         f"Qwen-Image VAE {file.name}")
-    return LazyModel(("qwen_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
-                     lambda: _vae_from_folder(folder, dtype), f"Qwen-Image VAE of {folder.name}")
+VAE = ComponentSpec(
+    tag="qwen_vae", what="Qwen-Image VAE", subfolder="vae", model_class="AutoencoderKLQwenImage", kind="vae",
+    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    missing="No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or qwen_image_vae.safetensors in EditKit · "
+            "Qwen-Image Loader.",
+)
+vae_source = VAE.source
 
 
 # --------------------------------------------------------------------------------------
