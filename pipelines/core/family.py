@@ -51,7 +51,9 @@ class ComponentSpec:
     file is chosen. ``check_config(config, sub)`` may refuse a folder's config (another model of the same
     class), ``check_module(module, sub)`` the loaded model. ``casts``: dense weights are stored in the
     storage dtype and cast per layer to the compute dtype (:mod:`.precision`); otherwise the component is
-    stored and run in one dtype (VAEs).
+    stored and run in one dtype (VAEs). ``config_overrides`` (pairs) replace values of the folder's config when
+    it loads, for switches that add no weights (Qwen-Image-Edit-2511's ``zero_cond_t`` chosen in a loader); give
+    such a spec its own ``tag`` so the two versions are cached apart.
     """
 
     tag: str
@@ -64,6 +66,7 @@ class ComponentSpec:
     check_config: Callable[[dict, Path], None] | None = None
     check_module: Callable[[torch.nn.Module, Path], None] | None = None
     casts: bool = False
+    config_overrides: tuple[tuple[str, object], ...] = ()
 
     def from_folder(self, folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
         sub = folder / self.subfolder
@@ -80,7 +83,8 @@ class ComponentSpec:
         precision = Precision(storage or dtype, dtype)
         try:
             model = _diffusers_class(self.model_class).from_pretrained(
-                str(sub), torch_dtype=precision.storage if self.casts else dtype, local_files_only=True)
+                str(sub), torch_dtype=precision.storage if self.casts else dtype, local_files_only=True,
+                **dict(self.config_overrides))
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelFileError(sub, f"Cannot load the {short} ({exc})", f"a diffusers {self.model_class}") from exc
         if self.check_module is not None:

@@ -33,10 +33,11 @@ from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
-from .loading import (
+from .loading import (  # noqa: F401 (dequantize_comfy_mixed: re-exported, it was defined here)
     CONFIG_DIR,
     _describe_foreign,
     _load_json,
+    dequantize_comfy_mixed,
     strip_comfy_prefix,
     transformer_config_from_state_dict,
 )
@@ -73,29 +74,6 @@ def not_layered_message(what: str) -> str:
 
 # --------------------------------------------------------------------------------------
 # Transformer
-
-
-def dequantize_comfy_mixed(sd: dict, dtype: torch.dtype) -> dict:
-    """ComfyUI's mixed-precision files → plain weights in ``dtype``, in place.
-
-    Quantized layers store ``<layer>.weight`` in float8_e4m3fn with a float32 ``<layer>.weight_scale``
-    (``weight = stored * scale``); ``input_scale`` (activation calibration) and per-layer ``comfy_quant``
-    descriptors are not weights. Other formats of that scheme (int8 blocks, fp4) are refused by name.
-    """
-    scales = [k for k in sd if k.endswith(".weight_scale")]
-    for key in scales:
-        layer = key[: -len(".weight_scale")]
-        weight = sd.get(layer + ".weight")
-        scale = sd.pop(key)
-        if weight is None or weight.dtype != torch.float8_e4m3fn or scale.numel() != 1:
-            raise EditKitError(
-                f"'{layer}' is quantized in a format EditKit does not read (only ComfyUI's per-tensor float8_e4m3fn "
-                "layers are). Use the bf16 or fp8mixed file, or a .gguf."
-            )
-        sd[layer + ".weight"] = (weight.float() * scale.float()).to(dtype)
-    for key in [k for k in sd if k.endswith((".input_scale", ".comfy_quant", ".weight_scale_2"))]:
-        del sd[key]
-    return sd
 
 
 def _dense_embedding(sd: dict, dtype: torch.dtype) -> None:
