@@ -279,3 +279,53 @@ def test_lora_strength_zero_is_the_base_model_and_one_changes_it(parts, tmp_path
     assert (lora - base).abs().max() > 1e-4
     again = sampler.generate(parts["model"], parts["vae"], embeds, runtime, width=32, height=32, seed=4, steps=2)
     assert torch.equal(again, base)  # the shared base model is untouched
+
+
+# --------------------------------------------------------------------------------------------------
+# Nodes, called the way ComfyUI calls them, on ComfyUI-style single files
+
+
+@pytest.fixture()
+def loaded(models_root, torch_runtime):
+    from editkit.nodes import flux2_nodes as nodes
+    from node_calls import call_node
+
+    return call_node(nodes.EditKitFlux2Loader, diffusers_folder=fm.FOLDER, transformer_file=fm.TRANSFORMER_FILE,
+                     text_encoder_file=fm.TEXT_ENCODER_FILE, vae_file=fm.VAE_FILE, weight_dtype="fp32")
+
+
+def test_edit_node_on_single_files_equals_diffusers(loaded, parts):
+    """image_1 plus a 'references' batch of two: three references, the output at image_1's size."""
+    from editkit.nodes import flux2_nodes as nodes
+    from node_calls import call_node
+
+    model, text_encoder, vae = loaded
+    positive, _ = call_node(nodes.EditKitFlux2TextEncode, text_encoder=text_encoder, prompt=PROMPT)
+    pictures = [_picture(20, 80, 64), _picture(21, 64, 64), _picture(22, 64, 64)]
+    as_image = [_tensor(p).permute(0, 2, 3, 1) for p in pictures]
+    image, latent = call_node(nodes.EditKitFlux2Sampler, model=model, vae=vae, positive=positive, seed=3, steps=2,
+                              image_1=as_image[0], references=torch.cat(as_image[1:]))
+    assert image.shape == (1, 64, 80, 3) and latent["samples"].shape == (1, 32, 8, 10)
+    with torch.inference_mode():
+        theirs = _pipe(parts)(prompt=PROMPT, image=pictures, num_inference_steps=2, text_encoder_out_layers=LAYERS,
+                              generator=torch.Generator().manual_seed(3), output_type="latent").images
+    torch.testing.assert_close(latent["samples"], theirs.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_inpaint_node_keeps_the_outside_and_refuses_cfg_without_negative(loaded):
+    from editkit.nodes import flux2_nodes as nodes
+    from node_calls import call_node
+
+    model, text_encoder, vae = loaded
+    positive, _ = call_node(nodes.EditKitFlux2TextEncode, text_encoder=text_encoder, prompt=PROMPT)
+    image = _tensor(_picture(30, 48, 32)).permute(0, 2, 3, 1)
+    mask = torch.zeros(1, 32, 48)
+    mask[:, 4:20, 8:40] = 1.0
+    out, latent = call_node(nodes.EditKitFlux2Inpaint, model=model, vae=vae, positive=positive, image=image,
+                            mask=mask, steps=2, batch_size=2)
+    assert out.shape == (2, 32, 48, 3) and latent["samples"].shape == (2, 32, 4, 6)
+    keep = (mask[0] == 0)
+    assert all(torch.equal(out[i][keep], image[0][keep]) for i in range(2))
+    assert not torch.equal(out[0], out[1])  # each result has its own noise
+    with pytest.raises(EditKitError, match="no negative CONDITIONING"):
+        call_node(nodes.EditKitFlux2Inpaint, model=model, vae=vae, positive=positive, image=image, mask=mask, cfg=3.0)

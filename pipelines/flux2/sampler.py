@@ -229,3 +229,30 @@ def generate(
     out = sample(transformer, text, noise, schedule, runtime, references=refs, init=init, negative=negative,
                  cfg=cfg, sampler=core.SamplerSettings(name=sampler, seed=seed))
     return fl.model_to_raw(vae, out).cpu()
+
+
+MAX_REFERENCE_PIXELS = 1024 * 1024  # Flux2KleinPipeline's limit for each reference picture
+
+
+def fit_reference(picture: torch.Tensor, max_pixels: int = MAX_REFERENCE_PIXELS) -> torch.Tensor:
+    """A picture ``[1, 3, H, W]`` (0..1) made fit for the model: at most ``max_pixels`` and sides multiples of 16.
+
+    As ``Flux2KleinPipeline``: larger pictures are scaled down to that area (keeping the aspect ratio; bicubic
+    with antialiasing here, Lanczos there). Sides are then cut down to multiples of 16 by a centred crop
+    (diffusers stretches by a few pixels before cropping; a crop keeps the pixels where they were).
+    """
+    import math
+
+    import torch.nn.functional as F
+
+    _, _, h, w = picture.shape
+    if h * w > max_pixels:
+        scale = math.sqrt(max_pixels / (h * w))
+        h, w = int(h * scale), int(w * scale)
+        picture = F.interpolate(picture, size=(h, w), mode="bicubic", antialias=True).clamp(0.0, 1.0)
+    m = fl.SIZE_MULTIPLE
+    ch, cw = h // m * m, w // m * m
+    if ch < m or cw < m:
+        raise EditKitError(f"A reference picture of {w}x{h} pixels is too small: FLUX.2 needs at least {m}x{m}.")
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return picture[:, :, top:top + ch, left:left + cw]
