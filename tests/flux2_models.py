@@ -1,13 +1,14 @@
 """Tiny random FLUX.2 [klein] models in the real file formats, written into a ComfyUI-style models tree.
 
     diffusers/FLUX.2-klein-tiny/                  full diffusers folder (Flux2KleinPipeline, is_distilled true)
-    diffusion_models/flux-2-klein-tiny.safetensors  BFL/ComfyUI key layout (fused qkv, ``lin`` modulations,
+    diffusion_models/flux-2-klein-4b.safetensors    BFL/ComfyUI key layout (fused qkv, ``lin`` modulations,
                                                     ``model.diffusion_model.`` prefix), bf16 as released
-    diffusion_models/flux-2-klein-tiny-Q8_0.gguf    GGUF Q8_0 of the BFL layout (no prefix, as GGUF converters write)
-    vae/flux2-vae-tiny.safetensors                  the VAE in the original (LDM) layout with its bn statistics
+    diffusion_models/flux-2-klein-4b-Q8_0.gguf      GGUF Q8_0 of the BFL layout (no prefix, as GGUF converters write)
+    vae/flux2-vae.safetensors                       the VAE in the original (LDM) layout with its bn statistics
     text_encoders/qwen_3_tiny_klein.safetensors     Qwen3 with ComfyUI's ``model.`` key prefix
 
-The transformer keeps FLUX.2's 128-wide attention heads (so the shipped rotary axes apply); the Qwen3 encoder has
+Single files carry the published names, so the bundled workflows run on the tiny tree as written (only the text
+encoder comes from the folder there: ``TINY_TREE_INPUTS``). The transformer keeps FLUX.2's 128-wide attention heads (so the shipped rotary axes apply); the Qwen3 encoder has
 4 layers, so klein's feature layers are (1, 2, 3) and the text width is 3 x 16. The VAE's batch-norm statistics are
 random (not 0 and 1), so a wrong latent normalisation shows. Weights are rounded to bf16 before anything is
 written, so every loading path sees the same numbers (GGUF differs by its Q8_0 rounding only).
@@ -20,12 +21,15 @@ from pathlib import Path
 import torch
 
 FOLDER = "FLUX.2-klein-tiny"
-TRANSFORMER_FILE = "flux-2-klein-tiny.safetensors"
-GGUF_FILE = "flux-2-klein-tiny-Q8_0.gguf"
-VAE_FILE = "flux2-vae-tiny.safetensors"
+TRANSFORMER_FILE = "flux-2-klein-4b.safetensors"
+GGUF_FILE = "flux-2-klein-4b-Q8_0.gguf"
+VAE_FILE = "flux2-vae.safetensors"
 TEXT_ENCODER_FILE = "qwen_3_tiny_klein.safetensors"
 SEED = 20261206
 COMFY_PREFIX = "model.diffusion_model."
+# Workflow inputs that differ on the tiny tree: the folder supplies the tokenizer and the 4-layer text encoder
+# (the tree's qwen_3_4b.safetensors is Z-Image's tiny 3-layer one).
+TINY_TREE_INPUTS = {"EditKitFlux2Loader": {"diffusers_folder": FOLDER, "text_encoder_file": "(from folder)"}}
 
 TINY_TRANSFORMER = dict(
     patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=1,
