@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmark_fill import StepClock  # noqa: E402
+
 from packload import pack_module  # noqa: E402
 
 SHALLOW_4B = dict(
@@ -72,9 +73,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
-    from diffusers import Flux2Transformer2DModel
-
     import flux2_models
+    from diffusers import Flux2Transformer2DModel
 
     runtime_mod = pack_module("pipelines.core.runtime")
     loading = pack_module("pipelines.flux2.loading")

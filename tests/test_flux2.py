@@ -329,3 +329,43 @@ def test_inpaint_node_keeps_the_outside_and_refuses_cfg_without_negative(loaded)
     assert not torch.equal(out[0], out[1])  # each result has its own noise
     with pytest.raises(EditKitError, match="no negative CONDITIONING"):
         call_node(nodes.EditKitFlux2Inpaint, model=model, vae=vae, positive=positive, image=image, mask=mask, cfg=3.0)
+
+
+def test_bfl_keyed_lora_equals_the_same_lora_in_diffusers_keys(parts, tmp_path):
+    """An ai-toolkit/BFL file (fused img qkv) and its diffusers split (q, k, v share A, B cut by rows) give one result."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    width = parts["model"].transformer.get().module.config.num_attention_heads * 128
+    down, up = torch.randn(4, width, generator=g) * 0.1, torch.randn(3 * width, 4, generator=g) * 0.1
+    bfl = tmp_path / "bfl.safetensors"
+    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": down,
+               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": up}, str(bfl))
+    split = tmp_path / "split.safetensors"
+    save_file({f"transformer.transformer_blocks.0.attn.to_{p}.lora_{r}.weight": t.contiguous()
+               for p, rows in zip("qkv", up.chunk(3), strict=True) for r, t in (("A", down.clone()), ("B", rows))},
+              str(split))
+    runtime = TorchRuntime("cpu")
+    embeds = _embeds(parts)
+    a = sampler.generate(add_lora(parts["model"], FLUX2_LORA, bfl, 1.0), parts["vae"], embeds, runtime, width=32,
+                         height=32, seed=4, steps=2)
+    b = sampler.generate(add_lora(parts["model"], FLUX2_LORA, split, 1.0), parts["vae"], embeds, runtime, width=32,
+                         height=32, seed=4, steps=2)
+    base = sampler.generate(parts["model"], parts["vae"], embeds, runtime, width=32, height=32, seed=4, steps=2)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert (a - base).abs().max() > 1e-4
+
+
+def test_denoise_convention_takes_the_mu_of_the_schedule_it_cuts_from():
+    """klein's mu depends on the step count: 'denoise' 0.5 over 4 steps runs the last 4 of an 8-step schedule
+    shifted with mu(tokens, 8); 'strength' runs the tail of the 4-step schedule shifted with mu(tokens, 4)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    config = loading.scheduler_config(None)
+    for convention, total, keep in (("denoise", 8, 4), ("strength", 4, 2)):
+        schedule = sampler.flux2_schedule(config, 4, 300, denoise=0.5, convention=convention)
+        reference = FlowMatchEulerDiscreteScheduler.from_config(config)
+        reference.set_timesteps(sigmas=np.linspace(1.0, 1 / total, total), mu=compute_empirical_mu(300, total))
+        assert torch.equal(schedule.sigmas, reference.sigmas[-(keep + 1):].float())
