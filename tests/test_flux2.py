@@ -369,3 +369,21 @@ def test_denoise_convention_takes_the_mu_of_the_schedule_it_cuts_from():
         reference = FlowMatchEulerDiscreteScheduler.from_config(config)
         reference.set_timesteps(sigmas=np.linspace(1.0, 1 / total, total), mu=compute_empirical_mu(300, total))
         assert torch.equal(schedule.sigmas, reference.sigmas[-(keep + 1):].float())
+
+
+@pytest.mark.parametrize("size,config", [
+    ("4B", dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680)),
+    ("9B", dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)),
+])
+def test_real_sizes_are_read_from_bfl_keys(size, config):
+    """The published klein shapes (built on the meta device, written in BFL keys) give back their config."""
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**{**fm.TINY_TRANSFORMER, **config})
+    bfl = {fm.COMFY_PREFIX + k: v for k, v in fm.diffusers_to_bfl(model.state_dict()).items()}
+    sd = loading._to_diffusers(loading._strip_prefix(bfl))
+    assert loading.transformer_layout(loading._strip_prefix(bfl)) == "bfl"
+    inferred = loading.transformer_config_from_state_dict(sd)
+    assert {k: inferred[k] for k in config} == config, size
+    assert inferred["mlp_ratio"] == 3.0 and inferred["in_channels"] == 128 and not inferred["guidance_embeds"]
