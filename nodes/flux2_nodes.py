@@ -21,45 +21,52 @@ from ..pipelines.flux2.text import Flux2TextEncoder, make_conditioning, read_con
 from ..pipelines.flux2.vae import decode_raw
 from ..pipelines.zimage.text import text_encoder_source
 from . import comfy_bridge as bridge
-from .common import (
-    FROM_FOLDER,
-    NONE,
-    LoaderFiles,
-    ModelFile,
-    batch_input,
-    chosen_file,
-    chosen_folder,
-    latent_dict,
-    loader_signature,
-    seed_input,
-    steps_input,
-)
+from .common import batch_input, chosen_file, chosen_folder, latent_dict, seed_input, steps_input
+from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
 
 CATEGORY = "EditKit/flux2"
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODEL_TYPE = "EDITKIT_FLUX2"
 TEXT_TYPE = "EDITKIT_FLUX2_TEXT"
 VAE_TYPE = "EDITKIT_FLUX2_VAE"
 IMAGE_SLOTS = 4
 FROM_IMAGE_1 = "from image_1"
 FROM_WIDGETS = "width and height"
-FILES = LoaderFiles(
-    folder_what="a FLUX.2 [klein] diffusers folder (every file of black-forest-labs/FLUX.2-klein-4B or -9B)",
+LOADER = LoaderDeclaration(
+    folder=FolderInput(
+        tooltip="Optional FLUX.2 [klein] diffusers folder in models/diffusers (e.g. black-forest-labs/FLUX.2-klein-4B). "
+                "(none): everything comes from the single files below, the tokenizer from ComfyUI.",
+        what="a FLUX.2 [klein] diffusers folder (every file of black-forest-labs/FLUX.2-klein-4B or -9B)",
+        pipelines=("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
+    ),
     files={
-        "transformer_file": ModelFile("diffusion_models", "a FLUX.2 [klein] transformer: flux-2-klein-4b.safetensors "
-                                      "(Hugging Face Comfy-Org/flux2-klein) or a .gguf", "transformer"),
-        "text_encoder_file": ModelFile("text_encoders", "Qwen3-4B for klein 4B: qwen_3_4b.safetensors (Hugging Face "
-                                       "Comfy-Org/flux2-klein); Qwen3-8B for klein 9B", "text_encoder"),
-        "vae_file": ModelFile("vae", "the FLUX.2 VAE: flux2-vae.safetensors (Hugging Face Comfy-Org/flux2-klein)",
-                              "vae"),
+        "transformer_file": FileInput(
+            "diffusion_models",
+            "FLUX.2 [klein] transformer from models/diffusion_models: flux-2-klein-4b.safetensors (BFL/ComfyUI "
+            "layout), a diffusers-layout file, or a .gguf. Replaces the folder's.",
+            "a FLUX.2 [klein] transformer: flux-2-klein-4b.safetensors (Hugging Face Comfy-Org/flux2-klein) or a "
+            ".gguf", "transformer", extensions="TRANSFORMER_EXTENSIONS"),
+        "text_encoder_file": FileInput(
+            "text_encoders",
+            "Qwen3 text encoder from models/text_encoders: qwen_3_4b.safetensors for klein 4B (the same file Z-Image "
+            "uses), a Qwen3-8B file for klein 9B.",
+            "Qwen3-4B for klein 4B: qwen_3_4b.safetensors (Hugging Face Comfy-Org/flux2-klein); Qwen3-8B for klein "
+            "9B", "text_encoder"),
+        "vae_file": FileInput(
+            "vae", "FLUX.2 VAE from models/vae: flux2-vae.safetensors (FLUX.1's ae.safetensors does not fit: FLUX.2 "
+                   "has 32 latent channels).",
+            "the FLUX.2 VAE: flux2-vae.safetensors (Hugging Face Comfy-Org/flux2-klein)", "vae"),
     },
+    options={"weight_dtype": dtype_input(
+        "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that support it (else fp16), "
+        "fp32 on the CPU; ComfyUI's precision flags apply. GGUF weights stay quantized whatever this says.")},
 )
+FILES = LOADER.checks
 
 
-class EditKitFlux2Loader:
+class EditKitFlux2Loader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · FLUX.2 Loader"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -69,7 +76,6 @@ class EditKitFlux2Loader:
         "replaces the folder's component. The model's size is read from the file. Nothing is read until a node "
         "uses an output; GGUF weights stay quantized."
     )
-    FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE, TEXT_TYPE, VAE_TYPE)
     RETURN_NAMES = ("model", "text_encoder", "vae")
     OUTPUT_TOOLTIPS = (
@@ -78,56 +84,9 @@ class EditKitFlux2Loader:
         "The FLUX.2 VAE (32 latent channels), for the FLUX.2 samplers.",
     )
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        folders = bridge.list_diffusers_folders()
-        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
-        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
-        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
-        return {
-            "required": {
-                "diffusers_folder": ([NONE, *folders], {
-                    "default": NONE,
-                    "tooltip": "Optional FLUX.2 [klein] diffusers folder in models/diffusers (e.g. "
-                               "black-forest-labs/FLUX.2-klein-4B). (none): everything comes from the single files "
-                               "below, the tokenizer from ComfyUI.",
-                }),
-                "transformer_file": ([FROM_FOLDER, *transformers], {
-                    "tooltip": "FLUX.2 [klein] transformer from models/diffusion_models: flux-2-klein-4b.safetensors "
-                               "(BFL/ComfyUI layout), a diffusers-layout file, or a .gguf. Replaces the folder's.",
-                }),
-                "text_encoder_file": ([FROM_FOLDER, *encoders], {
-                    "tooltip": "Qwen3 text encoder from models/text_encoders: qwen_3_4b.safetensors for klein 4B "
-                               "(the same file Z-Image uses), a Qwen3-8B file for klein 9B.",
-                }),
-                "vae_file": ([FROM_FOLDER, *vaes], {
-                    "tooltip": "FLUX.2 VAE from models/vae: flux2-vae.safetensors (FLUX.1's ae.safetensors does not "
-                               "fit: FLUX.2 has 32 latent channels).",
-                }),
-                "weight_dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that "
-                               "support it (else fp16), fp32 on the CPU; ComfyUI's precision flags apply. GGUF "
-                               "weights stay quantized whatever this says.",
-                }),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        return loader_signature(
-            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"),
-            (vae_file, "vae"),
-        )
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
-        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
-                           text_encoder_file=text_encoder_file, vae_file=vae_file)
-
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)
-        dtype = DTYPES[weight_dtype]
+        dtype = WEIGHT_DTYPES[weight_dtype]
         transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
                                          dtype or bridge.default_dtype("diffusion"))
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")

@@ -13,42 +13,59 @@ from ..pipelines.flux.loading import FluxModel, scheduler_config, transformer_so
 from ..pipelines.flux.text import DEFAULT_T5_LENGTH, text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
-    FROM_FOLDER,
     NONE,
-    LoaderFiles,
-    ModelFile,
     batch_input,
     chosen_file,
     denoise_input,
     flux_text,
     guidance_input,
     latent_dict,
-    loader_signature,
-    pipeline_folders,
     seed_input,
     steps_input,
 )
+from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 
 CATEGORY = "EditKit/flux"
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FILES = LoaderFiles(
-    folder_what="a FLUX.1 diffusers folder (every file of the Hugging Face repository "
-                "black-forest-labs/FLUX.1-Fill-dev or FLUX.1-dev)",
+DTYPES = WEIGHT_DTYPES
+LOADER = LoaderDeclaration(
+    folder=FolderInput(
+        tooltip="A FLUX.1 diffusers folder in models/diffusers (e.g. FLUX.1-Fill-dev). Choose (none) to load "
+                "everything from single files.",
+        what="a FLUX.1 diffusers folder (every file of the Hugging Face repository black-forest-labs/FLUX.1-Fill-dev "
+             "or FLUX.1-dev)",
+        pipelines=("FluxFillPipeline", "FluxPipeline"),  # never another model's folder
+    ),
     files={
-        "transformer_file": ModelFile("diffusion_models", "a FLUX.1 transformer as one file, BFL layout "
-                                      "(flux1-fill-dev.safetensors or flux1-dev.safetensors from Hugging Face "
-                                      "Comfy-Org/flux1-dev) or a .gguf", "transformer"),
-        "vae_file": ModelFile("vae", "the FLUX.1 VAE, ae.safetensors (Hugging Face black-forest-labs/FLUX.1-dev)",
-                              "vae"),
-        "clip_l_file": ModelFile("text_encoders", "CLIP-L, clip_l.safetensors (Hugging Face "
-                                 "comfyanonymous/flux_text_encoders)", "text_encoder"),
-        "t5_file": ModelFile("text_encoders", "T5-XXL, t5xxl_fp16.safetensors (Hugging Face "
-                             "comfyanonymous/flux_text_encoders)", "text_encoder_2"),
+        "transformer_file": FileInput(
+            "diffusion_models",
+            "Optional single-file transformer from models/diffusion_models (or models/unet): BFL .safetensors such "
+            "as flux1-fill-dev.safetensors, or .gguf such as flux1-fill-dev-Q8_0.gguf. Replaces the folder's "
+            "transformer.",
+            "a FLUX.1 transformer as one file, BFL layout (flux1-fill-dev.safetensors or flux1-dev.safetensors from "
+            "Hugging Face Comfy-Org/flux1-dev) or a .gguf", "transformer", extensions="TRANSFORMER_EXTENSIONS"),
+        "vae_file": FileInput(
+            "vae", "Optional VAE file from models/vae (FLUX.1's ae.safetensors). Replaces the folder's VAE.",
+            "the FLUX.1 VAE, ae.safetensors (Hugging Face black-forest-labs/FLUX.1-dev)", "vae"),
+        "clip_l_file": FileInput(
+            "text_encoders", "Optional CLIP-L file from models/text_encoders (clip_l.safetensors).",
+            "CLIP-L, clip_l.safetensors (Hugging Face comfyanonymous/flux_text_encoders)", "text_encoder"),
+        "t5_file": FileInput(
+            "text_encoders",
+            "Optional T5-XXL file from models/text_encoders (t5xxl_fp16.safetensors, fp8 works too). Tokenizers "
+            "come from the folder, or from ComfyUI when no folder is chosen.",
+            "T5-XXL, t5xxl_fp16.safetensors (Hugging Face comfyanonymous/flux_text_encoders)", "text_encoder_2"),
     },
+    options={"weight_dtype": dtype_input(
+        "How the transformer and text encoders store their weights. auto follows ComfyUI (its --bf16-unet, "
+        "--fp16-text-enc... flags, else bf16 on GPUs that support it and fp32 on the CPU). Arithmetic runs in what "
+        "the device is fast at: bf16/fp16 weights on a CPU are computed in fp32 (half the memory, about 20% slower "
+        "than fp32; a warning says so). The VAE uses bf16 or fp32 (never fp16: FLUX.1's VAE overflows in it); fp32 "
+        "here makes it fp32 too. GGUF weights stay quantized whatever this says.")},
 )
+FILES = LOADER.checks
 
 
-class EditKitFluxLoader:
+class EditKitFluxLoader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · Flux Loader"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -57,7 +74,6 @@ class EditKitFluxLoader:
         "t5xxl in models/text_encoders), or a mix: a chosen file replaces the folder's component. Nothing is read "
         "until a node uses an output, so unconnected outputs cost nothing. GGUF weights stay quantized in memory."
     )
-    FUNCTION = "load"
     RETURN_TYPES = ("EDITKIT_FLUX", "EDITKIT_FLUX_TEXT", "EDITKIT_VAE")
     RETURN_NAMES = ("model", "text_encoders", "vae")
     OUTPUT_TOOLTIPS = (
@@ -65,58 +81,6 @@ class EditKitFluxLoader:
         "CLIP-L + T5-XXL, for EditKit · Flux Text Encode.",
         "The FLUX.1 VAE, for EditKit samplers.",
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        folders = bridge.list_diffusers_folders()
-        flux = pipeline_folders("FluxFillPipeline", "FluxPipeline")  # never another model's folder
-        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
-        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
-        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
-        return {
-            "required": {
-                "diffusers_folder": ([NONE, *folders], {
-                    "default": flux[0] if flux else NONE,
-                    "tooltip": "A FLUX.1 diffusers folder in models/diffusers (e.g. FLUX.1-Fill-dev). Choose "
-                               "(none) to load everything from single files.",
-                }),
-                "transformer_file": ([FROM_FOLDER, *transformers], {
-                    "tooltip": "Optional single-file transformer from models/diffusion_models (or models/unet): "
-                               "BFL .safetensors such as flux1-fill-dev.safetensors, or .gguf such as "
-                               "flux1-fill-dev-Q8_0.gguf. Replaces the folder's transformer.",
-                }),
-                "vae_file": ([FROM_FOLDER, *vaes], {
-                    "tooltip": "Optional VAE file from models/vae (FLUX.1's ae.safetensors). Replaces the folder's VAE.",
-                }),
-                "clip_l_file": ([FROM_FOLDER, *encoders], {
-                    "tooltip": "Optional CLIP-L file from models/text_encoders (clip_l.safetensors).",
-                }),
-                "t5_file": ([FROM_FOLDER, *encoders], {
-                    "tooltip": "Optional T5-XXL file from models/text_encoders (t5xxl_fp16.safetensors, fp8 works "
-                               "too). Tokenizers come from the folder, or from ComfyUI when no folder is chosen.",
-                }),
-                "weight_dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "How the transformer and text encoders store their weights. auto follows ComfyUI "
-                               "(its --bf16-unet, --fp16-text-enc... flags, else bf16 on GPUs that support it and "
-                               "fp32 on the CPU). Arithmetic runs in what the device is fast at: bf16/fp16 weights "
-                               "on a CPU are computed in fp32 (half the memory, about 20% slower than fp32; a "
-                               "warning says so). The VAE uses bf16 or fp32 (never fp16: FLUX.1's VAE overflows in "
-                               "it); fp32 here makes it fp32 too. GGUF weights stay quantized whatever this says.",
-                }),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, **_):
-        return loader_signature(
-            diffusers_folder, (transformer_file, "diffusion_models"), (vae_file, "vae"), (clip_l_file, "text_encoders"), (t5_file, "text_encoders"),
-        )
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file):
-        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file, vae_file=vae_file,
-                           clip_l_file=clip_l_file, t5_file=t5_file)
 
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)

@@ -1,4 +1,4 @@
-"""Qwen-Image-Edit(-2509) nodes: loader, the edit, LoRA (thin glue over pipelines/qwen_image)."""
+"""Qwen-Image-Edit(-2509, -2511) nodes: loader, the edit, LoRA (thin glue over pipelines/qwen_image)."""
 
 from __future__ import annotations
 
@@ -25,19 +25,14 @@ from ..pipelines.qwen_image.lora import QWEN_IMAGE_LORA
 from ..pipelines.qwen_image.text import text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
-    FROM_FOLDER,
-    NONE,
-    LoaderFiles,
-    ModelFile,
     batch_input,
     chosen_file,
     chosen_folder,
     latent_dict,
-    loader_signature,
-    pipeline_folders,
     seed_input,
     steps_input,
 )
+from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -49,19 +44,52 @@ VAE_TYPE = "EDITKIT_QWEN_IMAGE_VAE"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTO_VARIANT = "auto"
 MAX_REFERENCE_SIDE = 4096
-FILES = LoaderFiles(
-    folder_what="a Qwen-Image-Edit-2509 diffusers folder (every file of the Hugging Face repository "
-                "Qwen/Qwen-Image-Edit-2509)",
+LOADER = LoaderDeclaration(
+    folder=FolderInput(
+        tooltip="The Qwen-Image-Edit-2509 or -2511 diffusers folder in models/diffusers (every component, with "
+                "tokenizer and processor). (none): everything comes from the single files below and the tokenizer "
+                "from ComfyUI's bundled copy.",
+        what="a Qwen-Image-Edit-2509 or -2511 diffusers folder (every file of the Hugging Face repository "
+             "Qwen/Qwen-Image-Edit-2509 or Qwen/Qwen-Image-Edit-2511)",
+        pipelines=EDIT_PIPELINES,  # never Qwen-Image-Layered's or text-to-image's folder
+    ),
     files={
-        "transformer_file": ModelFile("diffusion_models", "a Qwen-Image-Edit-2509 transformer: "
-                                      "qwen_image_edit_2509_fp8_e4m3fn.safetensors or _bf16 (Hugging Face "
-                                      "Comfy-Org/Qwen-Image-Edit_ComfyUI) or a .gguf", "transformer"),
-        "text_encoder_file": ModelFile("text_encoders", "Qwen2.5-VL-7B: qwen_2.5_vl_7b_fp8_scaled.safetensors "
-                                       "(Hugging Face Comfy-Org/Qwen-Image_ComfyUI)", "text_encoder"),
-        "vae_file": ModelFile("vae", "the Qwen-Image VAE: qwen_image_vae.safetensors (Hugging Face "
-                              "Comfy-Org/Qwen-Image_ComfyUI)", "vae"),
+        "transformer_file": FileInput(
+            "diffusion_models",
+            "Transformer from models/diffusion_models: qwen_image_edit_2509_bf16.safetensors, "
+            "qwen_image_edit_2509_fp8_e4m3fn.safetensors, qwen_image_edit_2511_bf16.safetensors, "
+            "qwen_image_edit_2511_fp8mixed.safetensors or a .gguf (Q8_0, Q6_K, Q4_K, ...). Replaces the folder's "
+            "transformer.",
+            "a Qwen-Image-Edit-2509 or -2511 transformer: qwen_image_edit_2509_fp8_e4m3fn.safetensors or _bf16, "
+            "qwen_image_edit_2511_bf16.safetensors or _fp8mixed (Hugging Face Comfy-Org/Qwen-Image-Edit_ComfyUI) "
+            "or a .gguf", "transformer", extensions="TRANSFORMER_EXTENSIONS"),
+        "text_encoder_file": FileInput(
+            "text_encoders",
+            "Qwen2.5-VL-7B from models/text_encoders: qwen_2.5_vl_7b.safetensors or "
+            "qwen_2.5_vl_7b_fp8_scaled.safetensors (the vision tower must be in the file).",
+            "Qwen2.5-VL-7B: qwen_2.5_vl_7b_fp8_scaled.safetensors (Hugging Face Comfy-Org/Qwen-Image_ComfyUI)",
+            "text_encoder"),
+        "vae_file": FileInput(
+            "vae", "Qwen-Image VAE from models/vae: qwen_image_vae.safetensors.",
+            "the Qwen-Image VAE: qwen_image_vae.safetensors (Hugging Face Comfy-Org/Qwen-Image_ComfyUI)", "vae"),
+    },
+    options={
+        "variant": ([AUTO_VARIANT, *VARIANTS], {
+            "default": AUTO_VARIANT,
+            "tooltip": "Which Qwen-Image edit model the transformer is. auto: 2511 is recognised from the weights "
+                       "(the folder's zero_cond_t, the file's __index_timestep_zero__ marker), the rest from the "
+                       "folder's model_index.json or the file's name/metadata (2509 and the original have identical "
+                       "weights); a GGUF without the marker is told by its name. Qwen-Image-Edit-2511 runs the "
+                       "reference pictures at timestep 0. Qwen-Image-Edit (the original) takes one picture with its "
+                       "own prompt template.",
+        }),
+        "weight_dtype": dtype_input(
+            "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the device (bf16 on "
+            "recent GPUs, fp32 on the CPU); Qwen-Image overflows in fp16, so fp16 becomes bf16 (or fp32). GGUF "
+            "weights stay quantized whatever this says.", DTYPES),
     },
 )
+FILES = LOADER.checks
 
 
 
@@ -78,91 +106,45 @@ def _model_dtype(kind: str, chosen: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
-class EditKitQwenImageLoader:
+class EditKitQwenImageLoader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · Qwen-Image Loader"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Loads Qwen-Image-Edit-2509 from the diffusers folder models/diffusers/Qwen-Image-Edit-2509, from ComfyUI's "
-        "single files (qwen_image_edit_2509_bf16 / _fp8_e4m3fn .safetensors or a .gguf in models/diffusion_models, "
-        "qwen_2.5_vl_7b(_fp8_scaled).safetensors in models/text_encoders, qwen_image_vae.safetensors in models/vae), "
-        "or a mix: a chosen file replaces the folder's component. Nothing is read until a node uses an output. GGUF "
-        "weights stay quantized. The original Qwen-Image-Edit also works (one picture, its own template)."
+        "Loads Qwen-Image-Edit-2509 or -2511 from a diffusers folder in models/diffusers, from ComfyUI's single files "
+        "(qwen_image_edit_2509_bf16 / _fp8_e4m3fn, qwen_image_edit_2511_bf16 / _fp8mixed .safetensors or a .gguf in "
+        "models/diffusion_models, qwen_2.5_vl_7b(_fp8_scaled).safetensors in models/text_encoders, "
+        "qwen_image_vae.safetensors in models/vae), or a mix: a chosen file replaces the folder's component. 2511 is "
+        "recognised from the weights (the folder's zero_cond_t, the files' __index_timestep_zero__ marker), else "
+        "from the name, and runs with its reference pictures at timestep 0; the 'variant' output says which model "
+        "loaded and why. Weights are read only when a node uses an output. GGUF weights stay quantized. The original "
+        "Qwen-Image-Edit also works (one picture, its own template)."
     )
-    FUNCTION = "load"
-    RETURN_TYPES = (MODEL_TYPE, TEXT_TYPE, VAE_TYPE)
-    RETURN_NAMES = ("model", "text_encoder", "vae")
+    RETURN_TYPES = (MODEL_TYPE, TEXT_TYPE, VAE_TYPE, "STRING")
+    RETURN_NAMES = ("model", "text_encoder", "vae", "variant")
     OUTPUT_TOOLTIPS = (
         "The Qwen-Image-Edit transformer, for EditKit · Qwen-Image Edit and Qwen-Image LoRA.",
         "Qwen2.5-VL-7B (reads the instruction together with the pictures), for EditKit · Qwen-Image Edit.",
         "The Qwen-Image VAE, for EditKit · Qwen-Image Edit.",
+        "Which model this is and how that was found, e.g. 'Qwen-Image-Edit-2511, from the file's "
+        "__index_timestep_zero__ tensor' (only file headers are read for it). Connect it to a text display node "
+        "to see it; the same line is in ComfyUI's log.",
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        folders = bridge.list_diffusers_folders()
-        edit_folders = pipeline_folders(*EDIT_PIPELINES)  # never Qwen-Image-Layered's or text-to-image's folder
-        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
-        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
-        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
-        return {
-            "required": {
-                "diffusers_folder": ([NONE, *folders], {
-                    "default": edit_folders[0] if edit_folders else NONE,
-                    "tooltip": "The Qwen-Image-Edit-2509 diffusers folder in models/diffusers (every component, with "
-                               "tokenizer and processor). (none): everything comes from the single files below and "
-                               "the tokenizer from ComfyUI's bundled copy.",
-                }),
-                "transformer_file": ([FROM_FOLDER, *transformers], {
-                    "tooltip": "Transformer from models/diffusion_models: qwen_image_edit_2509_bf16.safetensors, "
-                               "qwen_image_edit_2509_fp8_e4m3fn.safetensors or a .gguf (Q8_0, Q6_K, Q4_K, ...). "
-                               "Replaces the folder's transformer.",
-                }),
-                "text_encoder_file": ([FROM_FOLDER, *encoders], {
-                    "tooltip": "Qwen2.5-VL-7B from models/text_encoders: qwen_2.5_vl_7b.safetensors or "
-                               "qwen_2.5_vl_7b_fp8_scaled.safetensors (the vision tower must be in the file).",
-                }),
-                "vae_file": ([FROM_FOLDER, *vaes], {
-                    "tooltip": "Qwen-Image VAE from models/vae: qwen_image_vae.safetensors.",
-                }),
-                "variant": ([AUTO_VARIANT, *VARIANTS], {
-                    "default": AUTO_VARIANT,
-                    "tooltip": "Which Qwen-Image edit model the transformer is. auto: read from the folder's "
-                               "model_index.json or the file's name/metadata (the weights cannot tell). "
-                               "Qwen-Image-Edit (the original) takes one picture with its own prompt template.",
-                }),
-                "weight_dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the "
-                               "device (bf16 on recent GPUs, fp32 on the CPU); Qwen-Image overflows in fp16, so fp16 "
-                               "becomes bf16 (or fp32). GGUF weights stay quantized whatever this says.",
-                }),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        return loader_signature(
-            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
-        )
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
-        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
-                           text_encoder_file=text_encoder_file, vae_file=vae_file)
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
              weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)
         file = chosen_file(transformer_file, "diffusion_models")
         chosen = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, file, _model_dtype("diffusion", chosen))
+        transformer = transformer_source(folder, file, _model_dtype("diffusion", chosen), variant=variant)
         vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    _model_dtype("text_encoder", chosen), bridge.comfy_tokenizer_dir("qwen25"))
         model = QwenImageModel(transformer, scheduler_config(folder), requested_variant=variant, folder=folder,
                                file=file)
-        return (model, text, vae)
+        described = model.describe()
+        log.info("EditKit · Qwen-Image Loader: %s.", described)
+        return (model, text, vae, described)
 
 
 def _one_picture(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -189,7 +171,7 @@ class EditKitQwenImageEdit:
     DISPLAY_NAME = "EditKit · Qwen-Image Edit / Inpaint"
     CATEGORY = CATEGORY
     DESCRIPTION = (
-        "Edits a picture with Qwen-Image-Edit-2509 following an instruction: recolour or replace things, add or "
+        "Edits a picture with Qwen-Image-Edit-2509 or -2511 following an instruction: recolour or replace things, add or "
         "remove objects, change text, restyle, or combine several pictures ('put the person in picture 1 in the "
         "jacket from picture 2'). Any number of reference pictures (image2..image5 plus a 'references' batch). "
         "With the 'no shift' reference size the output stays aligned with image 1 pixel for pixel; with a mask only "

@@ -15,16 +15,12 @@ from ..pipelines.qwen_image.loading import scheduler_config
 from ..pipelines.qwen_image.text import text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
-    FROM_FOLDER,
-    NONE,
-    LoaderFiles,
-    ModelFile,
     chosen_file,
     chosen_folder,
-    loader_signature,
     seed_input,
     steps_input,
 )
+from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .qwen_image_nodes import DTYPES, TEXT_TYPE, _model_dtype
 
 log = logging.getLogger("EditKit")
@@ -32,24 +28,47 @@ log = logging.getLogger("EditKit")
 CATEGORY = "EditKit/qwen-image"
 MODEL_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED"
 VAE_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED_VAE"
-FILES = LoaderFiles(
-    folder_what="a Qwen-Image-Layered diffusers folder (every file of the Hugging Face repository "
-                "Qwen/Qwen-Image-Layered)",
+LOADER = LoaderDeclaration(
+    folder=FolderInput(
+        tooltip="The Qwen-Image-Layered diffusers folder in models/diffusers (every component, with tokenizer and "
+                "processor). (none): everything comes from the single files below and the tokenizer from ComfyUI's "
+                "bundled copy.",
+        what="a Qwen-Image-Layered diffusers folder (every file of the Hugging Face repository "
+             "Qwen/Qwen-Image-Layered)",
+        name_hint="layered",
+    ),
     files={
-        "transformer_file": ModelFile("diffusion_models", "a Qwen-Image-Layered transformer: "
-                                      "qwen_image_layered_bf16.safetensors or _fp8mixed (Hugging Face "
-                                      "Comfy-Org/Qwen-Image-Layered_ComfyUI) or a .gguf", "transformer"),
-        "text_encoder_file": ModelFile("text_encoders", "Qwen2.5-VL-7B: qwen_2.5_vl_7b_fp8_scaled.safetensors "
-                                       "(Hugging Face Comfy-Org/Qwen-Image_ComfyUI)", "text_encoder"),
-        "vae_file": ModelFile("vae", "the RGBA VAE: qwen_image_layered_vae.safetensors (Hugging Face "
-                              "Comfy-Org/Qwen-Image-Layered_ComfyUI)", "vae"),
+        "transformer_file": FileInput(
+            "diffusion_models",
+            "Transformer from models/diffusion_models: qwen_image_layered_bf16.safetensors, "
+            "qwen_image_layered_fp8mixed.safetensors or a .gguf. Replaces the folder's.",
+            "a Qwen-Image-Layered transformer: qwen_image_layered_bf16.safetensors or _fp8mixed (Hugging Face "
+            "Comfy-Org/Qwen-Image-Layered_ComfyUI) or a .gguf", "transformer", extensions="TRANSFORMER_EXTENSIONS"),
+        "text_encoder_file": FileInput(
+            "text_encoders",
+            "Qwen2.5-VL-7B from models/text_encoders (qwen_2.5_vl_7b.safetensors or "
+            "qwen_2.5_vl_7b_fp8_scaled.safetensors). Captioning an empty prompt needs a file that keeps the "
+            "language-model head (lm_head); the folder's text encoder has it.",
+            "Qwen2.5-VL-7B: qwen_2.5_vl_7b_fp8_scaled.safetensors (Hugging Face Comfy-Org/Qwen-Image_ComfyUI)",
+            "text_encoder"),
+        "vae_file": FileInput(
+            "vae",
+            "The RGBA VAE from models/vae: qwen_image_layered_vae.safetensors (not Qwen-Image's "
+            "qwen_image_vae.safetensors, which has no alpha channel).",
+            "the RGBA VAE: qwen_image_layered_vae.safetensors (Hugging Face Comfy-Org/Qwen-Image-Layered_ComfyUI)",
+            "vae"),
     },
+    options={"weight_dtype": dtype_input(
+        "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the device (bf16 on recent "
+        "GPUs, fp32 on the CPU); fp16 becomes bf16 (Qwen-Image overflows in fp16). GGUF weights stay quantized "
+        "whatever this says.", DTYPES)},
 )
+FILES = LOADER.checks
 
 
 
 
-class EditKitQwenImageLayeredLoader:
+class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · Qwen-Image-Layered Loader"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -60,7 +79,6 @@ class EditKitQwenImageLayeredLoader:
         "component. Nothing is read until a node uses an output. The text encoder is shared with the Qwen-Image "
         "Edit nodes when both load the same file."
     )
-    FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE, TEXT_TYPE, VAE_TYPE)
     RETURN_NAMES = ("model", "text_encoder", "vae")
     OUTPUT_TOOLTIPS = (
@@ -68,54 +86,6 @@ class EditKitQwenImageLayeredLoader:
         "Qwen2.5-VL-7B with its language-model head (it captions the picture when the prompt is empty).",
         "The RGBA VAE of Qwen-Image-Layered (transparent layers).",
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        folders = bridge.list_diffusers_folders()
-        layered = [f for f in folders if "layered" in f.lower()]
-        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
-        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
-        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
-        return {
-            "required": {
-                "diffusers_folder": ([NONE, *folders], {
-                    "default": layered[0] if layered else NONE,
-                    "tooltip": "The Qwen-Image-Layered diffusers folder in models/diffusers (every component, with "
-                               "tokenizer and processor). (none): everything comes from the single files below and "
-                               "the tokenizer from ComfyUI's bundled copy.",
-                }),
-                "transformer_file": ([FROM_FOLDER, *transformers], {
-                    "tooltip": "Transformer from models/diffusion_models: qwen_image_layered_bf16.safetensors, "
-                               "qwen_image_layered_fp8mixed.safetensors or a .gguf. Replaces the folder's.",
-                }),
-                "text_encoder_file": ([FROM_FOLDER, *encoders], {
-                    "tooltip": "Qwen2.5-VL-7B from models/text_encoders (qwen_2.5_vl_7b.safetensors or "
-                               "qwen_2.5_vl_7b_fp8_scaled.safetensors). Captioning an empty prompt needs a file that "
-                               "keeps the language-model head (lm_head); the folder's text encoder has it.",
-                }),
-                "vae_file": ([FROM_FOLDER, *vaes], {
-                    "tooltip": "The RGBA VAE from models/vae: qwen_image_layered_vae.safetensors (not Qwen-Image's "
-                               "qwen_image_vae.safetensors, which has no alpha channel).",
-                }),
-                "weight_dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the "
-                               "device (bf16 on recent GPUs, fp32 on the CPU); fp16 becomes bf16 (Qwen-Image "
-                               "overflows in fp16). GGUF weights stay quantized whatever this says.",
-                }),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        return loader_signature(
-            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
-        )
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
-        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
-                           text_encoder_file=text_encoder_file, vae_file=vae_file)
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..pipelines.core.base64_image import DEFAULT_MAX_PIXELS, load_base64_image
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.images import image_to_nchw
@@ -13,35 +11,44 @@ from ..pipelines.flux.redux.loading import ReduxModel
 from ..pipelines.flux.redux.preprocess import CROP_MODES
 from . import comfy_bridge as bridge
 from .common import (
-    FROM_FOLDER,
     NONE,
-    LoaderFiles,
-    ModelFile,
     chosen_file,
-    loader_signature,
 )
+from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 
 CATEGORY = "EditKit/flux redux"
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FILES = LoaderFiles(
-    folder_what="a FLUX.1-Redux-dev diffusers folder (every file of the Hugging Face repository "
-                "black-forest-labs/FLUX.1-Redux-dev)",
+DTYPES = WEIGHT_DTYPES
+LOADER = LoaderDeclaration(
+    folder=FolderInput(
+        tooltip="The FLUX.1-Redux-dev diffusers folder in models/diffusers. Choose (none) to use the two single "
+                "files below.",
+        what="a FLUX.1-Redux-dev diffusers folder (every file of the Hugging Face repository "
+             "black-forest-labs/FLUX.1-Redux-dev)",
+        name_hint="redux",
+    ),
     files={
-        "style_model_file": ModelFile("style_models", "the Redux embedder: flux1-redux-dev.safetensors (Hugging Face "
-                                      "Comfy-Org/Flux1-Redux-Dev)", "image_embedder"),
-        "clip_vision_file": ModelFile("clip_vision", "SigLIP: sigclip_vision_patch14_384.safetensors (Hugging Face "
-                                      "Comfy-Org/sigclip_vision_384)", "image_encoder"),
+        "style_model_file": FileInput(
+            "style_models",
+            "Optional Redux embedder file from models/style_models (flux1-redux-dev.safetensors). Replaces the "
+            "folder's image_embedder.",
+            "the Redux embedder: flux1-redux-dev.safetensors (Hugging Face Comfy-Org/Flux1-Redux-Dev)",
+            "image_embedder"),
+        "clip_vision_file": FileInput(
+            "clip_vision",
+            "Optional SigLIP file from models/clip_vision (sigclip_vision_patch14_384.safetensors). Replaces the "
+            "folder's image_encoder.",
+            "SigLIP: sigclip_vision_patch14_384.safetensors (Hugging Face Comfy-Org/sigclip_vision_384)",
+            "image_encoder"),
     },
+    options={"weight_dtype": dtype_input(
+        "Compute dtype of SigLIP and the embedder. auto: ComfyUI's choice for text/vision encoders (bf16 or fp16 on "
+        "a GPU, fp32 on the CPU).")},
 )
+FILES = LOADER.checks
 
 
 
-def _default_folder(folders: list[str]) -> str:
-    redux = [f for f in folders if "redux" in f.lower()]
-    return redux[0] if redux else NONE
-
-
-class EditKitReduxLoader:
+class EditKitReduxLoader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · Redux Loader"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -50,49 +57,9 @@ class EditKitReduxLoader:
         "and sigclip_vision_patch14_384.safetensors (models/clip_vision); a chosen file replaces the folder's part. "
         "Nothing is read until EditKit · Redux Encode runs. No text encoder is needed."
     )
-    FUNCTION = "load"
     RETURN_TYPES = ("EDITKIT_REDUX",)
     RETURN_NAMES = ("redux",)
     OUTPUT_TOOLTIPS = ("The Redux prior, for EditKit · Redux Encode.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        folders = bridge.list_diffusers_folders()
-        styles = bridge.list_models("style_models", bridge.WEIGHT_EXTENSIONS)
-        visions = bridge.list_models("clip_vision", bridge.WEIGHT_EXTENSIONS)
-        return {
-            "required": {
-                "diffusers_folder": ([NONE, *folders], {
-                    "default": _default_folder(folders),
-                    "tooltip": "The FLUX.1-Redux-dev diffusers folder in models/diffusers. Choose (none) to use "
-                               "the two single files below.",
-                }),
-                "style_model_file": ([FROM_FOLDER, *styles], {
-                    "tooltip": "Optional Redux embedder file from models/style_models (flux1-redux-dev.safetensors). "
-                               "Replaces the folder's image_embedder.",
-                }),
-                "clip_vision_file": ([FROM_FOLDER, *visions], {
-                    "tooltip": "Optional SigLIP file from models/clip_vision (sigclip_vision_patch14_384.safetensors). "
-                               "Replaces the folder's image_encoder.",
-                }),
-                "weight_dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Compute dtype of SigLIP and the embedder. auto: ComfyUI's choice for text/vision "
-                               "encoders (bf16 or fp16 on a GPU, fp32 on the CPU).",
-                }),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, diffusers_folder, style_model_file, clip_vision_file, **_):
-        return loader_signature(
-            diffusers_folder, (style_model_file, "style_models"), (clip_vision_file, "clip_vision"),
-        )
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusers_folder, style_model_file, clip_vision_file):
-        return FILES.check(diffusers_folder=diffusers_folder, style_model_file=style_model_file,
-                           clip_vision_file=clip_vision_file)
 
     def load(self, diffusers_folder, style_model_file, clip_vision_file, weight_dtype="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)

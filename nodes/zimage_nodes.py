@@ -24,42 +24,55 @@ from ..pipelines.zimage.sampler import check_size
 from ..pipelines.zimage.text import make_conditioning, read_conditioning, text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
-    FROM_FOLDER,
-    NONE,
-    LoaderFiles,
-    ModelFile,
     batch_input,
     chosen_file,
     chosen_folder,
     latent_dict,
-    loader_signature,
     seed_input,
     steps_input,
 )
+from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
 
 CATEGORY = "EditKit/z-image"
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = WEIGHT_DTYPES
 MODEL_TYPE = "EDITKIT_ZIMAGE"
 TEXT_TYPE = "EDITKIT_ZIMAGE_TEXT"
 VAE_TYPE = "EDITKIT_VAE"
-FILES = LoaderFiles(
-    folder_what="a Z-Image diffusers folder (every file of the Hugging Face repository Tongyi-MAI/Z-Image-Turbo)",
+LOADER = LoaderDeclaration(
+    folder=FolderInput(
+        tooltip="Optional Z-Image diffusers folder in models/diffusers (Tongyi-MAI/Z-Image-Turbo). (none): "
+                "everything comes from the single files below, the tokenizer from ComfyUI.",
+        what="a Z-Image diffusers folder (every file of the Hugging Face repository Tongyi-MAI/Z-Image-Turbo)",
+        pipelines=("ZImagePipeline",),
+    ),
     files={
-        "transformer_file": ModelFile("diffusion_models", "the Z-Image-Turbo transformer: "
-                                      "z_image_turbo_bf16.safetensors (Hugging Face Comfy-Org/z_image_turbo) or a "
-                                      ".gguf", "transformer"),
-        "text_encoder_file": ModelFile("text_encoders", "Qwen3-4B: qwen_3_4b.safetensors (Hugging Face "
-                                       "Comfy-Org/z_image_turbo)", "text_encoder"),
-        "vae_file": ModelFile("vae", "the FLUX.1 VAE: ae.safetensors (Hugging Face Comfy-Org/z_image_turbo)", "vae"),
+        "transformer_file": FileInput(
+            "diffusion_models",
+            "Z-Image transformer from models/diffusion_models: z_image_turbo_bf16.safetensors (ComfyUI's file) or "
+            "a .gguf. Replaces the folder's transformer.",
+            "the Z-Image-Turbo transformer: z_image_turbo_bf16.safetensors (Hugging Face Comfy-Org/z_image_turbo) "
+            "or a .gguf", "transformer", extensions="TRANSFORMER_EXTENSIONS"),
+        "text_encoder_file": FileInput(
+            "text_encoders",
+            "Qwen3-4B text encoder from models/text_encoders: qwen_3_4b.safetensors. (FLUX.1's clip_l / t5xxl do "
+            "not work here.)",
+            "Qwen3-4B: qwen_3_4b.safetensors (Hugging Face Comfy-Org/z_image_turbo)", "text_encoder"),
+        "vae_file": FileInput(
+            "vae", "FLUX.1 VAE from models/vae: ae.safetensors (Z-Image uses FLUX.1's VAE).",
+            "the FLUX.1 VAE: ae.safetensors (Hugging Face Comfy-Org/z_image_turbo)", "vae"),
     },
+    options={"weight_dtype": dtype_input(
+        "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that support it (else fp16), "
+        "fp32 on the CPU; ComfyUI's precision flags apply. The VAE is never fp16. GGUF weights stay quantized "
+        "whatever this says.")},
 )
+FILES = LOADER.checks
 
 
-
-class EditKitZImageLoader:
+class EditKitZImageLoader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · Z-Image Loader"
     CATEGORY = CATEGORY
     DESCRIPTION = (
@@ -68,7 +81,6 @@ class EditKitZImageLoader:
         "models/vae), from the diffusers folder models/diffusers/Z-Image-Turbo, or a mix: a chosen file replaces "
         "the folder's component. Nothing is read until a node uses an output. GGUF weights stay quantized."
     )
-    FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE, TEXT_TYPE, VAE_TYPE)
     RETURN_NAMES = ("model", "text_encoder", "vae")
     OUTPUT_TOOLTIPS = (
@@ -76,50 +88,6 @@ class EditKitZImageLoader:
         "Qwen3-4B with its tokenizer, for EditKit · Z-Image Text Encode and Progressive.",
         "The FLUX.1 VAE (Z-Image's), for the Z-Image samplers.",
     )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        folders = bridge.list_diffusers_folders()
-        transformers = bridge.list_models("diffusion_models", bridge.TRANSFORMER_EXTENSIONS)
-        encoders = bridge.list_models("text_encoders", bridge.WEIGHT_EXTENSIONS)
-        vaes = bridge.list_models("vae", bridge.WEIGHT_EXTENSIONS)
-        return {
-            "required": {
-                "diffusers_folder": ([NONE, *folders], {
-                    "default": NONE,
-                    "tooltip": "Optional Z-Image diffusers folder in models/diffusers (Tongyi-MAI/Z-Image-Turbo). "
-                               "(none): everything comes from the single files below, the tokenizer from ComfyUI.",
-                }),
-                "transformer_file": ([FROM_FOLDER, *transformers], {
-                    "tooltip": "Z-Image transformer from models/diffusion_models: z_image_turbo_bf16.safetensors "
-                               "(ComfyUI's file) or a .gguf. Replaces the folder's transformer.",
-                }),
-                "text_encoder_file": ([FROM_FOLDER, *encoders], {
-                    "tooltip": "Qwen3-4B text encoder from models/text_encoders: qwen_3_4b.safetensors. "
-                               "(FLUX.1's clip_l / t5xxl do not work here.)",
-                }),
-                "vae_file": ([FROM_FOLDER, *vaes], {
-                    "tooltip": "FLUX.1 VAE from models/vae: ae.safetensors (Z-Image uses FLUX.1's VAE).",
-                }),
-                "weight_dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that "
-                               "support it (else fp16), fp32 on the CPU; ComfyUI's precision flags apply. The VAE "
-                               "is never fp16. GGUF weights stay quantized whatever this says.",
-                }),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file, **_):
-        return loader_signature(
-            diffusers_folder, (transformer_file, "diffusion_models"), (text_encoder_file, "text_encoders"), (vae_file, "vae"),
-        )
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusers_folder, transformer_file, text_encoder_file, vae_file):
-        return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
-                           text_encoder_file=text_encoder_file, vae_file=vae_file)
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
         folder = chosen_folder(diffusers_folder)

@@ -1,7 +1,8 @@
-"""Benchmark Qwen-Image-Edit-2509 in EditKit against diffusers (not a test; prints a table).
+"""Benchmark Qwen-Image-Edit-2509 (and -2511) in EditKit against diffusers (not a test; prints a table).
 
     python scripts/benchmark_qwen_image.py [--size 512] [--layers 1] [--steps 2] [--text-tokens 200]
                                            [--skip-steps] [--skip-encode] [--skip-memory]
+                                           [--compare-2511 [--rounds 2]]
 
 Sampling
     A real-width but shallow Qwen-Image transformer (24 heads x 128 = 3072 wide, joint width 3584 as
@@ -16,6 +17,13 @@ Sampling
     steps are timed, from the pipelines' own per-step callbacks. On the CPU the primary figure is CPU time
     per step (``time.process_time``, which other jobs on a shared machine barely disturb), with wall time
     beside it.
+
+2511 against 2509 (``--compare-2511``)
+    The same shallow transformer weights with diffusers' ``zero_cond_t`` off (2509) and on (2511, whose
+    reference tokens get a second, timestep-0 modulation), through EditKit's edit (true CFG as the CPU default:
+    two calls per step) and, for 2511, diffusers' ``QwenImageEditPlusPipeline``; ``--rounds`` rounds in
+    alternating order, median CPU time per step, ratios against EditKit's 2509 step of the same process, and
+    the largest difference between EditKit's and diffusers' 2511 pictures.
 
 Prompt encoding
     The tiny Qwen2.5-VL of the tests (its real vocabulary and 8-block vision tower, 128 wide) encodes an
@@ -150,6 +158,72 @@ def bench_steps(args) -> list[tuple[str, list]]:
     return results, diffs
 
 
+def bench_2511(args) -> tuple[dict[str, float], float]:
+    """Median CPU s/step of EditKit 2509, EditKit 2511 and diffusers 2511 (alternating rounds); 2511 max |diff|."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+    import numpy as np
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from PIL import Image
+    from qwen_image_models import tiny_components
+
+    core = pack_module("pipelines.core.runtime")
+    loading = pack_module("pipelines.qwen_image.loading")
+    sizes = pack_module("pipelines.qwen_image.sizes")
+    edit_module = pack_module("pipelines.qwen_image.edit")
+    components = tiny_components()
+    base = shallow_transformer(args.layers)
+    zero = QwenImageTransformer2DModel(num_layers=args.layers, zero_cond_t=True, **SHALLOW).eval().requires_grad_(False)
+    zero.load_state_dict(base.state_dict())
+    vae = core.Component(components["vae"], "vae", "tiny", torch.float32)
+    g = torch.Generator().manual_seed(SEED)
+    cond = torch.randn(1, args.text_tokens, 3584, generator=g)
+    uncond = torch.randn(1, max(8, args.text_tokens // 8), 3584, generator=g)
+    array = np.random.default_rng(SEED).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    prompts = PrecomputedPrompts({"edit": cond, " ": uncond})
+    plus.VAE_IMAGE_SIZE = args.size * args.size
+
+    def editkit(model, variant):
+        clock = StepClock()
+        runtime = core.TorchRuntime("cpu", on_progress=lambda *a: clock.tick())
+        clock.marks.clear()
+        clock.tick()
+        result = edit_module.edit(
+            core.Component(model, "diffusion", variant, torch.float32), prompts, vae, [pixels], "edit", runtime,
+            scheduler_config=loading.scheduler_config(None), negative_prompt=" ", true_cfg_scale=4.0,
+            steps=args.steps + 1, seed=SEED, cfg_batched=False, variant=variant,
+            output=sizes.OutputSize(sizes.EXPLICIT, args.size, args.size, 64.0),
+            references=sizes.ReferenceSizes(sizes.CUSTOM, 384 * 384, args.size * args.size))
+        return clock, result.images
+
+    def diffusers_2511():
+        clock = StepClock()
+        pipe = QwenImageEditPlusPipeline(scheduler=components["scheduler"], vae=components["vae"], text_encoder=None,
+                                         tokenizer=None, processor=None, transformer=zero)
+        clock.marks.clear()
+        with torch.inference_mode():
+            clock.tick()
+            out = pipe(image=[Image.fromarray(array)], prompt_embeds=cond, negative_prompt_embeds=uncond,
+                       true_cfg_scale=4.0, height=args.size, width=args.size, num_inference_steps=args.steps + 1,
+                       generator=torch.Generator().manual_seed(SEED), output_type="pt",
+                       callback_on_step_end=lambda *a: clock.tick())
+        return clock, out.images
+
+    runs = {"EditKit 2509 (zero_cond_t off)": lambda: editkit(base, loading.EDIT_2509),
+            "EditKit 2511 (zero_cond_t on)": lambda: editkit(zero, loading.EDIT_2511),
+            "diffusers 2511 QwenImageEditPlusPipeline": diffusers_2511}
+    steps: dict[str, list[float]] = {name: [] for name in runs}
+    images = {}
+    for round_ in range(args.rounds):
+        order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+        for name in order:
+            clock, images[name] = runs[name]()
+            steps[name] += [cpu for cpu, _ in clock.per_step()[1:]]  # the first span holds the preparation
+    diff = float((images["EditKit 2511 (zero_cond_t on)"] - images["diffusers 2511 QwenImageEditPlusPipeline"])
+                 .abs().max())
+    return {name: statistics.median(values) for name, values in steps.items()}, diff
+
+
 def bench_encode() -> list[tuple[str, float, float]]:
     from qwen_image_models import tiny_components
 
@@ -235,10 +309,24 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--skip-encode", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--compare-2511", action="store_true",
+                        help="only the 2511 (zero_cond_t) against 2509 step comparison")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of --compare-2511")
     args = parser.parse_args(argv)
     offline()
     out = sys.stdout.write
     out(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    if args.compare_2511:
+        medians, diff = bench_2511(args)
+        out(f"\n## 2511 vs 2509: shallow Qwen-Image ({args.layers} block(s), 3072 wide), {args.size}² output + "
+            f"{args.size}² reference, {args.text_tokens} text tokens, true CFG 4 (two calls/step), "
+            f"{args.rounds} alternating rounds x {args.steps} steps\n")
+        out("| pipeline | CPU s/step (median) | ratio vs EditKit 2509 |\n|---|---|---|\n")
+        reference = medians["EditKit 2509 (zero_cond_t off)"]
+        for name, cpu in medians.items():
+            out(f"| {name} | {cpu:.2f} | {cpu / reference:.3f} |\n")
+        out(f"\nEditKit 2511 vs diffusers 2511: max |diff| {diff:.2e}\n")
+        return 0
     if not args.skip_steps:
         results, diffs = bench_steps(args)
         tokens = (args.size // 16) ** 2

@@ -24,16 +24,20 @@ encoders also work with ComfyUI's bundled tokenizers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_files  # noqa: E402
+from tiny_files import randomize_ as _randomize_  # noqa: E402
+from tiny_files import round_ as _round_  # noqa: E402
+from tiny_files import save as _save  # noqa: E402
+from tiny_files import write_gguf  # noqa: E402,F401  (imported from here by tests)
+
 from packload import offline, pack_module  # noqa: E402
 
 FILL_FOLDER = "FLUX.1-Fill-dev"
@@ -52,22 +56,6 @@ TINY_VAE = dict(
 )
 CLIP_VOCAB = 49408
 T5_VOCAB = 32128
-
-
-def _round_(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Round every floating weight to ``dtype`` precision (kept in float32)."""
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(dtype).float())
-
-
-def _randomize_(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
-    """Give zero-initialised layers (diffusers zero-inits some outputs) random values too."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and tensor.abs().max() == 0 and "norm" not in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
 SHALLOW_TRANSFORMER = dict(TINY_TRANSFORMER, num_attention_heads=24, joint_attention_dim=4096,
@@ -162,37 +150,6 @@ def tiny_dev_transformer():
     return transformer.eval()
 
 
-def write_gguf(state_dict: dict[str, torch.Tensor], path: Path, quant: str = "Q8_0") -> None:
-    """Write tensors as GGUF: 2-D weights whose rows split into 32-blocks quantized, the rest F32.
-
-    ``quant`` is a GGML type gguf-py can write (Q8_0, Q5_1, Q4_0, ...); that is how city96's
-    FLUX.1 GGUF files are laid out.
-    """
-    import gguf
-
-    qtype = getattr(gguf.GGMLQuantizationType, quant)
-    writer = gguf.GGUFWriter(str(path), arch="flux")
-    for name, tensor in state_dict.items():
-        array = tensor.float().contiguous().numpy()
-        if array.ndim == 2 and array.shape[1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _save(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-               for k, v in state_dict.items()}
-    save_file(tensors, str(path))
-
-
 def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     """Write the whole tree into ``out_dir`` and return the main paths by role."""
     offline()
@@ -264,13 +221,7 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="folder to write the models tree into (created if missing)")
-    args = parser.parse_args(argv)
-    paths = make_tiny_models(args.out_dir)
-    for role, path in sorted(paths.items()):
-        print(f"{role:>16}: {path}")
-    return 0
+    return tiny_files.main(make_tiny_models, __doc__, argv)
 
 
 if __name__ == "__main__":

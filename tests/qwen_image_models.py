@@ -6,6 +6,10 @@
     diffusion_models/qwen_image_edit_2509_bf16.safetensors        ComfyUI layout (model.diffusion_model.*)
     diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors  same, 2-D weights stored as fp8
     diffusion_models/Qwen-Image-Edit-2509-Q8_0.gguf               GGUF Q8_0 (city96 layout: no prefix)
+    diffusion_models/qwen_image_edit_2511_bf16.safetensors        Qwen-Image-Edit-2511: the same weights (2511 adds
+    diffusion_models/qwen_image_edit_2511_fp8mixed.safetensors    none) with ComfyUI's __index_timestep_zero__ marker;
+    diffusion_models/qwen-image-edit-2511-Q8_0.gguf               fp8mixed as Comfy-Org's (weight_scale per layer);
+                                                                  the GGUF without the marker (told by its name)
     vae/qwen_image_vae.safetensors                      ComfyUI's Wan-VAE key layout, bf16
     vae/qwen_image_vae_full_width.safetensors           the same layout at the real width (random), for ComfyUI's
                                                         own VAELoader, which only builds the real architecture
@@ -34,6 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_files  # noqa: E402
+from tiny_files import randomize_ as _randomize_  # noqa: E402
+from tiny_files import save as _save  # noqa: E402
+
 from packload import offline, pack_module  # noqa: E402
 
 FOLDER = "Qwen-Image-Edit-2509"
@@ -49,6 +57,9 @@ FILES = {
     "bf16": "qwen_image_edit_2509_bf16.safetensors",
     "fp8": "qwen_image_edit_2509_fp8_e4m3fn.safetensors",
     "gguf": "Qwen-Image-Edit-2509-Q8_0.gguf",
+    "bf16_2511": "qwen_image_edit_2511_bf16.safetensors",
+    "fp8mixed_2511": "qwen_image_edit_2511_fp8mixed.safetensors",
+    "gguf_2511": "qwen-image-edit-2511-Q8_0.gguf",
     "vae": "qwen_image_vae.safetensors",
     "native_vae": "qwen_image_vae_full_width.safetensors",
     "te_bf16": "qwen_2.5_vl_7b.safetensors",
@@ -76,13 +87,6 @@ def _round_fp8_(module: torch.nn.Module, scaled: bool) -> dict[str, float]:
             else:
                 tensor.copy_(tensor.to(torch.bfloat16).float())
     return scales
-
-
-def _randomize_(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and tensor.abs().max() == 0 and "norm" not in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
 def tiny_tokenizer():
@@ -180,8 +184,37 @@ def reference_pipeline(components: dict, variant: str = "plus"):
                transformer=components["transformer"])
 
 
+def transformer_2511(components: dict):
+    """The tiny transformer configured as Qwen-Image-Edit-2511 (``zero_cond_t``), with the same weights."""
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(**TINY_TRANSFORMER, zero_cond_t=True).eval()
+    model.load_state_dict(components["transformer"].state_dict(), strict=True)
+    return model.requires_grad_(False)
+
+
 # --------------------------------------------------------------------------------------
 # File layouts (test-side inverses of what the loaders convert)
+
+ZERO_COND_MARKER = "__index_timestep_zero__"  # ComfyUI's 2511 flag: an empty tensor (model.diffusion_model. prefix)
+
+
+def fp8mixed_2511(sd: dict) -> tuple[dict, dict]:
+    """Comfy-Org's qwen_image_edit_2511_fp8mixed layout: 2-D weights fp8 with a power-of-two ``weight_scale`` and a
+    ``comfy_quant`` descriptor, the rest bf16, plus the 2511 marker. Exact: the weights are fp8 values already."""
+    out, layers = {}, {}
+    for key, tensor in sd.items():
+        if tensor.ndim == 2 and key.endswith(".weight") and "embed" not in key:  # as _round_fp8_: embeddings bf16
+            layer, scale = key[: -len(".weight")], _pow2_scale(tensor)
+            out[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[layer + ".weight_scale"] = torch.tensor(scale, dtype=torch.float32)
+            descriptor = json.dumps({"format": "float8_e4m3fn"}).encode()
+            out[layer + ".comfy_quant"] = torch.tensor(list(descriptor), dtype=torch.uint8)
+            layers[layer] = {"format": "float8_e4m3fn"}
+        else:
+            out[key] = tensor.to(torch.bfloat16)
+    out[ZERO_COND_MARKER] = torch.zeros(0)
+    return out, {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
 
 
 def text_encoder_to_comfy(sd: dict) -> dict:
@@ -260,33 +293,9 @@ def transformer_to_comfy(sd: dict) -> dict:
     return {f"model.diffusion_model.{k}": v for k, v in sd.items()}
 
 
-def write_gguf(sd: dict, path: Path, quant: str = "Q8_0") -> None:
-    """GGUF with 2-D weights whose rows split into 32-blocks quantized, the rest F32 (city96's layout)."""
-    import gguf
-    import numpy as np
-
-    qtype = getattr(gguf.GGMLQuantizationType, quant)
-    writer = gguf.GGUFWriter(str(path), arch="qwen_image")
-    writer.add_name("Qwen-Image-Edit-2509")
-    for name, tensor in sd.items():
-        array = tensor.float().contiguous().numpy()
-        if array.ndim == 2 and array.shape[1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _save(sd: dict, path: Path, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-               for k, v in sd.items()}
-    save_file(tensors, str(path), metadata=metadata)
+def write_gguf(sd: dict, path: Path, quant: str = "Q8_0", name: str | None = "Qwen-Image-Edit-2509") -> None:
+    """``name`` is written as ``general.name`` (None: no name, as some converters leave it)."""
+    tiny_files.write_gguf(sd, path, quant, arch="qwen_image", name=name)
 
 
 def _fp8_file(sd: dict, scales: dict | None) -> dict:
@@ -336,6 +345,14 @@ def make_qwen_image_models(out_dir: str | Path, components: dict | None = None) 
     _save(transformer_to_comfy(_fp8_file(transformer_sd, None)), paths["fp8"])
     paths["gguf"] = out / "diffusion_models" / FILES["gguf"]
     write_gguf(transformer_sd, paths["gguf"])
+    paths["bf16_2511"] = out / "diffusion_models" / FILES["bf16_2511"]
+    _save(transformer_to_comfy({**transformer_sd, ZERO_COND_MARKER: torch.zeros(0)}), paths["bf16_2511"],
+          torch.bfloat16)
+    paths["fp8mixed_2511"] = out / "diffusion_models" / FILES["fp8mixed_2511"]
+    mixed, metadata = fp8mixed_2511(transformer_sd)
+    _save(transformer_to_comfy(mixed), paths["fp8mixed_2511"], metadata=metadata)
+    paths["gguf_2511"] = out / "diffusion_models" / FILES["gguf_2511"]
+    write_gguf(transformer_sd, paths["gguf_2511"], name=None)  # no marker, no title: only the name says 2511
     paths["vae"] = out / "vae" / FILES["vae"]
     _save(vae_to_wan(components["vae"].state_dict()), paths["vae"], torch.bfloat16)
     te_sd = components["text_encoder"].state_dict()
@@ -353,13 +370,7 @@ def _comfy_key(key: str) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    paths = make_qwen_image_models(parser.parse_args(argv).out_dir)
-    sys.stdout.write("".join(f"{role:>8}: {path}\n" for role, path in sorted(paths.items())))
-    return 0
+    return tiny_files.main(make_qwen_image_models, __doc__, argv)
 
 
 if __name__ == "__main__":
@@ -373,8 +384,5 @@ _TREE: dict = {}
 
 
 def qwen_tree(tmp_root: Path) -> dict:
-    """Components and written files, built once per process (both test modules share them)."""
-    if not _TREE:
-        components = tiny_components()
-        _TREE.update(components=components, paths=make_qwen_image_models(tmp_root, components))
-    return _TREE
+    """Components and written files, built once per process (the Qwen test modules share them)."""
+    return tiny_files.cached_tree(_TREE, tmp_root, tiny_components, lambda root, built: make_qwen_image_models(root, built))

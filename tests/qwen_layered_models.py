@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_files  # noqa: E402
 from qwen_image_models import (  # noqa: E402
     SEED,
     TINY_TRANSFORMER,
@@ -261,13 +262,7 @@ def make_qwen_layered_models(out_dir: str | Path, components: dict | None = None
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    paths = make_qwen_layered_models(parser.parse_args(argv).out_dir)
-    sys.stdout.write("".join(f"{role:>10}: {path}\n" for role, path in sorted(paths.items())))
-    return 0
+    return tiny_files.main(make_qwen_layered_models, __doc__, argv)
 
 
 if __name__ == "__main__":
@@ -279,7 +274,4 @@ _TREE: dict = {}
 
 def layered_tree(tmp_root: Path) -> dict:
     """Components and written files, built once per process."""
-    if not _TREE:
-        components = tiny_components()
-        _TREE.update(components=components, paths=make_qwen_layered_models(tmp_root, components))
-    return _TREE
+    return tiny_files.cached_tree(_TREE, tmp_root, tiny_components, lambda root, built: make_qwen_layered_models(root, built))

@@ -15,6 +15,7 @@ from packload import ROOT
 NODES = sorted(editkit.NODE_CLASS_MAPPINGS.items())
 COMFY_IMPORT = re.compile(r"^\s*(import|from)\s+(comfy|comfy_extras|comfy_execution|folder_paths|latent_preview|server|execution)\b")
 SOCKET_TYPES_WITHOUT_WIDGET = {"IMAGE", "MASK", "LATENT", "CONDITIONING"}
+TEXT_OUTPUTS = {"STRING"}  # ComfyUI's text type: shown by a text display node (the Qwen loader's 'variant')
 
 
 def test_pack_exports_nodes():
@@ -44,7 +45,7 @@ def test_node_contract(name, cls, models_root):
             elif kind in ("INT", "FLOAT"):
                 assert options["min"] <= options["default"] <= options["max"], f"{name}.{input_name} default range"
     for type_name in cls.RETURN_TYPES:
-        assert type_name in SOCKET_TYPES_WITHOUT_WIDGET or type_name.startswith("EDITKIT_") or type_name == "MASK"
+        assert type_name in SOCKET_TYPES_WITHOUT_WIDGET | TEXT_OUTPUTS or type_name.startswith("EDITKIT_")
 
 
 def test_pack_imports_without_comfyui():

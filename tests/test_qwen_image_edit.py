@@ -1,4 +1,4 @@
-"""Qwen-Image-Edit-2509 edits equal diffusers' reference pipeline, and keep EditKit's promises.
+"""Qwen-Image-Edit-2509 and -2511 edits equal diffusers' reference pipeline, and keep EditKit's promises.
 
 Parity runs diffusers' ``QwenImageEditPlusPipeline`` (and ``QwenImageEditPipeline`` for the original
 Edit) on the same tiny weights, with the module constants for the vision-language and VAE copy
@@ -14,13 +14,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_image_models import qwen_tree, reference_pipeline
+from qwen_image_models import qwen_tree, reference_pipeline, transformer_2511
 
 from editkit.pipelines.core.errors import EditKitError
-from editkit.pipelines.core.runtime import TorchRuntime
+from editkit.pipelines.core.runtime import Component, TorchRuntime
 from editkit.pipelines.qwen_image import sizes
 from editkit.pipelines.qwen_image.edit import edit
-from editkit.pipelines.qwen_image.loading import EDIT, scheduler_config, transformer_source, vae_source
+from editkit.pipelines.qwen_image.loading import (
+    EDIT,
+    EDIT_2509,
+    EDIT_2511,
+    scheduler_config,
+    transformer_source,
+    vae_source,
+)
 from editkit.pipelines.qwen_image.text import text_encoder_source
 
 F32 = torch.float32
@@ -95,6 +102,54 @@ def test_edit_equals_diffusers_edit_plus(count, cfg, tree, models):
     assert ours.images.shape == expected.shape == (1, 3, 48, 80)
     assert (ours.images - expected).abs().max() < 1e-5
     assert expected.std() > 0.05  # a real picture, not a constant
+
+
+@pytest.fixture(scope="module")
+def models_2511(tree, models):
+    """The 2509 models with the transformer from ComfyUI's 2511 file (the same weights, marked 2511)."""
+    transformer = transformer_source(None, tree["paths"]["bf16_2511"], F32).get()
+    assert transformer.module.config.zero_cond_t
+    return {**models, "transformer": transformer}
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_2511_edit_equals_diffusers_edit_plus_with_zero_cond_t(count, cfg, tree, models, models_2511):
+    pils, tensors = zip(*(picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:count])))
+    prompt, negative = "change the blue tracksuit to red", "blurry, low quality"
+    common = dict(negative_prompt=negative, true_cfg_scale=cfg, output=sizes.OutputSize(), references=REFERENCE)
+    ours = run_edit(models_2511, list(tensors), prompt, variant=EDIT_2511, **common)
+    pipe = reference_pipeline({**tree["components"], "transformer": transformer_2511(tree["components"])})
+    expected = reference_edit(pipe, list(pils), prompt, negative=negative if cfg > 1 else None, cfg=cfg, steps=2,
+                              seed=7, width=80, height=48)
+    assert ours.images.shape == expected.shape == (1, 3, 48, 80)
+    assert (ours.images - expected).abs().max() < 1e-5
+    as_2509 = run_edit(models, list(tensors), prompt, variant=EDIT_2509, **common)  # 2511's weights without the switch
+    assert (as_2509.images - expected).abs().max() > 20 * 1e-5  # well outside the parity tolerance
+    assert (as_2509.latents - ours.latents).abs().max() > 1e-3
+
+
+def test_2511_batched_true_cfg_equals_unbatched(models_2511):
+    """Both CFG branches in one call: zero_cond_t's timestep-0 rows follow the doubled batch."""
+    tensors = [picture(64, 48, seed=5)[1], picture(48, 48, seed=6)[1]]
+    common = dict(negative_prompt="blurry, oversaturated, extra fingers", true_cfg_scale=5.0, steps=3, batch_size=2,
+                  variant=EDIT_2511)
+    batched = run_edit(models_2511, tensors, cfg_batched=True, **common)
+    unbatched = run_edit(models_2511, tensors, cfg_batched=False, **common)
+    assert (batched.latents - unbatched.latents).abs().max() < 1e-5
+
+
+def test_2509_file_gives_todays_edit_bit_for_bit(tree, models):
+    """The 2509 transformer file loads without zero_cond_t: the edit equals the one the untouched in-memory model
+    (never passed through the loader) gives, bit for bit."""
+    loaded = transformer_source(None, tree["paths"]["bf16"], F32).get()
+    assert loaded.module.config.zero_cond_t is False
+    untouched = Component(tree["components"]["transformer"], "diffusion", "in-memory 2509", F32)
+    tensors = [picture(80, 48, seed=0)[1], picture(48, 64, seed=1)[1]]
+    for cfg in (1.0, 4.0):
+        got = run_edit({**models, "transformer": loaded}, tensors, true_cfg_scale=cfg, references=REFERENCE)
+        want = run_edit({**models, "transformer": untouched}, tensors, true_cfg_scale=cfg, references=REFERENCE)
+        assert torch.equal(got.images, want.images) and torch.equal(got.latents, want.latents)
 
 
 def test_original_edit_variant_equals_diffusers_edit_pipeline(tree, models):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from qwen_image_models import qwen_tree
+from qwen_image_models import qwen_tree, transformer_2511, write_gguf
 from safetensors.torch import load_file, save_file
 
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
@@ -20,6 +20,7 @@ from editkit.pipelines.qwen_image.edit import edit
 from editkit.pipelines.qwen_image.loading import (
     EDIT,
     EDIT_2509,
+    EDIT_2511,
     QwenImageModel,
     scheduler_config,
     transformer_source,
@@ -43,6 +44,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     return qwen_tree(tmp_path_factory.mktemp("qwen_models"))["paths"]
+
+
+@pytest.fixture(scope="module")
+def components(paths):
+    return qwen_tree(paths["folder"].parents[1])["components"]
 
 
 def _forward(component, seed=0):
@@ -160,6 +166,77 @@ def test_variant_comes_from_the_folder_the_file_name_or_the_gguf_metadata(paths,
     unknown = tmp_path / "my_finetune.safetensors"
     unknown.write_bytes(paths["fp8"].read_bytes())
     assert loading.resolve_variant("auto", None, unknown) == EDIT_2509
+
+
+# --------------------------------------------------------------------------------------
+# Qwen-Image-Edit-2511: told by its weights in every loading path, by its name only as a fallback
+
+
+@pytest.fixture(scope="module")
+def folder_2511(paths, components, tmp_path_factory):
+    """Qwen/Qwen-Image-Edit-2511's layout: the 2509 folder's files, a transformer config with zero_cond_t."""
+    folder = tmp_path_factory.mktemp("diffusers") / "My-Edit"  # a name that says nothing
+    folder.mkdir()
+    for name in ("vae", "text_encoder", "tokenizer", "processor", "scheduler", "model_index.json"):
+        (folder / name).symlink_to(paths["folder"] / name)
+    transformer_2511(components).to(torch.bfloat16).save_pretrained(str(folder / "transformer"))
+    return folder
+
+
+def _is_2511(component) -> bool:
+    return bool(component.module.config.zero_cond_t)
+
+
+def test_2511_folder_is_told_by_its_transformer_config(paths, folder_2511):
+    assert loading.detect_variant(folder_2511, None) == (EDIT_2511, "My-Edit/transformer/config.json (zero_cond_t)")
+    assert loading.resolve_variant("auto", folder_2511, None) == EDIT_2511
+    assert _is_2511(transformer_source(folder_2511, None, F32).get())
+    assert loading.detect_variant(paths["folder"], None)[0] == EDIT_2509
+    assert not _is_2511(transformer_source(paths["folder"], None, F32).get())
+    forced = transformer_source(folder_2511, None, F32, variant=EDIT_2509).get()  # the widget wins
+    assert not _is_2511(forced)
+
+
+@pytest.mark.parametrize("role", ["bf16_2511", "fp8mixed_2511"])
+def test_2511_single_files_are_told_by_comfyuis_marker_whatever_their_name(role, paths, tmp_path):
+    renamed = tmp_path / "my_edit_model.safetensors"  # a name that says nothing
+    renamed.write_bytes(paths[role].read_bytes())
+    for file in (paths[role], renamed):
+        assert loading.detect_variant(None, file) == (EDIT_2511, "the file's __index_timestep_zero__ tensor")
+        assert loading.resolve_variant("auto", None, file) == EDIT_2511
+    loaded = transformer_source(None, renamed, F32).get()
+    assert _is_2511(loaded)
+    reference = transformer_source(paths["folder"], None, F32).get().module.state_dict()
+    weights = loaded.module.state_dict()  # the marker is not a weight; fp8mixed's scales are applied exactly
+    assert set(weights) == set(reference) and all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_2511_gguf_is_told_by_the_marker_or_else_by_its_name(paths, components, tmp_path):
+    named = paths["gguf_2511"]  # unsloth's name, no marker, no general.name
+    assert loading.detect_variant(None, named) == (EDIT_2511, "the file name 'qwen-image-edit-2511-Q8_0.gguf'")
+    component = transformer_source(None, named, F32).get()
+    assert component.quantized and _is_2511(component)
+    marked = tmp_path / "edit-Q8_0.gguf"  # a converter that kept ComfyUI's marker
+    write_gguf({**components["transformer"].state_dict(), "__index_timestep_zero__": torch.zeros(0)}, marked,
+               name=None)
+    assert loading.detect_variant(None, marked) == (EDIT_2511, "the file's __index_timestep_zero__ tensor")
+    component = transformer_source(None, marked, F32).get()
+    assert component.quantized and _is_2511(component)
+    assert not _is_2511(transformer_source(None, paths["gguf"], F32).get())  # the 2509 GGUF
+
+
+def test_2511_name_is_the_fallback_and_the_widget_wins(paths, tmp_path):
+    named = tmp_path / "qwen_image_edit_2511_bf16_from_somewhere.safetensors"  # 2509-like file, no marker
+    named.write_bytes(paths["bf16"].read_bytes())
+    assert loading.detect_variant(None, named) == (EDIT_2511, f"the file name '{named.name}'")
+    assert _is_2511(transformer_source(None, named, F32).get())
+    assert loading.variant_from_text("Qwen-Image-Edit-2511") == EDIT_2511
+    assert loading.variant_from_text("qwen_image_edit_2509_bf16") == EDIT_2509
+    assert not _is_2511(transformer_source(None, paths["bf16_2511"], F32, variant=EDIT_2509).get())
+    assert _is_2511(transformer_source(None, paths["bf16"], F32, variant=EDIT_2511).get())
+    for role in ("bf16", "fp8", "gguf"):  # every 2509 file stays 2509
+        assert loading.detect_variant(None, paths[role])[0] == EDIT_2509
+        assert not _is_2511(transformer_source(None, paths[role], F32).get())
 
 
 def test_text_to_image_qwen_image_is_refused_naming_what_was_found(paths, tmp_path):

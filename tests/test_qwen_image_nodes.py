@@ -62,6 +62,7 @@ def _write_loras(folder):
     save_file(peft, str(folder / "qwen_style_peft.safetensors"))
     save_file(comfy, str(folder / "qwen_style_comfy.safetensors"))
     save_file(comfy, str(folder / "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"))
+    save_file(comfy, str(folder / "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"))
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8),
                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(24, 2)},
               str(folder / "flux_style.safetensors"))
@@ -73,7 +74,13 @@ def _image(width=64, height=48, seed=0, batch=1) -> torch.Tensor:
 
 
 def _load(**kwargs):
-    return call_node(EditKitQwenImageLoader, diffusers_folder="Qwen-Image-Edit-2509", weight_dtype="fp32", **kwargs)
+    """The loader's first three outputs (model, text encoder, VAE)."""
+    return _load_all(**kwargs)[:3]
+
+
+def _load_all(**kwargs):
+    kwargs.setdefault("diffusers_folder", "Qwen-Image-Edit-2509")
+    return call_node(EditKitQwenImageLoader, weight_dtype="fp32", **kwargs)
 
 
 SMALL = dict(steps=2, custom_vl_size=56, custom_vae_size=64, reference_size="custom", true_cfg_scale=1.0)
@@ -119,10 +126,9 @@ def test_edit_reads_4d_and_5d_latents():
 
 
 def test_single_files_in_the_loader():
-    model, text, vae = call_node(
-        EditKitQwenImageLoader, diffusers_folder="Qwen-Image-Edit-2509",
+    model, text, vae = _load(
         transformer_file="Qwen-Image-Edit-2509-Q8_0.gguf", text_encoder_file="qwen_2.5_vl_7b_fp8_scaled.safetensors",
-        vae_file="qwen_image_vae.safetensors", weight_dtype="fp32")
+        vae_file="qwen_image_vae.safetensors")
     assert model.transformer.get().quantized
     image, _ = _edit(model, text, vae)
     assert image.shape == (1, 48, 64, 3)
@@ -160,8 +166,7 @@ def test_lora_strength_zero_equals_the_base_and_the_base_stays_unchanged():
 
 
 def test_lora_on_a_gguf_transformer_keeps_it_quantized():
-    model, text, vae = call_node(EditKitQwenImageLoader, diffusers_folder="Qwen-Image-Edit-2509",
-                                 transformer_file="Qwen-Image-Edit-2509-Q8_0.gguf", weight_dtype="fp32")
+    model, text, vae = _load(transformer_file="Qwen-Image-Edit-2509-Q8_0.gguf")
     base, _ = _edit(model, text, vae, seed=6)
     (zero,) = call_node(EditKitQwenImageLora, model=model, lora_name="qwen_style_comfy.safetensors", strength=0.0)
     (one,) = call_node(EditKitQwenImageLora, model=model, lora_name="qwen_style_comfy.safetensors", strength=1.0)
@@ -192,6 +197,36 @@ def test_lightning_lora_samples_with_its_schedule_at_4_steps_without_cfg():
     assert len(lightning) == 5 and float(lightning[-1]) == 0.0 and not torch.allclose(lightning, own)
     image, _ = _edit(fast, text, vae, steps=4, true_cfg_scale=1.0)
     assert image.shape == (1, 48, 64, 3) and torch.isfinite(image).all()
+
+
+def test_loader_says_which_variant_it_loaded(caplog):
+    with caplog.at_level("INFO", logger="EditKit"):
+        *_, said = _load_all()
+    assert said == "Qwen-Image-Edit-2509, from Qwen-Image-Edit-2509/model_index.json"
+    assert "EditKit · Qwen-Image Loader: Qwen-Image-Edit-2509" in caplog.text
+    model, _, _, said = _load_all(diffusers_folder="(none)", transformer_file="qwen_image_edit_2511_bf16.safetensors")
+    assert said == "Qwen-Image-Edit-2511, from the file's __index_timestep_zero__ tensor"
+    assert "Qwen-Image-Edit-2511" in repr(model)
+    *_, said = _load_all(transformer_file="qwen-image-edit-2511-Q8_0.gguf")
+    assert said == "Qwen-Image-Edit-2511, from the file name 'qwen-image-edit-2511-Q8_0.gguf'"
+    *_, said = _load_all(transformer_file="qwen_image_edit_2511_bf16.safetensors", variant="Qwen-Image-Edit-2509")
+    assert said == "Qwen-Image-Edit-2509 (set in the loader)"
+
+
+def test_2511_lightning_lora_takes_the_2509_path_on_the_2511_model():
+    """lightx2v's Qwen-Image-Edit-2511-Lightning LoRA: same keys, same hooks, same 4-step schedule as 2509's."""
+    model, text, vae = _load(transformer_file="qwen_image_edit_2511_bf16.safetensors")
+    assert model.variant == "Qwen-Image-Edit-2511" and model.transformer.get().module.config.zero_cond_t
+    base, _ = _edit(model, text, vae, steps=4, seed=8, image2=_image(32, 32, 1))
+    (fast,) = call_node(EditKitQwenImageLora, model=model,
+                        lora_name="Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors", strength=1.0)
+    (same_2509,) = call_node(EditKitQwenImageLora, model=model,
+                             lora_name="Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", strength=1.0)
+    assert fast.schedule == lightning_scheduler_config() and fast.variant == "Qwen-Image-Edit-2511"
+    lit, _ = _edit(fast, text, vae, steps=4, seed=8, image2=_image(32, 32, 1))
+    assert (lit - base).abs().max() > 1e-3  # the LoRA acts on the 2511 model
+    assert torch.equal(lit, _edit(same_2509, text, vae, steps=4, seed=8, image2=_image(32, 32, 1))[0])
+    assert torch.equal(base, _edit(model, text, vae, steps=4, seed=8, image2=_image(32, 32, 1))[0])  # base untouched
 
 
 def test_lora_of_another_family_is_refused():

@@ -58,6 +58,7 @@ EXPECTED_OUTPUTS = {
     "qwen_edit_text": {"EditKit/qwen_edit_text": (1, 128, 128)},
     "qwen_edit_multi_image": {"EditKit/qwen_edit_multi_image": (1, 112, 128)},
     "ben2_qwen_edit": {"EditKit/ben2_qwen_edit": (1, 112, 128)},
+    "qwen_edit_2511": {"EditKit/qwen_edit_2511": (1, 128, 128)},  # "match image 1": the 768² portrait shrunk
     "qwen_image_layered_decompose": {"EditKit/qwen_layered": (4, 64, 64)},  # 4 layers, resolution 640 → 64
     "flux2_klein_edit": {"EditKit/flux2_klein_edit": (1, 112, 128)},  # "from image_1": the tracksuit shrunk
     "flux2_klein_multi_reference": {"EditKit/flux2_klein_multi_reference": (1, 112, 128)},
@@ -245,7 +246,16 @@ def promise_rgba_layers(ran: Ran) -> None:
         assert np.array_equal(layer[..., 3], np.clip(255.0 * alpha[index], 0, 255).astype(np.uint8))
 
 
+def promise_2511_from_its_weights(ran: Ran) -> None:
+    """The loader says it loaded Qwen-Image-Edit-2511, recognised by the file's marker tensor, and the transformer
+    the edit ran with has zero_cond_t on."""
+    said = ran.node_output("1", 3)
+    assert said == "Qwen-Image-Edit-2511, from the file's __index_timestep_zero__ tensor", said
+    assert ran.node_output("1", 0).transformer.get().module.config.zero_cond_t
+
+
 PROMISES = {
+    "qwen_edit_2511": promise_2511_from_its_weights,
     "qwen_image_layered_decompose": promise_rgba_layers,
     "ben2_qwen_edit": promise_subject_only_edit,
     "flux_fill_inpaint": promise_inpaint,
@@ -291,11 +301,12 @@ def test_substitutions_shrink_without_changing_the_graph():
 
 @pytest.fixture()
 def bundled_tokenizers(models_root, monkeypatch):
-    """Stand-ins for the tokenizer files ComfyUI bundles (single-file CLIP-L/T5 need them): the tiny ones."""
+    """Stand-ins for the tokenizer files ComfyUI bundles (single-file CLIP-L/T5/Qwen2.5-VL need them): the tiny ones."""
     from editkit.nodes import comfy_bridge
 
     folder = models_root / "diffusers" / "FLUX.1-Fill-dev"
-    found = {"clip_l": folder / "tokenizer", "t5": folder / "tokenizer_2"}
+    found = {"clip_l": folder / "tokenizer", "t5": folder / "tokenizer_2",
+             "qwen25": models_root / "diffusers" / "Qwen-Image-Edit-2509" / "tokenizer"}
     original = comfy_bridge.comfy_tokenizer_dir
     monkeypatch.setattr(comfy_bridge, "comfy_tokenizer_dir", lambda which: found.get(which) or original(which))
 

@@ -25,7 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tiny_models import FILL_FOLDER, SEED, TINY_TRANSFORMER, _randomize_, _round_, _save  # noqa: E402
+from tiny_files import randomize_ as _randomize_  # noqa: E402
+from tiny_files import round_ as _round_  # noqa: E402
+from tiny_files import save as _save  # noqa: E402
+
+from make_tiny_models import FILL_FOLDER, SEED, TINY_TRANSFORMER  # noqa: E402
 
 REDUX_FOLDER = "FLUX.1-Redux-dev"
 DEV_FOLDER = "FLUX.1-dev"

@@ -17,6 +17,8 @@ Q8_0 rounding only).
 from __future__ import annotations
 
 import torch
+from tiny_files import randomize_ as _randomize_
+from tiny_files import round_ as _round_
 
 FOLDER = "Z-Image-Turbo"
 TRANSFORMER_FILE = "z_image_turbo_bf16.safetensors"
@@ -44,21 +46,6 @@ CHAT_TEMPLATE = (
     "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-def _round_(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(dtype).float())
-
-
-def _randomize_(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
-    """Zero-initialised parameters (pad tokens, some outputs) get random values, so every weight matters."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and tensor.abs().max() == 0 and "norm" not in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
 def tiny_tokenizer():
@@ -166,7 +153,8 @@ def make_zimage_models(out) -> dict:
     """Write the Z-Image part of the tiny models tree into ``out``; return the main paths by role."""
     from pathlib import Path
 
-    from make_tiny_models import _save, write_gguf
+    from tiny_files import save as _save
+    from tiny_files import write_gguf
 
     out = Path(out)
     pipe = tiny_pipeline()

@@ -190,6 +190,19 @@ class LoraWeights:
         return f"<EditKit {self.family.display} LoRA {self.name}: {len(self.layers)} layers>"
 
 
+def record_layer(converted: dict, alphas: dict, targets, down: torch.Tensor, alpha=None) -> None:
+    """Record one original-layout LoRA layer as diffusers ``lora_A`` / ``lora_B`` pairs.
+
+    A fused layer (FLUX.1's ``linear1``, Z-Image's ``qkv``) fans out to several diffusers modules: each gets
+    the same down matrix, its own rows of the up matrix (``targets``: ``(module, rows)``), and the layer's alpha.
+    """
+    for target, rows in targets:
+        converted[f"{target}.lora_A.weight"] = down
+        converted[f"{target}.lora_B.weight"] = rows
+        if alpha is not None:
+            alphas[target] = float(alpha)
+
+
 def _read_file(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     import safetensors
 

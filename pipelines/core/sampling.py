@@ -72,13 +72,20 @@ def linear_sigmas(total: int) -> np.ndarray:
 
 
 def dynamic_shift_mu(config: dict, image_seq_len: int) -> float:
-    """The ``mu`` of resolution-dependent shifting: linear in the token count between the config's bounds."""
-    base_len = config.get("base_image_seq_len", 256)
-    max_len = config.get("max_image_seq_len", 4096)
-    base_shift = config.get("base_shift", 0.5)
-    max_shift = config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + (base_shift - slope * base_len)
+    """The ``mu`` of resolution-dependent shifting, by diffusers' own ``calculate_shift``.
+
+    The bounds come from the scheduler config (diffusers' pipelines pass the same keys); the
+    defaults are the function's own, so a config without them shifts as the pipelines do.
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    bounds = {
+        "base_seq_len": "base_image_seq_len",
+        "max_seq_len": "max_image_seq_len",
+        "base_shift": "base_shift",
+        "max_shift": "max_shift",
+    }
+    return calculate_shift(image_seq_len, **{arg: config[key] for arg, key in bounds.items() if key in config})
 
 
 def check_partial(denoise: float, convention: str) -> None:
@@ -142,11 +149,13 @@ def flow_schedule(
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise from ``seed`` drawn on the CPU in float32, as ComfyUI draws its initial noise.
 
-    The noise is the same on every device (kernels may still differ between GPUs), and no other
-    node's use of the global RNG changes it.
+    diffusers' ``randn_tensor`` with a CPU generator: the noise is the same on every device
+    (kernels may still differ between GPUs), and no other node's use of the global RNG changes it.
     """
+    from diffusers.utils.torch_utils import randn_tensor
+
     generator = torch.Generator("cpu").manual_seed(int(seed) % (2**64))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    return randn_tensor(tuple(shape), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.family import ComponentSpec
+from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 from . import layout as flux_layout
@@ -139,38 +140,12 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    from diffusers import FluxTransformer2DModel
-
-    precision = _precision(dtype, storage)
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    try:
-        model = FluxTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a diffusers FluxTransformer2DModel") from exc
-    model.eval().requires_grad_(False)
-    apply_precision(model, precision)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
-
-
-def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
-                       storage: torch.dtype | None = None) -> LazyModel:
-    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``.
-
-    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``) and
-    cast layer by layer (core.precision).
-    """
-    storage = None if storage == dtype else storage
-    if file is None and folder is None:
-        return unavailable("FLUX.1 transformer",
-                           "No transformer: pick a diffusers folder or a transformer file in EditKit · Flux Loader.")
-    if file is not None:
-        return LazyModel(("transformer", file_key(file), dtype, storage),
-                         lambda: _transformer_from_file(file, dtype, storage), f"FLUX.1 transformer {file.name}")
-    return LazyModel(("transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
-                     lambda: _transformer_from_folder(folder, dtype, storage), f"FLUX.1 transformer of {folder.name}")
+TRANSFORMER = ComponentSpec(
+    tag="transformer", what="FLUX.1 transformer", subfolder="transformer", model_class="FluxTransformer2DModel",
+    kind="diffusion", from_file=_transformer_from_file, casts=True,
+    missing="No transformer: pick a diffusers folder or a transformer file in EditKit · Flux Loader.",
+)
+transformer_source = TRANSFORMER.source
 
 
 # --------------------------------------------------------------------------------------
@@ -219,28 +194,18 @@ def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "vae", path.name, dtype)
 
 
-def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKL
-
-    sub = folder / "vae"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
-    model = AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    if model.config.latent_channels != 16:
-        raise ModelFileError(sub, f"A VAE with {model.config.latent_channels} latent channels (not FLUX.1's 16)",
+def _check_vae(module, sub: Path) -> None:
+    if module.config.latent_channels != 16:
+        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.1's 16)",
                              VAE_EXPECTED)
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", f"{folder.name}/vae", dtype)
 
 
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    if file is None and folder is None:
-        return unavailable("FLUX.1 VAE",
-                           "No VAE: pick a diffusers folder or a VAE file (ae.safetensors) in EditKit · Flux Loader.")
-    if file is not None:
-        return LazyModel(("vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype), f"VAE {file.name}")
-    return LazyModel(("vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
-                     lambda: _vae_from_folder(folder, dtype), f"VAE of {folder.name}")
+VAE = ComponentSpec(
+    tag="vae", what="FLUX.1 VAE", subfolder="vae", model_class="AutoencoderKL", kind="vae",
+    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype), check_module=_check_vae,
+    missing="No VAE: pick a diffusers folder or a VAE file (ae.safetensors) in EditKit · Flux Loader.",
+)
+vae_source = VAE.source
 
 
 # --------------------------------------------------------------------------------------

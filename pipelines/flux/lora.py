@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from ..core.lora import LoraFamily, diffusers_converter
+from ..core.lora import LoraFamily, diffusers_converter, record_layer
 
 _ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _PREFIXES = (*_ORIGINAL_PREFIXES, "transformer.", "base_model.", "lora_", "text_encoder", "te.", "te1.", "te2.")
@@ -105,11 +105,7 @@ def _convert_own(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]
             targets = [("proj_out", up)]
         else:
             targets = [("norm_out.linear", _swap_halves(up))]
-        for target, rows in targets:
-            converted[f"{target}.lora_A.weight"] = down
-            converted[f"{target}.lora_B.weight"] = rows
-            if "alpha" in parts:
-                alphas[target] = float(parts["alpha"])
+        record_layer(converted, alphas, targets, down, parts.get("alpha"))
     return rest, converted, alphas
 
 

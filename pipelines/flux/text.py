@@ -14,20 +14,11 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
+from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
-from .loading import (
-    CLIP_EXPECTED,
-    CONFIG_DIR,
-    T5_EXPECTED,
-    LazyModel,
-    cast_stored_weights,
-    count_blocks,
-    file_key,
-    read_state_dict,
-    unavailable,
-)
+from .loading import CLIP_EXPECTED, CONFIG_DIR, T5_EXPECTED, count_blocks
 
 DEFAULT_T5_LENGTH = 512
 _CACHE_SIZE = 64

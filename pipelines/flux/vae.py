@@ -76,10 +76,14 @@ def _bytes(per_pixel: int, batch: int, height: int, width: int, dtype: torch.dty
 
 @contextlib.contextmanager
 def _tiled(vae: Component):
-    """Temporarily process in overlapping 512-pixel tiles (diffusers' tiling, smaller tiles)."""
+    """Temporarily process in overlapping 512-pixel tiles with diffusers' own tiling.
+
+    ``enable_tiling`` takes no tile size in diffusers 0.42.1, so the smaller tile (the default is the
+    sample size, 1024 px for FLUX's VAE) is set on the attributes it reads; both are restored after.
+    """
     module = vae.module
     saved = (module.use_tiling, module.tile_sample_min_size, module.tile_latent_min_size)
-    module.use_tiling = True
+    module.enable_tiling()
     module.tile_sample_min_size, module.tile_latent_min_size = _TILE_PIXELS, _TILE_PIXELS // 8
     try:
         yield

@@ -1,4 +1,4 @@
-"""The Qwen-Image-Edit(-2509) edit on the shared sampling core.
+"""The Qwen-Image-Edit(-2509, -2511) edit on the shared sampling core.
 
 What the family contributes is the prediction function: the running output tokens, followed
 by the packed reference latents of every picture (RoPE frame index 1, 2, ... in the
@@ -7,6 +7,13 @@ instruction with the pictures. The core owns the loop, the sampler, Qwen's "true
 rescaled) and progress / interrupt. Schedule, noise, packing, prompt templates and reference
 latents are those of diffusers' ``QwenImageEditPlusPipeline``, so with the "Qwen reference
 pipeline" sizes the result equals it (tests/test_qwen_image_edit.py).
+
+Qwen-Image-Edit-2511 runs the same edit; its transformer is loaded with ``zero_cond_t`` (see
+:mod:`.loading`), and diffusers' transformer then modulates the tokens ``img_shapes`` lists after the
+first entry (the reference pictures) with the embedding of timestep 0 and the output tokens with the
+step's. That is why ``img_shapes`` must list the output first and every reference after it, per
+row, exactly as the reference pipeline does; the comparison with QwenImageEditPlusPipeline on a
+2511-configured transformer is tested the same way.
 
 CFG's two branches run as one batched transformer call on accelerators (``cfg_batched`` None:
 batched except on a CPU, where two calls measured ~10 % faster per step at 512², see

@@ -29,14 +29,15 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
+from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
-from . import loading as qwen_loading
-from .loading import (
+from .loading import (  # noqa: F401 (dequantize_comfy_mixed: re-exported, it was defined here)
     CONFIG_DIR,
     _describe_foreign,
     _load_json,
+    dequantize_comfy_mixed,
     strip_comfy_prefix,
     transformer_config_from_state_dict,
 )
@@ -73,29 +74,6 @@ def not_layered_message(what: str) -> str:
 
 # --------------------------------------------------------------------------------------
 # Transformer
-
-
-def dequantize_comfy_mixed(sd: dict, dtype: torch.dtype) -> dict:
-    """ComfyUI's mixed-precision files → plain weights in ``dtype``, in place.
-
-    Quantized layers store ``<layer>.weight`` in float8_e4m3fn with a float32 ``<layer>.weight_scale``
-    (``weight = stored * scale``); ``input_scale`` (activation calibration) and per-layer ``comfy_quant``
-    descriptors are not weights. Other formats of that scheme (int8 blocks, fp4) are refused by name.
-    """
-    scales = [k for k in sd if k.endswith(".weight_scale")]
-    for key in scales:
-        layer = key[: -len(".weight_scale")]
-        weight = sd.get(layer + ".weight")
-        scale = sd.pop(key)
-        if weight is None or weight.dtype != torch.float8_e4m3fn or scale.numel() != 1:
-            raise EditKitError(
-                f"'{layer}' is quantized in a format EditKit does not read (only ComfyUI's per-tensor float8_e4m3fn "
-                "layers are). Use the bf16 or fp8mixed file, or a .gguf."
-            )
-        sd[layer + ".weight"] = (weight.float() * scale.float()).to(dtype)
-    for key in [k for k in sd if k.endswith((".input_scale", ".comfy_quant", ".weight_scale_2"))]:
-        del sd[key]
-    return sd
 
 
 def _dense_embedding(sd: dict, dtype: torch.dtype) -> None:
@@ -154,30 +132,19 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    """The family's folder loader, refusing a transformer that is not the Layered one."""
-
-    def check(config: dict, sub: Path) -> None:
-        if not is_layered(config):
-            raise ModelFileError(sub, not_layered_message(f"The folder '{folder.name}'"), TRANSFORMER_EXPECTED)
-
-    return qwen_loading._transformer_from_folder(folder, dtype, storage, check_config=check)
+def _refuse_other_transformers(config: dict, sub: Path) -> None:
+    if not is_layered(config):
+        raise ModelFileError(sub, not_layered_message(f"The folder '{sub.parent.name}'"), TRANSFORMER_EXPECTED)
 
 
-def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
-                       storage: torch.dtype | None = None) -> LazyModel:
-    """A lazily loaded Layered transformer: ``file`` if given, else the folder's ``transformer``."""
-    storage = None if storage == dtype else storage
-    if file is None and folder is None:
-        return unavailable("Qwen-Image-Layered transformer", "No transformer: pick the Qwen-Image-Layered diffusers "
-                           "folder or a transformer file in EditKit · Qwen-Image-Layered Loader.")
-    if file is not None:
-        return LazyModel(("qwen_layered_transformer", file_key(file), dtype, storage),
-                         lambda: _transformer_from_file(file, dtype, storage),
-                         f"Qwen-Image-Layered transformer {file.name}")
-    return LazyModel(("qwen_layered_transformer", file_key(folder / "transformer" / "config.json"), str(folder),
-                      dtype, storage), lambda: _transformer_from_folder(folder, dtype, storage),
-                     f"Qwen-Image-Layered transformer of {folder.name}")
+TRANSFORMER = ComponentSpec(
+    tag="qwen_layered_transformer", what="Qwen-Image-Layered transformer", subfolder="transformer",
+    model_class="QwenImageTransformer2DModel", kind="diffusion", from_file=_transformer_from_file, casts=True,
+    check_config=_refuse_other_transformers,
+    missing="No transformer: pick the Qwen-Image-Layered diffusers folder or a transformer file in EditKit · "
+            "Qwen-Image-Layered Loader.",
+)
+transformer_source = TRANSFORMER.source
 
 
 def check_transformer(component: Component) -> None:
@@ -235,27 +202,14 @@ def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "vae", path.name, dtype)
 
 
-def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLQwenImage
-
-    sub = folder / "vae"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
-    _check_rgba(int(_load_json(sub / "config.json").get("input_channels", 3)), sub)
-    model = AutoencoderKLQwenImage.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", f"{folder.name}/vae", dtype)
-
-
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    if file is None and folder is None:
-        return unavailable("Qwen-Image-Layered VAE", "No VAE: pick the Qwen-Image-Layered diffusers folder or "
-                           "qwen_image_layered_vae.safetensors in EditKit · Qwen-Image-Layered Loader.")
-    if file is not None:
-        return LazyModel(("qwen_layered_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
-                         f"Qwen-Image-Layered VAE {file.name}")
-    return LazyModel(("qwen_layered_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
-                     lambda: _vae_from_folder(folder, dtype), f"Qwen-Image-Layered VAE of {folder.name}")
+VAE = ComponentSpec(
+    tag="qwen_layered_vae", what="Qwen-Image-Layered VAE", subfolder="vae", model_class="AutoencoderKLQwenImage",
+    kind="vae", from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    check_config=lambda config, sub: _check_rgba(int(config.get("input_channels", 3)), sub),
+    missing="No VAE: pick the Qwen-Image-Layered diffusers folder or qwen_image_layered_vae.safetensors in "
+            "EditKit · Qwen-Image-Layered Loader.",
+)
+vae_source = VAE.source
 
 
 def check_vae(component: Component) -> None:

@@ -10,16 +10,25 @@ Sources (the ones ComfyUI users have):
   converted with diffusers' own Wan converter) or a diffusers-layout file;
 * the Qwen2.5-VL text encoder: see :mod:`.text`.
 
-Qwen-Image, Qwen-Image-Edit and Qwen-Image-Edit-2509 share one architecture, so the weights
-cannot tell them apart. The variant is read from the folder's ``model_index.json``, else from
-the file's metadata (GGUF ``general.name``, safetensors header) or name; the loader's ``variant``
-widget overrides it. Single files load with the configs in ``configs/``; sizes that tensor
-shapes reveal are read from the file. Loaded models are shared through the weak cache of
-:mod:`..core.loading`, exactly like the Flux loaders.
+Qwen-Image, Qwen-Image-Edit, -2509 and -2511 share one architecture and one set of weight names.
+Qwen-Image-Edit-2511 differs in one switch, diffusers' ``zero_cond_t``: the reference pictures'
+tokens are modulated with the embedding of timestep 0 (a second modulation, selected per token),
+while the output tokens get the step's timestep. Its weights are otherwise 2509-shaped, so loading
+a 2511 file as 2509 runs without error and silently gives other pictures. The 2511 files say what
+they are: the diffusers folder's ``transformer/config.json`` sets ``zero_cond_t``, and ComfyUI's
+single files (bf16, fp8mixed, and GGUFs converted from them) carry an empty marker tensor
+``__index_timestep_zero__`` (ComfyUI reads it to pick its ``index_timestep_zero`` reference
+method). Those are read first; only when the weights say nothing does the folder's
+``model_index.json``, the file's metadata (GGUF ``general.name``, safetensors header) or its name
+decide ("2511" there still selects 2511: GGUF converters may drop the empty marker). The loader's
+``variant`` widget overrides all of it. Single files load with the configs in ``configs/``; sizes
+that tensor shapes reveal are read from the file. Loaded models are shared through the weak cache
+of :mod:`..core.loading`, exactly like the Flux loaders.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -29,7 +38,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.family import ComponentSpec
+from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 
@@ -39,17 +49,21 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
 TRANSFORMER_EXPECTED = (
-    "a Qwen-Image-Edit-2509 transformer (ComfyUI's qwen_image_edit_2509_bf16.safetensors or "
-    "qwen_image_edit_2509_fp8_e4m3fn.safetensors, or a .gguf such as Qwen-Image-Edit-2509-Q8_0.gguf)"
+    "a Qwen-Image-Edit-2509 or -2511 transformer (ComfyUI's qwen_image_edit_2509_bf16.safetensors, "
+    "qwen_image_edit_2509_fp8_e4m3fn.safetensors, qwen_image_edit_2511_bf16.safetensors or "
+    "qwen_image_edit_2511_fp8mixed.safetensors, or a .gguf such as qwen-image-edit-2511-Q8_0.gguf)"
 )
 VAE_EXPECTED = "the Qwen-Image VAE (qwen_image_vae.safetensors, 16 latent channels)"
 
-# Variants: what the weights are, read from names because the architecture is identical.
+# Variants: what the weights are (see the module docstring for how each is recognised).
 EDIT_2509 = "Qwen-Image-Edit-2509"
+EDIT_2511 = "Qwen-Image-Edit-2511"  # 2509's pipeline and template; the transformer runs with zero_cond_t
 EDIT = "Qwen-Image-Edit"
 TEXT_TO_IMAGE = "Qwen-Image"
 LAYERED = "Qwen-Image-Layered"  # picture -> RGBA layers: its own loader and node
-VARIANTS = (EDIT_2509, EDIT)
+VARIANTS = (EDIT_2509, EDIT_2511, EDIT)
+PLUS_VARIANTS = (EDIT_2509, EDIT_2511)  # QwenImageEditPlusPipeline: any number of pictures, "Picture N:" template
+ZERO_COND_MARKER = "__index_timestep_zero__"  # the empty tensor ComfyUI's 2511 files carry (with its key prefix)
 EDIT_PIPELINES = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")  # model_index.json classes of edit models
 
 
@@ -73,10 +87,39 @@ def variant_from_text(text: str) -> str | None:
     if "layered" in t:
         return LAYERED
     if "edit" in t:
-        return EDIT_2509 if re.search(r"2509|2511|plus", t) else EDIT
+        if "2511" in t:
+            return EDIT_2511
+        return EDIT_2509 if re.search(r"2509|plus", t) else EDIT
     if "qwen_image" in t or "qwenimage" in t:
         return TEXT_TO_IMAGE
     return None
+
+
+def folder_zero_cond_t(folder: Path) -> bool:
+    """Whether the folder's transformer config sets ``zero_cond_t`` (Qwen-Image-Edit-2511's switch)."""
+    config = folder / "transformer" / "config.json"
+    return config.is_file() and bool(_load_json(config).get("zero_cond_t", False))
+
+
+def file_has_zero_cond_marker(path: Path) -> bool:
+    """Whether a weight file carries ComfyUI's ``__index_timestep_zero__`` marker (any key prefix).
+
+    Reads only the header: safetensors' key list, or GGUF's tensor table (the file is mapped, not read).
+    """
+    try:
+        if path.suffix.lower() == ".gguf":
+            import gguf
+
+            names = [tensor.name for tensor in gguf.GGUFReader(str(path)).tensors]
+        else:
+            import safetensors
+
+            with safetensors.safe_open(str(path), "pt") as handle:
+                names = list(handle.keys())
+    except Exception as exc:  # unreadable headers are reported by the real load
+        log.debug("EditKit: cannot list the tensors of %s (%s)", path.name, exc)
+        return False
+    return any(name == ZERO_COND_MARKER or name.endswith("." + ZERO_COND_MARKER) for name in names)
 
 
 def variant_from_folder(folder: Path) -> str | None:
@@ -85,7 +128,7 @@ def variant_from_folder(folder: Path) -> str | None:
         return None
     name = _load_json(index).get("_class_name", "")
     if name.startswith("QwenImageEditPlus"):
-        return EDIT_2509
+        return EDIT_2511 if folder_zero_cond_t(folder) else EDIT_2509
     if name.startswith("QwenImageEdit"):
         return EDIT
     if name.startswith("QwenImageLayered"):
@@ -119,8 +162,10 @@ def _file_titles(path: Path) -> list[str]:
 
 
 def detect_variant(folder: Path | None, file: Path | None) -> tuple[str | None, str]:
-    """``(variant or None, where it was read)`` for a transformer file or folder."""
+    """``(variant or None, where it was read)`` for a transformer file or folder: the weights first, then names."""
     if file is not None:
+        if file_has_zero_cond_marker(file):
+            return EDIT_2511, f"the file's {ZERO_COND_MARKER} tensor"
         for title in _file_titles(file):
             found = variant_from_text(title)
             if found:
@@ -130,6 +175,8 @@ def detect_variant(folder: Path | None, file: Path | None) -> tuple[str | None, 
             return found, f"the file name '{file.name}'"
         return None, f"the file '{file.name}'"
     if folder is not None:
+        if folder_zero_cond_t(folder):
+            return EDIT_2511, f"{folder.name}/transformer/config.json (zero_cond_t)"
         found = variant_from_folder(folder)
         if found:
             return found, f"{folder.name}/model_index.json"
@@ -146,22 +193,33 @@ def resolve_variant(requested: str, folder: Path | None, file: Path | None) -> s
     if found == TEXT_TO_IMAGE:
         raise EditKitError(
             f"This is Qwen-Image (the text-to-image model), found from {source}, not an edit model. Load "
-            "Qwen-Image-Edit-2509 (qwen_image_edit_2509_*.safetensors or the Qwen-Image-Edit-2509 diffusers folder). "
+            "Qwen-Image-Edit-2509 or -2511 (qwen_image_edit_25xx_*.safetensors or their diffusers folder). "
             "If the file really is an Edit model with another name, set 'variant' in EditKit · Qwen-Image Loader."
         )
     if found == LAYERED:
         raise EditKitError(
             f"This is Qwen-Image-Layered (it splits a picture into transparent layers), found from {source}, not an "
-            "edit model: load it with EditKit · Qwen-Image-Layered Loader. Here, load Qwen-Image-Edit-2509 "
-            "(qwen_image_edit_2509_*.safetensors or the Qwen-Image-Edit-2509 diffusers folder)."
+            "edit model: load it with EditKit · Qwen-Image-Layered Loader. Here, load Qwen-Image-Edit-2509 or -2511 "
+            "(qwen_image_edit_25xx_*.safetensors or their diffusers folder)."
         )
     if found is None:
-        log.info("EditKit: %s does not say which Qwen-Image model it is; assuming %s.", source, EDIT_2509)
+        log.info("EditKit: %s does not say which Qwen-Image model it is; assuming %s (set 'variant' in EditKit · "
+                 "Qwen-Image Loader if it is %s).", source, EDIT_2509, EDIT_2511)
         return EDIT_2509
     if found == EDIT:
         log.info("EditKit: %s is the original Qwen-Image-Edit (found from %s); using its one-picture template.",
                  file.name if file else folder.name, source)
     return found
+
+
+def wants_zero_cond_t(requested: str, folder: Path | None, file: Path | None) -> bool:
+    """Whether the transformer must run with ``zero_cond_t``: the widget's variant, else what was detected.
+
+    Unlike :func:`resolve_variant` this never refuses a model (the sampler node does, with its message).
+    """
+    if requested in VARIANTS:
+        return requested == EDIT_2511
+    return detect_variant(folder, file)[0] == EDIT_2511
 
 
 # --------------------------------------------------------------------------------------
@@ -199,6 +257,29 @@ def _describe_foreign(sd: dict) -> str:
     return f"not a Qwen-Image transformer (found keys like {sample})"
 
 
+def dequantize_comfy_mixed(sd: dict, dtype: torch.dtype) -> dict:
+    """ComfyUI's mixed-precision files → plain weights in ``dtype``, in place.
+
+    Quantized layers store ``<layer>.weight`` in float8_e4m3fn with a float32 ``<layer>.weight_scale``
+    (``weight = stored * scale``); ``input_scale`` (activation calibration) and per-layer ``comfy_quant``
+    descriptors are not weights. Other formats of that scheme (int8 blocks, fp4) are refused by name.
+    """
+    scales = [k for k in sd if k.endswith(".weight_scale")]
+    for key in scales:
+        layer = key[: -len(".weight_scale")]
+        weight = sd.get(layer + ".weight")
+        scale = sd.pop(key)
+        if weight is None or weight.dtype != torch.float8_e4m3fn or scale.numel() != 1:
+            raise EditKitError(
+                f"'{layer}' is quantized in a format EditKit does not read (only ComfyUI's per-tensor float8_e4m3fn "
+                "layers are). Use the bf16 file or a .gguf."
+            )
+        sd[layer + ".weight"] = (weight.float() * scale.float()).to(dtype)
+    for key in [k for k in sd if k.endswith((".input_scale", ".comfy_quant", ".weight_scale_2"))]:
+        del sd[key]
+    return sd
+
+
 def transformer_config_from_state_dict(sd: dict) -> dict:
     """QwenImageTransformer2DModel settings a (diffusers-key) state dict determines."""
     width, in_channels = _shape(sd["img_in.weight"])
@@ -219,10 +300,13 @@ def transformer_config_from_state_dict(sd: dict) -> dict:
     }
 
 
-def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None,
+                          zero_cond_t: bool = False) -> Component:
     """Load a single-file transformer computing in ``dtype``, dense weights stored in ``storage``.
 
-    GGUF files are mapped and stay quantized whatever ``storage`` says (as the Flux loader).
+    GGUF files are mapped and stay quantized whatever ``storage`` says (as the Flux loader). ComfyUI's
+    fp8mixed files (2511's fp8 release) are dequantized with their per-layer scales. ``zero_cond_t``
+    (Qwen-Image-Edit-2511) adds no weights: the same tensors load either way, only the forward differs.
     """
     from diffusers import QwenImageTransformer2DModel
 
@@ -237,7 +321,9 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     sd = strip_comfy_prefix(sd)
     if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
         raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
+    sd.pop(ZERO_COND_MARKER, None)  # a flag, not a weight (read by detect_variant)
     if not quantized:
+        dequantize_comfy_mixed(sd, precision.storage)
         cast_stored_weights(sd, precision.storage)
     try:
         config = transformer_config_from_state_dict(sd)
@@ -251,7 +337,7 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     try:
         model = QwenImageTransformer2DModel.from_single_file(
             sd, config=str(CONFIG_DIR / "transformer"), torch_dtype=dtype if quantized else precision.storage,
-            local_files_only=True, **config, **kwargs
+            local_files_only=True, **config, zero_cond_t=zero_cond_t, **kwargs
         )
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelFileError(path, f"Weights do not fit a Qwen-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
@@ -261,46 +347,56 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None,
-                             check_config=None) -> Component:
-    """A folder's Qwen-Image transformer; ``check_config(config, sub)`` may refuse a variant (Layered does)."""
-    from diffusers import QwenImageTransformer2DModel
+def _log_variant(component: Component, source: str) -> Component:
+    if component.module.config.zero_cond_t:
+        log.info("EditKit: %s is %s (%s): the reference pictures' tokens run at timestep 0 (zero_cond_t).",
+                 component.name, EDIT_2511, source)
+    return component
 
-    precision = Precision(storage or dtype, dtype)
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    config = _load_json(sub / "config.json")
-    if config.get("_class_name") != "QwenImageTransformer2DModel":
-        raise ModelFileError(sub, "Not a Qwen-Image transformer folder", "a QwenImageTransformer2DModel")
-    if check_config is not None:
-        check_config(config, sub)
-    try:
-        model = QwenImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage,
-                                                            local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a QwenImageTransformer2DModel") from exc
-    model.eval().requires_grad_(False)
-    apply_precision(model, precision)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+
+def _transformer_from_detected_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    """A single file with ``zero_cond_t`` as its weights (then its name) say."""
+    zero = wants_zero_cond_t("auto", None, path)
+    return _log_variant(_transformer_from_file(path, dtype, storage, zero), detect_variant(None, path)[1])
+
+
+def _log_folder_variant(module, sub: Path) -> None:
+    if module.config.zero_cond_t:
+        log.info("EditKit: %s is %s (its config sets zero_cond_t): the reference pictures' tokens run at timestep 0.",
+                 f"{sub.parent.name}/{sub.name}", EDIT_2511)
+
+
+TRANSFORMER = ComponentSpec(
+    tag="qwen_transformer", what="Qwen-Image transformer", subfolder="transformer",
+    model_class="QwenImageTransformer2DModel", kind="diffusion", from_file=_transformer_from_detected_file,
+    casts=True, check_module=_log_folder_variant,
+    missing="No transformer: pick the Qwen-Image-Edit-2509 or -2511 diffusers folder or a transformer file in "
+            "EditKit · Qwen-Image Loader.",
+)
+
+
+def _forced(variant: str) -> ComponentSpec:
+    """The transformer as the loader's ``variant`` widget says, whatever the weights say (cached apart)."""
+    zero = variant == EDIT_2511
+
+    def from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+        return _log_variant(_transformer_from_file(path, dtype, storage, zero), "the loader's variant setting")
+
+    return dataclasses.replace(TRANSFORMER, tag=f"qwen_transformer:{variant}", from_file=from_file,
+                               config_overrides=(("zero_cond_t", zero),))
 
 
 def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
-                       storage: torch.dtype | None = None) -> LazyModel:
+                       storage: torch.dtype | None = None, variant: str = "auto") -> LazyModel:
     """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``.
 
-    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``)
-    and cast layer by layer (core.precision), as the Flux loader does.
+    ``dtype`` is the compute dtype; dense weights are stored in ``storage`` (default: ``dtype``) and cast
+    layer by layer (core.precision), as the Flux loader does. ``variant`` is the loader's widget: "auto"
+    reads the variant from the weights (then names) when the model is first used; Qwen-Image-Edit-2511,
+    chosen or found, loads with ``zero_cond_t``.
     """
-    storage = None if storage == dtype else storage
-    if file is None and folder is None:
-        return unavailable("Qwen-Image transformer", "No transformer: pick the Qwen-Image-Edit-2509 diffusers folder or "
-                           "a transformer file in EditKit · Qwen-Image Loader.")
-    if file is not None:
-        return LazyModel(("qwen_transformer", file_key(file), dtype, storage),
-                         lambda: _transformer_from_file(file, dtype, storage), f"Qwen-Image transformer {file.name}")
-    return LazyModel(("qwen_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
-                     lambda: _transformer_from_folder(folder, dtype, storage), f"Qwen-Image transformer of {folder.name}")
+    spec = _forced(variant) if variant in VARIANTS else TRANSFORMER
+    return spec.source(folder, file, dtype, storage)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,26 +439,13 @@ def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "vae", path.name, dtype)
 
 
-def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLQwenImage
-
-    sub = folder / "vae"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
-    model = AutoencoderKLQwenImage.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", f"{folder.name}/vae", dtype)
-
-
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    if file is None and folder is None:
-        return unavailable("Qwen-Image VAE", "No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or "
-                           "qwen_image_vae.safetensors in EditKit · Qwen-Image Loader.")
-    if file is not None:
-        return LazyModel(("qwen_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
-                         f"Qwen-Image VAE {file.name}")
-    return LazyModel(("qwen_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
-                     lambda: _vae_from_folder(folder, dtype), f"Qwen-Image VAE of {folder.name}")
+VAE = ComponentSpec(
+    tag="qwen_vae", what="Qwen-Image VAE", subfolder="vae", model_class="AutoencoderKLQwenImage", kind="vae",
+    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    missing="No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or qwen_image_vae.safetensors in EditKit · "
+            "Qwen-Image Loader.",
+)
+vae_source = VAE.source
 
 
 # --------------------------------------------------------------------------------------
@@ -413,5 +496,12 @@ class QwenImageModel:
             return lightning_scheduler_config()
         return self.scheduler_config
 
+    def describe(self) -> str:
+        """Which variant this model runs as and why, e.g. for the loader's log and the model's repr."""
+        if self.requested_variant in VARIANTS:
+            return f"{self.requested_variant} (set in the loader)"
+        found, source = detect_variant(self.folder, self.file)
+        return f"{found or EDIT_2509 + ' (assumed)'}, from {source}"
+
     def __repr__(self) -> str:
-        return f"<EditKit QwenImageModel {self.transformer!r}>"
+        return f"<EditKit QwenImageModel {self.describe()}: {self.transformer!r}>"

@@ -45,11 +45,12 @@ VAE_AREA = 1024 * 1024  # diffusers' VAE_IMAGE_SIZE
 def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
     """``(width, height)`` of about ``target_area`` pixels with aspect ``ratio``, sides multiples of 32.
 
-    The rule of diffusers' Qwen edit pipelines (Python's ``round``, so ties go to even).
+    diffusers' own rule from the Qwen edit pipelines (imported there, so parity holds by construction).
     """
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as reference
+
+    width, height = reference(target_area, ratio)
+    return int(width), int(height)
 
 
 @dataclass(frozen=True)

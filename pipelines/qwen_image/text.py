@@ -60,7 +60,7 @@ def template_text(variant: str, prompt: str, pictures: int) -> str:
         if pictures != 1:
             raise EditKitError(
                 f"The original Qwen-Image-Edit takes exactly one picture (got {pictures}). Use Qwen-Image-Edit-2509 "
-                "for several pictures, or disconnect image2..image5 and references."
+                "or -2511 for several pictures, or disconnect image2..image5 and references."
             )
         return TEMPLATES[EDIT].format(prompt)
     markers = "".join(PICTURE_MARKER.format(i + 1) for i in range(pictures))

@@ -25,7 +25,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.family import ComponentSpec
+from ..core.loading import LazyModel, cast_stored_weights, read_state_dict, unavailable
 from ..core.runtime import Component
 from ..flux import loading as flux_loading
 
@@ -140,34 +141,14 @@ def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "diffusion", path.name, dtype, quantized=quantized)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import ZImageTransformer2DModel
-
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    config = _load_json(sub / "config.json")
-    if config.get("_class_name") not in (None, "ZImageTransformer2DModel"):
-        raise ModelFileError(sub, f"This folder holds a {config.get('_class_name')}, not Z-Image",
-                             "a Z-Image diffusers folder such as Tongyi-MAI/Z-Image-Turbo")
-    try:
-        model = ZImageTransformer2DModel.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a diffusers ZImageTransformer2DModel") from exc
-    model.eval().requires_grad_(False)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
-
-
-def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``."""
-    if file is None and folder is None:
-        return unavailable("Z-Image transformer", "No transformer: pick a diffusers folder or a transformer file "
-                           "(z_image_turbo_bf16.safetensors) in EditKit · Z-Image Loader.")
-    if file is not None:
-        return LazyModel(("zimage_transformer", file_key(file), dtype), lambda: _transformer_from_file(file, dtype),
-                         f"Z-Image transformer {file.name}")
-    return LazyModel(("zimage_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype),
-                     lambda: _transformer_from_folder(folder, dtype), f"Z-Image transformer of {folder.name}")
+TRANSFORMER = ComponentSpec(
+    tag="zimage_transformer", what="Z-Image transformer", subfolder="transformer",
+    model_class="ZImageTransformer2DModel", kind="diffusion",
+    from_file=lambda path, dtype, _storage: _transformer_from_file(path, dtype),
+    missing="No transformer: pick a diffusers folder or a transformer file (z_image_turbo_bf16.safetensors) in "
+            "EditKit · Z-Image Loader.",
+)
+transformer_source = TRANSFORMER.source
 
 
 def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:

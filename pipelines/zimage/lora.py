@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from ..core.lora import LoraFamily, diffusers_converter
+from ..core.lora import LoraFamily, diffusers_converter, record_layer
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _ROLES = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.weight": "up", ".lora_B.weight": "up",
@@ -79,11 +79,7 @@ def _split_original(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, di
             targets = [(f"{block}.to_{p}", rows) for p, rows in zip("qkv", up.chunk(3, dim=0), strict=True)]
         else:
             targets = [(module, up)]
-        for target, rows in targets:
-            converted[f"{target}.lora_A.weight"] = down
-            converted[f"{target}.lora_B.weight"] = rows
-            if "alpha" in parts:
-                alphas[target] = float(parts["alpha"])
+        record_layer(converted, alphas, targets, down, parts.get("alpha"))
     return rest, converted, alphas
 
 

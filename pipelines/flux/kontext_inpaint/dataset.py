@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...core.errors import EditKitError
+from ...core.loading import LazyModel
 from ...core.runtime import Runtime
 from .. import vae as vae_ops
-from ..loading import LazyModel
 from .conditioning import mask_image_latent
 
 log = logging.getLogger("EditKit.train")

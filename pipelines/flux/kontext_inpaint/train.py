@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import EditKitError
+from ...core.loading import LazyModel
 from ...core.runtime import TorchRuntime
 from .. import flow
-from ..loading import LazyModel, transformer_source, vae_source
+from ..loading import transformer_source, vae_source
 from ..text import text_encoder_source
 from . import checkpoint as ckpt
 from .conditioning import condition_tokens

@@ -1,0 +1,160 @@
+"""A model family's loader node, declared once: its diffusers folder, its file widgets and its options.
+
+Every EditKit family is loaded the same way: an optional ``models/diffusers`` folder, one file widget per
+component that replaces the folder's (listing a ComfyUI models folder), a precision widget and a few family
+options. Before this module each loader node wrote that shape out again (``INPUT_TYPES`` lists and tooltips,
+``IS_CHANGED`` over the chosen files, ``VALIDATE_INPUTS`` naming every file widget). A family now states
+a :class:`LoaderDeclaration` and its node class derives from :func:`declared_loader`, writing only its
+``load`` (what to build from the chosen paths and dtype) and its descriptions.
+
+Input names and their order are part of a saved workflow (UI workflows store widget values by position), so
+a declaration lists them in the order the node has always had; ``tests/test_workflow_formats.py`` and the
+real-executor workflow runs check that every bundled workflow still loads unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import comfy_bridge as bridge
+from .common import FROM_FOLDER, NONE, LoaderFiles, ModelFile, loader_signature, pipeline_folders
+
+WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The precision widget's choices (a family may offer fewer, e.g. Qwen-Image has no fp16)."""
+
+@dataclass(frozen=True)
+class FileInput:
+    """One file widget: the ComfyUI models folder it lists and what belongs there.
+
+    ``what`` is the missing-file message's description (with where to get it); ``component`` the
+    diffusers sub-folder the file replaces; ``extensions`` names the bridge's list of offered file
+    extensions (``TRANSFORMER_EXTENSIONS`` adds ``.gguf``); ``empty`` is the first choice, meaning
+    "take it from the folder" (``None`` for a loader without a folder).
+    """
+
+    folder: str
+    tooltip: str
+    what: str
+    component: str | None = None
+    extensions: str = "WEIGHT_EXTENSIONS"
+    empty: str | None = FROM_FOLDER
+
+    def choices(self) -> list[str]:
+        files = bridge.list_models(self.folder, getattr(bridge, self.extensions))
+        return files if self.empty is None else [self.empty, *files]
+
+
+@dataclass(frozen=True)
+class FolderInput:
+    """The ``diffusers_folder`` widget. Its default is the first folder whose ``model_index.json`` names one of
+    ``pipelines`` (else one whose name contains ``name_hint``), so a new loader never starts on another model's
+    folder."""
+
+    tooltip: str
+    what: str
+    pipelines: tuple[str, ...] = ()
+    name_hint: str | None = None
+
+    def default(self, folders: list[str]) -> str:
+        matching = pipeline_folders(*self.pipelines) if self.pipelines else []
+        if not matching and self.name_hint:
+            matching = [f for f in folders if self.name_hint in f.lower()]
+        return matching[0] if matching else NONE
+
+
+@dataclass(frozen=True)
+class LoaderDeclaration:
+    """What a family's loader node offers: folder, file widgets (in widget order) and other options.
+
+    ``options`` are further widgets after the files, as ``name -> (choices or type, spec)`` or a callable
+    returning that (for choices read at run time); the precision widget is usually one of them
+    (:func:`dtype_input`).
+    """
+
+    files: dict[str, FileInput]
+    folder: FolderInput | None = None
+    options: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)
+
+    @property
+    def checks(self) -> LoaderFiles:
+        """The ``VALIDATE_INPUTS`` checks of these widgets (missing and damaged files named on the loader)."""
+        return LoaderFiles(
+            files={name: ModelFile(spec.folder, spec.what, spec.component) for name, spec in self.files.items()},
+            folder_what=self.folder.what if self.folder else None,
+        )
+
+    @property
+    def file_widgets(self) -> list[str]:
+        return (["diffusers_folder"] if self.folder else []) + list(self.files)
+
+    def input_types(self) -> dict:
+        required: dict[str, tuple] = {}
+        if self.folder is not None:
+            folders = bridge.list_diffusers_folders()
+            required["diffusers_folder"] = ([NONE, *folders], {
+                "default": self.folder.default(folders), "tooltip": self.folder.tooltip,
+            })
+        for name, spec in self.files.items():
+            required[name] = (spec.choices(), {"tooltip": spec.tooltip})
+        for name, option in self.options.items():
+            required[name] = option() if callable(option) else option
+        return {"required": required}
+
+    def signature(self, values: dict) -> str:
+        """``IS_CHANGED``: size and mtime of the chosen folder and files, so a replaced file reloads."""
+        return loader_signature(
+            values.get("diffusers_folder") if self.folder else None,
+            *((values.get(name), spec.folder) for name, spec in self.files.items()),
+        )
+
+
+def dtype_input(tooltip: str, choices: dict | None = None) -> tuple:
+    """The precision widget (``weight_dtype``), ``auto`` by default."""
+    return (list(choices or WEIGHT_DTYPES), {"default": "auto", "tooltip": tooltip})
+
+
+def _with_signature(function, names: list[str], **keyword_only):
+    """``function(cls, **values)`` as a classmethod whose signature names ``names``.
+
+    ComfyUI reads ``VALIDATE_INPUTS``' argument names (``inspect.getfullargspec``) to decide which inputs it
+    hands over and skips its own "value not in list" check for exactly those, so the generated method must
+    name the file widgets (and only them: the precision and option widgets keep ComfyUI's list check).
+    """
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("cls", kind), *(inspect.Parameter(n, kind) for n in names)]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=v) for n, v in keyword_only.items()]
+    function.__signature__ = inspect.Signature(params)
+    return classmethod(function)
+
+
+def declared_loader(declaration: LoaderDeclaration) -> type:
+    """A base class giving a loader node ``INPUT_TYPES``, ``IS_CHANGED`` and ``VALIDATE_INPUTS`` from its
+    declaration; the node adds its display name, outputs and ``load``."""
+    checks = declaration.checks
+    names = declaration.file_widgets
+
+    def validate(cls, *args, **values):
+        values.update(zip(names, args))
+        return checks.check(**values)
+
+    def is_changed(cls, *args, **values):
+        values.update(zip(names, args))
+        return declaration.signature(values)
+
+    class DeclaredLoader:
+        DECLARATION = declaration
+        FILES = checks
+        FUNCTION = "load"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return declaration.input_types()
+
+        VALIDATE_INPUTS = _with_signature(validate, names)
+        IS_CHANGED = classmethod(is_changed)
+
+    return DeclaredLoader

@@ -1,0 +1,111 @@
+"""A model family's components, declared once: how each loads from a diffusers folder or a single file.
+
+Every family loads its transformer and VAE the same way: from a ComfyUI single file (the family's own
+reader: key layout, config inferred from shapes, GGUF/fp8 handling), or from the ``transformer`` / ``vae``
+sub-folder of a diffusers folder with the diffusers class's ``from_pretrained``; either way lazily, behind a
+:class:`~.loading.LazyModel` whose cache key is the identity of the bytes it reads, with the family's
+precision rule applied. A :class:`ComponentSpec` states what differs (the diffusers class, the single-file
+reader, checks that refuse another model's folder, the messages); the shared code here does the rest, so a
+new family writes a declaration and its single-file reader, not another copy of the folder loader.
+
+Identity covers every file of a folder component (config and weight shards, size and modification time),
+so replacing a folder's weights loads them instead of reusing the model already in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelFileError
+from .loading import LazyModel, file_key, read_json, unavailable
+from .precision import Precision, apply_precision
+from .runtime import Component
+
+FileReader = Callable[[Path, torch.dtype, "torch.dtype | None"], Component]
+
+
+def folder_identity(sub: Path) -> tuple:
+    """Size and mtime of every file below a diffusers sub-folder (config and weight shards)."""
+    if not sub.is_dir():
+        return (str(sub), None)
+    return tuple(file_key(path) for path in sorted(sub.rglob("*")) if path.is_file())
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One component of a family (a transformer or a VAE) and how it loads.
+
+    ``tag`` keys the shared cache; ``what`` names it in messages ("FLUX.1 transformer"); ``subfolder`` and
+    ``model_class`` say where and what it is in a diffusers folder; ``from_file`` reads a single file as
+    ``(path, compute dtype, storage dtype or None)``; ``missing`` is the message when neither a folder nor a
+    file is chosen. ``check_config(config, sub)`` may refuse a folder's config (another model of the same
+    class), ``check_module(module, sub)`` the loaded model. ``casts``: dense weights are stored in the
+    storage dtype and cast per layer to the compute dtype (:mod:`.precision`); otherwise the component is
+    stored and run in one dtype (VAEs). ``config_overrides`` (pairs) replace values of the folder's config when
+    it loads, for switches that add no weights (Qwen-Image-Edit-2511's ``zero_cond_t`` chosen in a loader); give
+    such a spec its own ``tag`` so the two versions are cached apart.
+    """
+
+    tag: str
+    what: str
+    subfolder: str
+    model_class: str
+    kind: str
+    from_file: FileReader
+    missing: str
+    check_config: Callable[[dict, Path], None] | None = None
+    check_module: Callable[[torch.nn.Module, Path], None] | None = None
+    casts: bool = False
+    config_overrides: tuple[tuple[str, object], ...] = ()
+
+    def from_folder(self, folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+        sub = folder / self.subfolder
+        short = self.what.split()[-1]
+        if not (sub / "config.json").is_file():
+            raise ModelFileError(sub, f"No {short} in this diffusers folder",
+                                 f"a '{self.subfolder}' sub-folder with config.json")
+        config = read_json(sub / "config.json")
+        found = config.get("_class_name")
+        if found not in (None, self.model_class):
+            raise ModelFileError(sub, f"This folder holds a {found}, not a {self.what}", f"a {self.model_class}")
+        if self.check_config is not None:
+            self.check_config(config, sub)
+        precision = Precision(storage or dtype, dtype)
+        try:
+            model = _diffusers_class(self.model_class).from_pretrained(
+                str(sub), torch_dtype=precision.storage if self.casts else dtype, local_files_only=True,
+                **dict(self.config_overrides))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(sub, f"Cannot load the {short} ({exc})", f"a diffusers {self.model_class}") from exc
+        if self.check_module is not None:
+            self.check_module(model, sub)
+        model.eval().requires_grad_(False)
+        if self.casts:
+            apply_precision(model, precision)
+        return Component(model, self.kind, f"{folder.name}/{self.subfolder}", dtype)
+
+    def source(self, folder: Path | None, file: Path | None, dtype: torch.dtype,
+               storage: torch.dtype | None = None) -> LazyModel:
+        """A lazily loaded component: ``file`` if given, else the folder's sub-folder.
+
+        ``dtype`` is the compute dtype; with ``casts``, dense weights are stored in ``storage`` (default:
+        ``dtype``) and cast layer by layer.
+        """
+        storage = None if storage == dtype or not self.casts else storage
+        if file is None and folder is None:
+            return unavailable(self.what, self.missing)
+        if file is not None:
+            return LazyModel((self.tag, file_key(file), dtype, storage),
+                             lambda: self.from_file(file, dtype, storage), f"{self.what} {file.name}")
+        return LazyModel((self.tag, folder_identity(folder / self.subfolder), str(folder), dtype, storage),
+                         lambda: self.from_folder(folder, dtype, storage), f"{self.what} of {folder.name}")
