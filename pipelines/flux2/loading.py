@@ -13,6 +13,8 @@ Sources (the files people download):
 * the FLUX.2 VAE as one file (``flux2-vae.safetensors``: original/LDM key layout plus the latent
   batch-norm statistics ``bn.running_mean`` / ``bn.running_var``; or diffusers keys), converted with
   diffusers' ``convert_ldm_vae_checkpoint``;
+* the transformer and VAE are declared as :class:`..core.family.ComponentSpec` s (folder loading, identity,
+  caching and precision are the shared code's); this module adds only the single-file readers;
 * the Qwen3 text encoder (``qwen_3_4b.safetensors`` for klein 4B, ``qwen_3_8b*.safetensors`` for 9B) through
   Z-Image's Qwen3 loader (:mod:`..zimage.text`), wrapped in klein's prompt recipe (:mod:`.text`).
 """
@@ -27,7 +29,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.family import ComponentSpec
+from ..core.loading import cast_stored_weights, read_state_dict
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 from ..flux.layout import logical_shape
@@ -159,39 +162,20 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
-def _transformer_from_folder(folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    from diffusers import Flux2Transformer2DModel
-
-    precision = Precision(storage or dtype, dtype)
-    sub = folder / "transformer"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No transformer in this diffusers folder", "a 'transformer' sub-folder with config.json")
-    name = _load_json(sub / "config.json").get("_class_name")
-    if name not in (None, "Flux2Transformer2DModel"):
-        raise ModelFileError(sub, f"This folder holds a {name}, not FLUX.2",
-                             "a FLUX.2 [klein] diffusers folder such as black-forest-labs/FLUX.2-klein-4B")
-    try:
-        model = Flux2Transformer2DModel.from_pretrained(str(sub), torch_dtype=precision.storage, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the transformer ({exc})", "a diffusers Flux2Transformer2DModel") from exc
-    model.eval().requires_grad_(False)
-    apply_precision(model, precision)
-    return Component(model, "diffusion", f"{folder.name}/transformer", dtype)
+def _check_folder_channels(module: torch.nn.Module, sub: Path) -> None:
+    if module.config.in_channels != MODEL_CHANNELS:
+        raise ModelFileError(sub, f"The transformer reads {module.config.in_channels} input features, not FLUX.2's "
+                                  f"{MODEL_CHANNELS}", TRANSFORMER_EXPECTED)
 
 
-def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
-                       storage: torch.dtype | None = None) -> LazyModel:
-    """A lazily loaded transformer: ``file`` if given, else the folder's ``transformer``."""
-    storage = None if storage == dtype else storage
-    if file is None and folder is None:
-        return unavailable("FLUX.2 transformer", "No transformer: pick a diffusers folder or a transformer file "
-                           "(flux-2-klein-4b.safetensors or a .gguf) in EditKit · FLUX.2 Loader.")
-    if file is not None:
-        return LazyModel(("flux2_transformer", file_key(file), dtype, storage),
-                         lambda: _transformer_from_file(file, dtype, storage), f"FLUX.2 transformer {file.name}")
-    return LazyModel(("flux2_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype,
-                      storage), lambda: _transformer_from_folder(folder, dtype, storage),
-                     f"FLUX.2 transformer of {folder.name}")
+TRANSFORMER = ComponentSpec(
+    tag="flux2_transformer", what="FLUX.2 transformer", subfolder="transformer",
+    model_class="Flux2Transformer2DModel", kind="diffusion", from_file=_transformer_from_file,
+    missing="No transformer: pick a diffusers folder or a transformer file (flux-2-klein-4b.safetensors or a .gguf) "
+            "in EditKit · FLUX.2 Loader.",
+    check_module=_check_folder_channels, casts=True,
+)
+transformer_source = TRANSFORMER.source
 
 
 # --------------------------------------------------------------------------------------
@@ -258,29 +242,20 @@ def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
     return Component(model, "vae", path.name, dtype)
 
 
-def _vae_from_folder(folder: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLFlux2
-
-    sub = folder / "vae"
-    if not (sub / "config.json").is_file():
-        raise ModelFileError(sub, "No VAE in this diffusers folder", "a 'vae' sub-folder with config.json")
-    try:
-        model = AutoencoderKLFlux2.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(sub, f"Cannot load the VAE ({exc})", VAE_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", f"{folder.name}/vae", dtype)
+def _check_vae(module: torch.nn.Module, sub: Path) -> None:
+    if module.config.latent_channels != LATENT_CHANNELS:
+        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.2's 32)",
+                             VAE_EXPECTED)
 
 
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    if file is None and folder is None:
-        return unavailable("FLUX.2 VAE", "No VAE: pick a diffusers folder or the FLUX.2 VAE file "
-                           "(flux2-vae.safetensors) in EditKit · FLUX.2 Loader.")
-    if file is not None:
-        return LazyModel(("flux2_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
-                         f"FLUX.2 VAE {file.name}")
-    return LazyModel(("flux2_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
-                     lambda: _vae_from_folder(folder, dtype), f"FLUX.2 VAE of {folder.name}")
+VAE = ComponentSpec(
+    tag="flux2_vae", what="FLUX.2 VAE", subfolder="vae", model_class="AutoencoderKLFlux2", kind="vae",
+    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    missing="No VAE: pick a diffusers folder or the FLUX.2 VAE file (flux2-vae.safetensors) in EditKit · FLUX.2 "
+            "Loader.",
+    check_module=_check_vae,
+)
+vae_source = VAE.source
 
 
 # --------------------------------------------------------------------------------------
