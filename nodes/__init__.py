@@ -21,6 +21,7 @@ _MODULES = (
     "qwen_image_nodes",
     "qwen_layered_nodes",
     "zimage_nodes",
+    "flux2_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

@@ -211,6 +211,9 @@ def make_tiny_models(out_dir: str | Path) -> dict[str, Path]:
     from qwen_image_models import make_qwen_image_models  # Qwen-Image-Edit-2509: folder, ComfyUI files, GGUF
 
     paths.update({f"qwen_{role}": path for role, path in make_qwen_image_models(out).items()})
+    from flux2_models import make_flux2_models  # FLUX.2 [klein]: folder, BFL file, GGUF, VAE and Qwen3 files
+
+    paths.update(make_flux2_models(out))
     from qwen_layered_models import make_qwen_layered_models  # Qwen-Image-Layered: the diffusers folder
 
     paths.update({f"qwen_layered_{role}": path for role, path in make_qwen_layered_models(out, single_files=False).items()})

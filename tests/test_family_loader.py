@@ -12,6 +12,7 @@ import inspect
 import pytest
 
 from editkit.nodes.family_loader import declared_loader
+from editkit.nodes.flux2_nodes import EditKitFlux2Loader
 from editkit.nodes.flux_nodes import EditKitFluxLoader
 from editkit.nodes.kontext_nodes import EditKitKontextInpaintLoader
 from editkit.nodes.qwen_image_nodes import EditKitQwenImageLoader
@@ -20,7 +21,7 @@ from editkit.nodes.redux_nodes import EditKitReduxLoader
 from editkit.nodes.zimage_nodes import EditKitZImageLoader
 
 DECLARED = [EditKitFluxLoader, EditKitQwenImageLoader, EditKitQwenImageLayeredLoader, EditKitReduxLoader,
-            EditKitZImageLoader]
+            EditKitZImageLoader, EditKitFlux2Loader]
 
 # The widget order each loader has always had: UI workflows store widget values by position.
 ORDER = {
@@ -31,6 +32,7 @@ ORDER = {
                                     "weight_dtype"],
     EditKitReduxLoader: ["diffusers_folder", "style_model_file", "clip_vision_file", "weight_dtype"],
     EditKitZImageLoader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype"],
+    EditKitFlux2Loader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype"],
 }
 
 

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import flux2_models
 import numpy as np
 import pytest
 import qwen_layered_models
@@ -59,6 +60,10 @@ EXPECTED_OUTPUTS = {
     "ben2_qwen_edit": {"EditKit/ben2_qwen_edit": (1, 112, 128)},
     "qwen_edit_2511": {"EditKit/qwen_edit_2511": (1, 128, 128)},  # "match image 1": the 768² portrait shrunk
     "qwen_image_layered_decompose": {"EditKit/qwen_layered": (4, 64, 64)},  # 4 layers, resolution 640 → 64
+    "flux2_klein_edit": {"EditKit/flux2_klein_edit": (1, 112, 128)},  # "from image_1": the tracksuit shrunk
+    "flux2_klein_multi_reference": {"EditKit/flux2_klein_multi_reference": (1, 112, 128)},
+    "flux2_klein_inpaint": {"EditKit/flux2_klein_inpaint": (1, 128, 128)},
+    "ben2_flux2_klein_background": {"EditKit/ben2_flux2_klein_background": (1, 128, 128)},
 }
 # Widget values replaced in the test run (input name -> value), only where the input is a constant.
 FAST = {"steps": 2, "max_sequence_length": 64,
@@ -85,6 +90,8 @@ def fast(prompt: dict) -> dict:
             inputs["width"], inputs["height"] = small_size(inputs["width"], inputs["height"])
         if node["class_type"] in qwen_layered_models.TINY_TREE_INPUTS:  # Qwen-Image-Layered: 64² bucket
             inputs.update(qwen_layered_models.TINY_TREE_INPUTS[node["class_type"]])
+        if node["class_type"] in flux2_models.TINY_TREE_INPUTS:  # FLUX.2: the folder's tokenizer and encoder
+            inputs.update(flux2_models.TINY_TREE_INPUTS[node["class_type"]])
         if node["class_type"] in zimage_models.TINY_TREE_INPUTS:  # Z-Image: tiny-tree files, shrunk stages
             inputs.update(zimage_models.TINY_TREE_INPUTS[node["class_type"]])
         if node["class_type"] == "EditKitZImageProgressive" and isinstance(inputs.get("stages"), str):
@@ -140,10 +147,10 @@ def _unchanged(result: np.ndarray, source: np.ndarray, keep: np.ndarray, what: s
     assert diff[keep].max() == 0, f"{what}: {int((diff[keep] > 0).sum())} of {int(keep.sum())} kept pixels changed"
 
 
-def promise_inpaint(ran: Ran) -> None:
+def promise_inpaint(ran: Ran, prefix: str = "EditKit/flux_fill_inpaint") -> None:
     """Pixels outside the painted area (alpha 255: MASK 0) come back exactly; the painted area is repainted."""
     source = ran.loaded("3")
-    result = ran.picture("EditKit/flux_fill_inpaint")
+    result = ran.picture(prefix)
     alpha = source[..., 3]
     _unchanged(result, source, alpha == 255, "inpaint")
     changed = np.abs(result.astype(int) - source[..., :3].astype(int)).max(axis=-1) > 0
@@ -181,12 +188,13 @@ def promise_cutout(ran: Ran) -> None:
     assert np.array_equal(np.clip(255.0 * matte, 0, 255).astype(np.uint8), mask)
 
 
-def promise_new_background(ran: Ran) -> None:
+def promise_new_background(ran: Ran, prefix: str = "EditKit/ben2_flux_fill_background", picture: str = "2",
+                           ben2: str = "3") -> None:
     """The repaint is blended with BEN2's inverted soft mask: a pixel may move at most by its mask value (subject
     pixels with mask 0 come back exactly), and the background (mask > 0.5) is repainted."""
-    source = ran.loaded("2")
-    result = ran.picture("EditKit/ben2_flux_fill_background")
-    mask = np.asarray(ran.node_output("3", 1))[0]  # 1 = background (invert on)
+    source = ran.loaded(picture)
+    result = ran.picture(prefix)
+    mask = np.asarray(ran.node_output(ben2, 1))[0]  # 1 = background (invert on)
     assert mask.shape == source.shape[:2]
     assert mask.min() < 0.5, "the test picture has no protected pixels: the check would test nothing"
     diff = np.abs(result.astype(int) - source[..., :3].astype(int)).max(axis=-1)
@@ -207,6 +215,11 @@ def promise_multi_round(ran: Ran) -> None:
 def promise_same_size_edit(ran: Ran) -> None:
     source = ran.loaded("3")
     assert ran.picture("EditKit/kontext_inpaint_edit").shape[:2] == source.shape[:2]
+
+
+def promise_size_of(ran: Ran, prefix: str, node_id: str) -> None:
+    """FLUX.2 edits come out at image_1's size (sides already multiples of 16 in the test pictures)."""
+    assert ran.picture(prefix).shape[:2] == ran.loaded(node_id).shape[:2]
 
 
 def promise_subject_only_edit(ran: Ran) -> None:
@@ -251,6 +264,11 @@ PROMISES = {
     "ben2_flux_fill_background": promise_new_background,
     "kontext_inpaint_edit": promise_same_size_edit,
     "kontext_inpaint_multi_round": promise_multi_round,
+    "flux2_klein_inpaint": lambda ran: promise_inpaint(ran, "EditKit/flux2_klein_inpaint"),
+    "ben2_flux2_klein_background": lambda ran: promise_new_background(ran, "EditKit/ben2_flux2_klein_background",
+                                                                      picture="3", ben2="5"),
+    "flux2_klein_edit": lambda ran: promise_size_of(ran, "EditKit/flux2_klein_edit", "3"),
+    "flux2_klein_multi_reference": lambda ran: promise_size_of(ran, "EditKit/flux2_klein_multi_reference", "3"),
 }
 
 

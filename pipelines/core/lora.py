@@ -80,6 +80,10 @@ _LORA_TYPES = "LoRA (low-rank A/B or down/up pairs)"
 # (``diffusion_model.single_blocks.0``) spellings all match.
 ARCHITECTURE_SIGNATURES: dict[str, tuple[str, ...]] = {
     "FLUX.1": ("double.blocks.", "single.blocks.", "single.transformer.blocks."),
+    # FLUX.2 LoRAs in BFL keys share FLUX.1's block names; diffusers keys name FLUX.2's fused single-block
+    # projection and its SwiGLU feed-forward. FLUX.1 stays first, so a FLUX.1 file is still named as one.
+    "FLUX.2": ("double.blocks.", "single.blocks.", "single.transformer.blocks.", "to.qkv.mlp.proj",
+               "ff.linear.in", "ff.context.linear.in"),
     "Qwen-Image": ("img.mlp.net.", "txt.mlp.net.", "img.mod.1.", "txt.mod.1."),
     "Z-Image": ("noise.refiner.", "context.refiner.", "feed.forward.w1.", "adaln.modulation."),
     "Stable Diffusion 1.x/2.x/XL (UNet)": ("down.blocks.", "up.blocks.", "input.blocks.", "output.blocks.",

@@ -42,6 +42,7 @@ CONVENTIONS = ("denoise", "strength")
 CFG_RESCALES = ("none", "norm")
 
 Predict = Callable[[torch.Tensor, int, tuple], torch.Tensor]
+AfterStep = Callable[[torch.Tensor, int], torch.Tensor]  # (x after step i, i) -> the latent step i + 1 starts from
 PreviewOf = Callable[[torch.Tensor], torch.Tensor]  # x0 estimate of the first sample -> raw latent for previews
 
 
@@ -106,12 +107,14 @@ def flow_schedule(
     denoise: float = 1.0,
     convention: str = "denoise",
     base_sigmas: Callable[[int], np.ndarray] = linear_sigmas,
-    mu: float | None = None,
+    mu: float | Callable[[int], float] | None = None,
 ) -> Schedule:
     """The schedule a diffusers flow-matching pipeline with this scheduler config would run.
 
     ``image_seq_len`` (the transformer's image token count) is needed when the config uses
-    dynamic shifting, unless the pipeline states its own ``mu`` (Qwen-Image-Layered does).
+    dynamic shifting, unless the pipeline states its own ``mu`` (Qwen-Image-Layered does). ``mu`` may
+    also be a function of the number of steps the full schedule has (FLUX.2's empirical shift depends on
+    it, and in the ``denoise`` convention that number is ``int(steps / denoise)``, not ``steps``).
     ``denoise`` is read in the named ``convention`` (module docstring).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -124,6 +127,8 @@ def flow_schedule(
     if convention == "denoise" and denoise < 1.0:
         total = max(steps, int(steps / denoise))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    if callable(mu):
+        mu = float(mu(total))
     if not scheduler.config.get("use_dynamic_shifting", False):
         mu = None
     elif mu is None:
@@ -254,6 +259,7 @@ def sample(
     preview_of: PreviewOf | None = None,
     progress: Progress | None = None,
     preview_format: str = "Flux",
+    after_step: AfterStep | None = None,
 ) -> torch.Tensor:
     """Run ``schedule`` from ``noise`` (and ``init`` when partially denoising); return the clean latent.
 
@@ -261,6 +267,8 @@ def sample(
     device; the result is float32 in the same layout. ``noise_shape`` / ``to_sampler_layout``
     describe how ancestral noise is drawn (default: ``noise``'s own shape). ``preview_of`` maps the
     first sample's x0 estimate to a model-space latent of the family's ``preview_format``.
+    ``after_step(x, i)`` (optional) replaces the latent after step ``i``, before step ``i + 1``: FLUX.2
+    inpainting puts the noised source back outside the mask there, as its reference pipeline does.
     """
     x = start_latent(noise, schedule, init)
     sigmas = [float(s) for s in schedule.sigmas]
@@ -283,7 +291,7 @@ def sample(
             x0 = x[:1] - s * v[:1]
             return preview_of(x0) if preview_of is not None else x0
 
-        x = x_next
+        x = x_next if after_step is None else after_step(x_next, i)
         progress.update(preview=preview)
     return x
 

@@ -45,6 +45,8 @@ def chat_template() -> str:
 class ZImageTextEncoder:
     """Qwen3 with its tokenizer and a small per-prompt cache (CPU float32 tensors)."""
 
+    cache_size = _CACHE_SIZE
+
     def __init__(self, encoder: Component, tokenizer, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -66,7 +68,7 @@ class ZImageTextEncoder:
         hit = self._encode_one(prompt, runtime)
         with self._lock:
             self._cache[prompt] = hit
-            while len(self._cache) > _CACHE_SIZE:
+            while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return hit
 
@@ -209,7 +211,7 @@ def _qwen3_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _text_encoder(folder: Path | None, file: Path | None, comfy_tokenizer_dir: Path | None,
-                  dtype: torch.dtype) -> ZImageTextEncoder:
+                  dtype: torch.dtype, wrapper: type = ZImageTextEncoder) -> ZImageTextEncoder:
     from transformers import Qwen3Model
 
     tokenizer = _tokenizer(folder, comfy_tokenizer_dir)
@@ -226,14 +228,19 @@ def _text_encoder(folder: Path | None, file: Path | None, comfy_tokenizer_dir: P
             raise ModelFileError(sub, f"Cannot load the text encoder ({exc})", QWEN3_EXPECTED) from exc
         name = f"{folder.name}/text_encoder"
     model.eval().requires_grad_(False)
-    return ZImageTextEncoder(Component(model, "text_encoder", name, dtype), tokenizer)
+    return wrapper(Component(model, "text_encoder", name, dtype), tokenizer)
 
 
 def text_encoder_source(folder: Path | None, file: Path | None, dtype: torch.dtype,
-                        comfy_tokenizer_dir: Path | None = None) -> LazyModel:
-    """Lazily loaded Qwen3 text encoder: the single file if given, else the folder's ``text_encoder``."""
+                        comfy_tokenizer_dir: Path | None = None, wrapper: type = ZImageTextEncoder) -> LazyModel:
+    """Lazily loaded Qwen3 text encoder: the single file if given, else the folder's ``text_encoder``.
+
+    ``wrapper`` is the class that turns prompts into features (FLUX.2 [klein] reads the same Qwen3 files
+    with its own recipe: ``pipelines.flux2.text``).
+    """
     if folder is None and file is None:
         return unavailable("Z-Image text encoder", "No text encoder: pick a diffusers folder or the Qwen3-4B file "
                            "(qwen_3_4b.safetensors) in EditKit · Z-Image Loader.")
-    key = ("zimage_text", str(folder), file_key(file), str(comfy_tokenizer_dir), dtype)
-    return LazyModel(key, lambda: _text_encoder(folder, file, comfy_tokenizer_dir, dtype), "Z-Image text encoder")
+    key = ("zimage_text", wrapper.__name__, str(folder), file_key(file), str(comfy_tokenizer_dir), dtype)
+    return LazyModel(key, lambda: _text_encoder(folder, file, comfy_tokenizer_dir, dtype, wrapper),
+                     f"{getattr(wrapper, 'display', 'Z-Image')} text encoder")

@@ -53,7 +53,10 @@ def test_experiments_list_has_the_seed_shape(fake):
     qwen = body["experiments"][1]
     assert {"id", "name", "description", "features"} <= set(qwen) and qwen["id"] == "ben2_qwen_image"
     assert [f["id"] for f in qwen["features"]] == ["appearance", "semantic", "text", "multi_image"]
-    assert len(body["experiments"]) == 2
+    klein = body["experiments"][2]
+    assert (klein["id"], klein["name"]) == ("ben2_flux2_klein", "BEN2 + FLUX.2 [klein]")
+    assert [f["id"] for f in klein["features"]] == ["background", "instruction", "multi_reference"]
+    assert len(body["experiments"]) == 3
 
 
 def test_experiments_list_carries_what_a_page_needs(fake):
@@ -116,6 +119,24 @@ def test_qwen_features_route_the_request_into_their_workflows(fake, feature, nod
     assert (body["background_removed_image_base64"] is not None) == (feature == "appearance")
 
 
+@pytest.mark.parametrize("feature, node, cutout", [("background", "6", True), ("instruction", "4", False)])
+def test_flux2_klein_features_route_the_request_into_their_workflows(fake, feature, node, cutout):
+    async def requests(client):
+        response = await client.post("/api/edit_with_comfyui", json={
+            "experiment_id": "ben2_flux2_klein", "feature_id": feature, "input_image_base64": PICTURE,
+            "prompt": "a sunny beach", "steps": 3, "guidance_scale": 1.0, "seed": 11, "negative_prompt": "blurry"})
+        return response.status, await response.json()
+    status, body = call([fake.url], requests)
+    assert status == 200 and body["success"] is True, body
+    assert body["experiment_name"] == "BEN2 + FLUX.2 [klein]"
+    prompt = next(iter(fake.prompts.values()))
+    inputs = prompt[node]["inputs"]
+    assert prompt[node]["class_type"] in ("EditKitFlux2Inpaint", "EditKitFlux2Sampler")
+    assert (inputs["steps"], inputs["cfg"], inputs["seed"]) == (3, 1.0, 11)
+    assert (prompt["2"]["inputs"]["prompt"], prompt["2"]["inputs"]["negative_prompt"]) == ("a sunny beach", "blurry")
+    assert (body["background_removed_image_base64"] is not None) == cutout
+
+
 def test_edit_outpainting_has_no_cutout(fake):
     async def requests(client):
         response = await client.post("/api/edit_with_comfyui", json={
@@ -127,7 +148,7 @@ def test_edit_outpainting_has_no_cutout(fake):
 
 
 @pytest.mark.parametrize(("payload", "status", "message"), [
-    ({"experiment_id": "nope", "input_image_base64": PICTURE}, 404, "unknown experiment_id 'nope' (known: ben2_flux_fill, ben2_qwen_image)"),
+    ({"experiment_id": "nope", "input_image_base64": PICTURE}, 404, "unknown experiment_id 'nope' (known: ben2_flux_fill, ben2_qwen_image, ben2_flux2_klein)"),
     ({"experiment_id": "ben2_flux_fill", "input_image_base64": "%%%"}, 400, "'input_image_base64' is not valid base64"),
     ({"experiment_id": "ben2_flux_fill", "input_image_base64": base64.b64encode(b"text").decode()}, 400,
      "is not a picture Pillow can read"),

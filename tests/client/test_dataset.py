@@ -341,6 +341,23 @@ def test_server_mode_survives_an_edit_server_going_away(tmp_path, fake_pair):
     assert second.url in servers
 
 
+def test_flux2_klein_inpaint_is_an_edit_stage(tmp_path, fake):
+    """FLUX.2 [klein]'s inpaint workflow drops into generate.workflow with the same targets as FLUX.1-Fill's (the
+    picture's alpha is the mask, the instruction goes to '2.prompt', the seed to '4.seed')."""
+    tree = make_tree(tmp_path, samples=2)
+    config = write_config(tmp_path, tree["data"], decompose={"enabled": False},
+                          generate={"workflow": "flux2_klein_inpaint", "mask": "none"},
+                          services={"edit": {"endpoint": [fake.url], "timeout": 30}, "in_flight": 1})
+    assert main(["dataset", "--config", str(config)]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "outputs" / "manifests" / "generate.jsonl").read_text(
+        "utf-8").splitlines()]
+    assert lines and all(line["status"] == "done" for line in lines)
+    prompts = list(fake.prompts.values())
+    assert len(prompts) == len(lines)
+    assert all(p["4"]["class_type"] == "EditKitFlux2Inpaint" and p["2"]["inputs"]["prompt"] for p in prompts)
+    assert len({p["4"]["inputs"]["seed"] for p in prompts}) > 1  # instruction k of a sample uses seed + k
+
+
 def test_server_mode_stops_early_when_a_server_lacks_a_model(tmp_path, fake, object_info):
     spec = fake.object_info["EditKitFluxLoader"]["input"]["required"]["diffusers_folder"]
     spec[0] = [c for c in spec[0] if c != "FLUX.1-Fill-dev"]

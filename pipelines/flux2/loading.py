@@ -1,0 +1,290 @@
+"""Loading FLUX.2 [klein] offline: transformer, VAE, scheduler and the Qwen3 text encoder.
+
+Sources (the files people download):
+
+* the diffusers folder (``models/diffusers/FLUX.2-klein-4B`` or ``-9B``, ``-base-`` variants): every
+  component; its ``model_index.json`` says whether the model is step-distilled (``is_distilled``);
+* ComfyUI-style single transformer files in BFL's key layout (``double_blocks.0.img_attn.qkv.weight``,
+  ``single_stream_modulation.lin.weight``; with or without ComfyUI's ``model.diffusion_model.`` prefix,
+  e.g. ``flux-2-klein-4b.safetensors``), diffusers-layout files, and GGUF files of either layout. The
+  config is read from the file's own tensor shapes (4B and 9B differ in width, depth and text width),
+  and BFL keys are mapped to diffusers' by diffusers' own converter
+  (``convert_flux2_transformer_checkpoint_to_diffusers``);
+* the FLUX.2 VAE as one file (``flux2-vae.safetensors``: original/LDM key layout plus the latent
+  batch-norm statistics ``bn.running_mean`` / ``bn.running_var``; or diffusers keys), converted with
+  diffusers' ``convert_ldm_vae_checkpoint``;
+* the transformer and VAE are declared as :class:`..core.family.ComponentSpec` s (folder loading, identity,
+  caching and precision are the shared code's); this module adds only the single-file readers;
+* the Qwen3 text encoder (``qwen_3_4b.safetensors`` for klein 4B, ``qwen_3_8b*.safetensors`` for 9B) through
+  Z-Image's Qwen3 loader (:mod:`..zimage.text`), wrapped in klein's prompt recipe (:mod:`.text`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..core import loading as core_loading
+from ..core.errors import EditKitError, ModelFileError
+from ..core.family import ComponentSpec
+from ..core.loading import cast_stored_weights, read_state_dict
+from ..core.precision import Precision, apply_precision
+from ..core.runtime import Component
+from ..flux.layout import logical_shape
+from ..flux.loading import count_blocks
+from .latent import LATENT_CHANNELS, MODEL_CHANNELS
+
+log = logging.getLogger("EditKit")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TRANSFORMER_CONFIG_DIR = CONFIG_DIR / "klein_transformer"
+VAE_CONFIG_DIR = CONFIG_DIR / "flux2_vae"
+SCHEDULER_CONFIG = CONFIG_DIR / "klein_scheduler" / "scheduler_config.json"
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+TRANSFORMER_EXPECTED = (
+    "a FLUX.2 [klein] transformer (.safetensors in BFL/ComfyUI layout, keys like "
+    "'single_stream_modulation.lin.weight', e.g. flux-2-klein-4b.safetensors; diffusers layout; or a .gguf of either)"
+)
+VAE_EXPECTED = "the FLUX.2 VAE (flux2-vae.safetensors: 32 latent channels with batch-norm statistics 'bn.running_mean')"
+
+
+def _load_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# --------------------------------------------------------------------------------------
+# Transformer
+
+
+def transformer_layout(sd: dict[str, torch.Tensor]) -> str | None:
+    """``"bfl"`` (BFL / ComfyUI keys), ``"diffusers"``, ``"flux1"`` (a FLUX.1 file) or ``None``."""
+    if "single_stream_modulation.linear.weight" in sd:
+        return "diffusers"
+    if "single_stream_modulation.lin.weight" in sd:
+        return "bfl"
+    if any(k.startswith(("double_blocks.", "transformer_blocks.")) for k in sd):
+        return "flux1"
+    return None
+
+
+def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """Flux2Transformer2DModel settings that a diffusers-key state dict determines (4B, 9B, tiny)."""
+    width, in_channels = logical_shape(sd["x_embedder.weight"])
+    head_dim = logical_shape(sd["transformer_blocks.0.attn.norm_q.weight"])[0]
+    ff_rows = logical_shape(sd["transformer_blocks.0.ff.linear_in.weight"])[0]
+    axes = _load_json(TRANSFORMER_CONFIG_DIR / "config.json")["axes_dims_rope"]
+    if sum(axes) != head_dim:
+        raise EditKitError(
+            f"Attention heads are {head_dim} wide, but FLUX.2's rotary embedding covers {sum(axes)}: "
+            "this is not a FLUX.2 transformer."
+        )
+    return {
+        "in_channels": in_channels,
+        "out_channels": logical_shape(sd["proj_out.weight"])[0],
+        "num_layers": count_blocks(sd, "transformer_blocks."),
+        "num_single_layers": count_blocks(sd, "single_transformer_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": logical_shape(sd["context_embedder.weight"])[1],
+        "mlp_ratio": ff_rows / 2 / width,  # SwiGLU: linear_in holds gate and value
+        "guidance_embeds": "time_guidance_embed.guidance_embedder.linear_1.weight" in sd,
+    }
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in COMFY_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return sd
+
+
+def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL keys → diffusers keys with diffusers' own converter (it splits fused qkv and swaps adaLN halves)."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    return convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))
+
+
+def _check_channels(config: dict, where: Path) -> None:
+    if config["in_channels"] != MODEL_CHANNELS:
+        raise ModelFileError(where, f"The transformer reads {config['in_channels']} input features, not FLUX.2's "
+                                    f"{MODEL_CHANNELS} (32 latent channels x 2x2 patches)", TRANSFORMER_EXPECTED)
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+    from diffusers import Flux2Transformer2DModel
+
+    quantized = path.suffix.lower() == ".gguf"
+    precision = Precision(storage or dtype, dtype)
+    extras = {}
+    if quantized:
+        from ..core.gguf import MappedFile
+
+        extras["source"] = MappedFile(path)
+    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
+    if not quantized:
+        cast_stored_weights(sd, precision.storage)
+    sd = _strip_prefix(sd)
+    layout = transformer_layout(sd)
+    if layout == "flux1":
+        raise ModelFileError(path, "This is a FLUX.1 transformer, not FLUX.2 (load it with EditKit · Flux Loader)",
+                             TRANSFORMER_EXPECTED)
+    if layout is None:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a FLUX.2 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
+    try:
+        if layout == "bfl":
+            sd = _to_diffusers(sd)
+        config = transformer_config_from_state_dict(sd)
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(path, f"Incomplete FLUX.2 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    _check_channels(config, path)
+    kwargs = {}
+    if quantized:
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        model = Flux2Transformer2DModel.from_single_file(
+            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype if quantized else precision.storage,
+            local_files_only=True, **config, **kwargs
+        )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelFileError(path, f"Weights do not fit a FLUX.2 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    if not quantized:
+        apply_precision(model, precision)
+    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+
+
+def _check_folder_channels(module: torch.nn.Module, sub: Path) -> None:
+    if module.config.in_channels != MODEL_CHANNELS:
+        raise ModelFileError(sub, f"The transformer reads {module.config.in_channels} input features, not FLUX.2's "
+                                  f"{MODEL_CHANNELS}", TRANSFORMER_EXPECTED)
+
+
+TRANSFORMER = ComponentSpec(
+    tag="flux2_transformer", what="FLUX.2 transformer", subfolder="transformer",
+    model_class="Flux2Transformer2DModel", kind="diffusion", from_file=_transformer_from_file,
+    missing="No transformer: pick a diffusers folder or a transformer file (flux-2-klein-4b.safetensors or a .gguf) "
+            "in EditKit · FLUX.2 Loader.",
+    check_module=_check_folder_channels, casts=True,
+)
+transformer_source = TRANSFORMER.source
+
+
+# --------------------------------------------------------------------------------------
+# VAE
+
+
+def _vae_overrides(sd: dict[str, torch.Tensor]) -> dict:
+    """AutoencoderKLFlux2 settings a diffusers-key VAE state dict determines."""
+    blocks = count_blocks(sd, "encoder.down_blocks.")
+    return {
+        "block_out_channels": [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(blocks)],
+        "layers_per_block": count_blocks(sd, "encoder.down_blocks.0.resnets."),
+        "latent_channels": sd["encoder.conv_out.weight"].shape[0] // 2,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "use_quant_conv": "quant_conv.weight" in sd,
+        "use_post_quant_conv": "post_quant_conv.weight" in sd,
+    }
+
+
+def _vae_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original (LDM) VAE keys → diffusers keys by diffusers' converter; the batch-norm statistics carry over."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    blocks = count_blocks(sd, "encoder.down.")
+    config = {"layers_per_block": count_blocks(sd, "encoder.down.0.block."), "block_out_channels": [0] * blocks,
+              "down_block_types": ["DownEncoderBlock2D"] * blocks, "up_block_types": ["UpDecoderBlock2D"] * blocks}
+    converted = convert_ldm_vae_checkpoint(dict(sd), config)
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        if key in sd:
+            converted[key] = sd[key]
+    return converted
+
+
+def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
+    from diffusers import AutoencoderKLFlux2
+
+    sd = read_state_dict(path, VAE_EXPECTED)
+    for prefix in ("first_stage_model.", "vae."):
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
+    if "bn.running_mean" not in sd:
+        channels = sd["encoder.conv_out.weight"].shape[0] // 2
+        what = "the FLUX.1 VAE (ae.safetensors)" if channels == 16 else f"a {channels}-channel VAE"
+        raise ModelFileError(path, f"This is {what}: it has no latent batch-norm statistics", VAE_EXPECTED)
+    try:
+        if "encoder.down.0.block.0.conv1.weight" in sd:
+            sd = _vae_to_diffusers(sd)
+        overrides = _vae_overrides(sd)
+        if overrides["latent_channels"] != LATENT_CHANNELS:
+            raise ModelFileError(path, f"A VAE with {overrides['latent_channels']} latent channels (not FLUX.2's 32)",
+                                 VAE_EXPECTED)
+        config = {**_load_json(VAE_CONFIG_DIR / "config.json"), **overrides}
+        config.pop("_class_name", None)
+        with torch.device("meta"):
+            model = AutoencoderKLFlux2.from_config(config)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        raise ModelFileError(path, f"Weights do not fit the FLUX.2 VAE ({exc})", VAE_EXPECTED) from exc
+    model.eval().requires_grad_(False)
+    return Component(model, "vae", path.name, dtype)
+
+
+def _check_vae(module: torch.nn.Module, sub: Path) -> None:
+    if module.config.latent_channels != LATENT_CHANNELS:
+        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.2's 32)",
+                             VAE_EXPECTED)
+
+
+VAE = ComponentSpec(
+    tag="flux2_vae", what="FLUX.2 VAE", subfolder="vae", model_class="AutoencoderKLFlux2", kind="vae",
+    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    missing="No VAE: pick a diffusers folder or the FLUX.2 VAE file (flux2-vae.safetensors) in EditKit · FLUX.2 "
+            "Loader.",
+    check_module=_check_vae,
+)
+vae_source = VAE.source
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler and the model handle
+
+
+def scheduler_config(folder: Path | None) -> dict:
+    """The folder's scheduler config, or klein's (shipped) when loading from single files."""
+    return core_loading.scheduler_config(folder, SCHEDULER_CONFIG)
+
+
+def is_distilled(folder: Path | None) -> bool | None:
+    """What the folder's ``model_index.json`` says (klein 4B/9B: true; the ``base`` models: false), else None."""
+    if folder is None or not (folder / "model_index.json").is_file():
+        return None
+    value = _load_json(folder / "model_index.json").get("is_distilled")
+    return None if value is None else bool(value)
+
+
+class Flux2Model:
+    """What EditKit's FLUX.2 loader hands to samplers: a lazily loaded transformer and its schedule.
+
+    LoRA nodes return a copy whose ``transformer`` also applies their LoRAs while a sampler runs.
+    """
+
+    def __init__(self, transformer, scheduler_config: dict, distilled: bool | None = None):
+        self.transformer = transformer
+        self.scheduler_config = scheduler_config
+        self.distilled = distilled
+
+    def __repr__(self) -> str:
+        return f"<EditKit Flux2Model {self.transformer!r}>"
