@@ -207,15 +207,23 @@ def comfy_tokenizer_dir(which: str) -> Path | None:
 class _Holder(torch.nn.Module):
     """Container ComfyUI's ModelPatcher can write ``device`` on (diffusers models cannot).
 
-    Also carries the component's :meth:`~Component.drop_caches`, which the patcher calls when
-    ComfyUI takes memory back (see :func:`_patcher_class`).
+    Also reaches the component's :meth:`~Component.drop_caches`, which the patcher calls when
+    ComfyUI takes memory back (see :func:`_patcher_class`), through a *weak* method: the runtime keeps
+    the patcher (and so this holder) as the value of a ``WeakKeyDictionary`` keyed by the component, and
+    a strong reference back to the key from its value keeps the key alive for ever (issue 17, fault 1:
+    no EditKit model was ever freed).
     """
 
     def __init__(self, component: Component):
         super().__init__()
         self.model = component.module
         self._dtype = component.dtype
-        self.drop_caches = component.drop_caches
+        self._drop_caches = weakref.WeakMethod(component.drop_caches)
+
+    def drop_caches(self) -> None:
+        drop = self._drop_caches()
+        if drop is not None:  # a collected component has no caches left to drop
+            drop()
 
     def get_dtype(self):
         return self._dtype
