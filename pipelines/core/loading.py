@@ -1,6 +1,7 @@
 """Loading pieces every model family shares: weakly cached models, lazy handles, reading weight files.
 
-Loaded models are shared: loading the same file twice (same size, mtime and dtype) returns the
+Loaded models are shared: loading the same file (or folder: :func:`folder_key`) twice (same size, mtime
+and dtype) returns the
 model already in memory for as long as anything still uses it; the cache holds weak references
 only, so ComfyUI's "free memory" really frees. Loader nodes return :class:`LazyModel` handles,
 so a loader output nothing uses never reads its file.
@@ -35,6 +36,27 @@ def file_key(path: Path | None) -> tuple:
         return (str(path), None, None)  # the loader reports the missing file when the model is used
     stat = path.stat()
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def folder_key(folder: Path | None, *subfolders: str) -> tuple:
+    """Identity of a diffusers folder's model: path, size and mtime of every file in ``subfolders`` (or the folder).
+
+    Covers the weight shards (``*.safetensors``, ``*.bin``, ``*.gguf``…) and not only ``config.json``:
+    replacing a folder's shards under an unchanged config must load the new weights, never reuse the
+    model already in memory (issue 17, fault 7). Hidden entries (``.cache`` of ``huggingface-cli
+    download --local-dir``) are skipped. Stat calls only: a few dozen files, microseconds.
+    """
+    if folder is None:
+        return (None,)
+    roots = [folder / sub for sub in subfolders] if subfolders else [folder]
+    files = []
+    for root in roots:
+        if root.is_dir():
+            files += [p for p in root.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+        else:
+            files.append(root)
+    return (str(folder.resolve()), *(file_key(p) for p in sorted(files)))
 
 
 def shared(key: tuple, load: Callable[[], object]):

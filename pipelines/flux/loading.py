@@ -30,7 +30,7 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 from . import layout as flux_layout
@@ -169,7 +169,7 @@ def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtyp
     if file is not None:
         return LazyModel(("transformer", file_key(file), dtype, storage),
                          lambda: _transformer_from_file(file, dtype, storage), f"FLUX.1 transformer {file.name}")
-    return LazyModel(("transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
+    return LazyModel(("transformer", folder_key(folder, "transformer"), dtype, storage),
                      lambda: _transformer_from_folder(folder, dtype, storage), f"FLUX.1 transformer of {folder.name}")
 
 
@@ -239,7 +239,7 @@ def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> La
                            "No VAE: pick a diffusers folder or a VAE file (ae.safetensors) in EditKit · Flux Loader.")
     if file is not None:
         return LazyModel(("vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype), f"VAE {file.name}")
-    return LazyModel(("vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
+    return LazyModel(("vae", folder_key(folder, "vae"), dtype),
                      lambda: _vae_from_folder(folder, dtype), f"VAE of {folder.name}")
 
 

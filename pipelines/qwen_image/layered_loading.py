@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 from . import loading as qwen_loading
@@ -175,7 +175,7 @@ def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtyp
         return LazyModel(("qwen_layered_transformer", file_key(file), dtype, storage),
                          lambda: _transformer_from_file(file, dtype, storage),
                          f"Qwen-Image-Layered transformer {file.name}")
-    return LazyModel(("qwen_layered_transformer", file_key(folder / "transformer" / "config.json"), str(folder),
+    return LazyModel(("qwen_layered_transformer", folder_key(folder, "transformer"),
                       dtype, storage), lambda: _transformer_from_folder(folder, dtype, storage),
                      f"Qwen-Image-Layered transformer of {folder.name}")
 
@@ -254,7 +254,7 @@ def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> La
     if file is not None:
         return LazyModel(("qwen_layered_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
                          f"Qwen-Image-Layered VAE {file.name}")
-    return LazyModel(("qwen_layered_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
+    return LazyModel(("qwen_layered_vae", folder_key(folder, "vae"), dtype),
                      lambda: _vae_from_folder(folder, dtype), f"Qwen-Image-Layered VAE of {folder.name}")
 
 
@@ -374,8 +374,8 @@ def caption_head_source(folder: Path | None, file: Path | None) -> LazyModel:
     if folder is None and file is None:
         return unavailable("Qwen2.5-VL head", "No text encoder: pick the Qwen-Image-Layered diffusers folder or "
                            "qwen_2.5_vl_7b*.safetensors in EditKit · Qwen-Image-Layered Loader.")
-    source = file if file is not None else folder / "text_encoder" / "config.json"
-    return LazyModel(("qwen_caption_head", file_key(source), str(folder)), lambda: _caption_head(folder, file),
+    source = file_key(file) if file is not None else folder_key(folder, "text_encoder")
+    return LazyModel(("qwen_caption_head", source, str(folder)), lambda: _caption_head(folder, file),
                      "Qwen2.5-VL language-model head")
 
 

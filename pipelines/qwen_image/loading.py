@@ -29,7 +29,7 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 
@@ -299,7 +299,7 @@ def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtyp
     if file is not None:
         return LazyModel(("qwen_transformer", file_key(file), dtype, storage),
                          lambda: _transformer_from_file(file, dtype, storage), f"Qwen-Image transformer {file.name}")
-    return LazyModel(("qwen_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype, storage),
+    return LazyModel(("qwen_transformer", folder_key(folder, "transformer"), dtype, storage),
                      lambda: _transformer_from_folder(folder, dtype, storage), f"Qwen-Image transformer of {folder.name}")
 
 
@@ -361,7 +361,7 @@ def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> La
     if file is not None:
         return LazyModel(("qwen_vae", file_key(file), dtype), lambda: _vae_from_file(file, dtype),
                          f"Qwen-Image VAE {file.name}")
-    return LazyModel(("qwen_vae", file_key(folder / "vae" / "config.json"), str(folder), dtype),
+    return LazyModel(("qwen_vae", folder_key(folder, "vae"), dtype),
                      lambda: _vae_from_folder(folder, dtype), f"Qwen-Image VAE of {folder.name}")
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component
 from ..flux import loading as flux_loading
 
@@ -166,7 +166,7 @@ def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtyp
     if file is not None:
         return LazyModel(("zimage_transformer", file_key(file), dtype), lambda: _transformer_from_file(file, dtype),
                          f"Z-Image transformer {file.name}")
-    return LazyModel(("zimage_transformer", file_key(folder / "transformer" / "config.json"), str(folder), dtype),
+    return LazyModel(("zimage_transformer", folder_key(folder, "transformer"), dtype),
                      lambda: _transformer_from_folder(folder, dtype), f"Z-Image transformer of {folder.name}")
 
 
