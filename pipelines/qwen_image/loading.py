@@ -29,8 +29,8 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
-from ..core.precision import Precision, apply_precision
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, keep_fp8, read_state_dict, unavailable
+from ..core.precision import Precision, apply_precision, restore_fp8
 from ..core.runtime import Component
 
 log = logging.getLogger("EditKit")
@@ -237,7 +237,9 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     sd = strip_comfy_prefix(sd)
     if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
         raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
+    kept = {}
     if not quantized:
+        kept = keep_fp8(sd, precision.storage)  # fp8 weights stay fp8 in memory (core.loading.keep_fp8)
         cast_stored_weights(sd, precision.storage)
     try:
         config = transformer_config_from_state_dict(sd)
@@ -258,6 +260,7 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     model.eval().requires_grad_(False)
     if not quantized:
         apply_precision(model, precision)
+        restore_fp8(model, kept, dtype)
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 
