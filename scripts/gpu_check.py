@@ -18,8 +18,7 @@ One command (needs ``COMFYUI_ROOT`` = a ComfyUI 0.3.64 checkout and a CUDA GPU):
     COMFYUI_ROOT=/path/to/ComfyUI python scripts/gpu_check.py                 # everything, ~20-40 min on an H100
     COMFYUI_ROOT=... python scripts/gpu_check.py --families qwen_edit zimage --modes cap24 cap12
 
-``--layers N`` keeps N blocks of each transformer (a quick check of the script itself, also on a CPU with
-``--modes normal``).
+``--layers 1 --side 256 --steps 1 --modes normal`` is a quick check of the script itself (also on a CPU).
 """
 
 from __future__ import annotations
@@ -69,17 +68,19 @@ def _comfy(mode: str):
 def _build(family: str, layers: int | None):
     """The real-size model (``layers`` blocks when given) with random bf16 weights, built without an fp32 copy."""
     import torch
+    from accelerate import init_empty_weights
     from test_streaming import FAMILIES as SPECS  # the same builders the streaming tests use
 
     spec = SPECS[family]
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers and rope tables computed
         module = spec.build("full" if layers is None else "shallow")
-    module.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.normal_(0, 0.02, generator=g)
+        for layer in module.modules():
+            for name, param in list(layer._parameters.items()):
+                if param is not None and param.device.type == "meta":
+                    data = torch.empty(param.shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+                    layer._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
     return module.to(torch.bfloat16).eval(), spec.kind
 
 
@@ -160,14 +161,17 @@ def run_one(family: str, mode: str, steps: int, layers: int | None) -> dict:
 
 
 def main(argv=None) -> int:
+    global SIDE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="keep one block (quick check of the script)")
+    parser.add_argument("--side", type=int, default=SIDE, help="picture side (1024; smaller for a quick check)")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per family and mode")
     args = parser.parse_args(argv)
+    SIDE = args.side
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.layers)))
         return 0
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
     failed = 0
     for family in args.families:
         for mode in args.modes:
-            cmd = [sys.executable, __file__, "--one", family, mode, "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--one", family, mode, "--steps", str(args.steps), "--side", str(SIDE)]
             if args.layers is not None:
                 cmd += ["--layers", str(args.layers)]
             try:
