@@ -7,12 +7,11 @@ training CLI) imports without ComfyUI. Inside ComfyUI this module:
   because diffusers and transformers models have a read-only ``device`` property that
   ``ModelPatcher.load`` writes) so ComfyUI's memory manager loads, offloads and frees it,
   and ``/free`` and "Unload models" act on it;
-* makes transformers and VAEs cast-capable (torch layers become ComfyUI's ``comfy.ops`` layers;
-  EditKit's own cast and GGUF layers gain ComfyUI's cast protocol), so ``--lowvram`` loads part
-  of them and streams the rest layer by layer (GGUF weights stay quantized on the CPU and are
-  dequantized on the GPU per layer); everything else is loaded whole (``force_full_load``),
-  because a partial load of plain layers would fail with a device mismatch (see
-  research/comfyui-memory.md §1.3). Under ``--novram`` such models run where their weights are;
+* makes every model cast-capable (torch layers become ComfyUI's ``comfy.ops`` layers; EditKit's own
+  cast and GGUF layers gain ComfyUI's cast protocol; every other module holding tensors gets
+  core.casting's generic cast-on-forward hook), so ``--lowvram`` loads part of each model and streams
+  the rest layer by layer (GGUF and fp8 weights stay in their format on the CPU and are cast on the
+  GPU per layer), as ComfyUI does with its own models (research/comfyui-memory.md §1.3);
 * lets ComfyUI's precision flags and per-device rules decide every ``auto`` dtype
   (:func:`precision`): ``--fp32-unet``/``--bf16-unet``/``--fp16-unet``/``--fp8_e4m3fn-unet``…,
   the text-encoder and VAE flags, ``unet_dtype``/``unet_manual_cast``/``text_encoder_dtype``/
@@ -207,15 +206,23 @@ def comfy_tokenizer_dir(which: str) -> Path | None:
 class _Holder(torch.nn.Module):
     """Container ComfyUI's ModelPatcher can write ``device`` on (diffusers models cannot).
 
-    Also carries the component's :meth:`~Component.drop_caches`, which the patcher calls when
-    ComfyUI takes memory back (see :func:`_patcher_class`).
+    Also reaches the component's :meth:`~Component.drop_caches`, which the patcher calls when
+    ComfyUI takes memory back (see :func:`_patcher_class`), through a *weak* method: the runtime keeps
+    the patcher (and so this holder) as the value of a ``WeakKeyDictionary`` keyed by the component, and
+    a strong reference back to the key from its value keeps the key alive for ever (issue 17, fault 1:
+    no EditKit model was ever freed).
     """
 
     def __init__(self, component: Component):
         super().__init__()
         self.model = component.module
         self._dtype = component.dtype
-        self.drop_caches = component.drop_caches
+        self._drop_caches = weakref.WeakMethod(component.drop_caches)
+
+    def drop_caches(self) -> None:
+        drop = self._drop_caches()
+        if drop is not None:  # a collected component has no caches left to drop
+            drop()
 
     def get_dtype(self):
         return self._dtype
@@ -294,8 +301,9 @@ def _castable_classes() -> dict[type, type]:
         from ..pipelines.core import precision as core_precision
 
         ops = comfy.ops.disable_weight_init
-        mapping = {torch.nn.Linear: ops.Linear, torch.nn.Conv2d: ops.Conv2d, torch.nn.GroupNorm: ops.GroupNorm,
-                   torch.nn.LayerNorm: ops.LayerNorm}
+        mapping = {torch.nn.Linear: ops.Linear, torch.nn.Conv1d: ops.Conv1d, torch.nn.Conv2d: ops.Conv2d,
+                   torch.nn.Conv3d: ops.Conv3d, torch.nn.GroupNorm: ops.GroupNorm, torch.nn.LayerNorm: ops.LayerNorm,
+                   torch.nn.Embedding: ops.Embedding}
         if hasattr(torch.nn, "RMSNorm") and hasattr(ops, "RMSNorm"):
             mapping[torch.nn.RMSNorm] = ops.RMSNorm
         own = list(core_precision.CAST_CLASSES.values())
@@ -312,13 +320,18 @@ def _castable_classes() -> dict[type, type]:
 
 
 def make_castable(module: torch.nn.Module) -> bool:
-    """Let ComfyUI stream ``module``'s weights layer by layer in low-VRAM modes.
+    """Let ComfyUI stream ``module``'s weights layer by layer in low-VRAM modes; True when it can.
 
-    Swaps layer classes as :func:`_castable_classes` says (same parameters, same maths; ComfyUI's
-    layers with casting off run the parent class's forward). Returns True when every parameter now
-    lives in a cast-capable layer and the model has no buffers, i.e. when a partial load is safe.
-    diffusers' GGUFLinear (not EditKit's) is never touched: its packed bytes must not be cast.
+    Plain torch layers become ComfyUI's own cast-capable layers (:func:`_castable_classes`; same
+    parameters, same maths; with casting off they run the parent class's forward). Every other module
+    that holds tensors itself (diffusers' RMSNorm, QwenImageCausalConv3d, QwenImageRMS_norm, Z-Image's
+    pad tokens on the model itself, rotary buffers, diffusers' GGUF layers...) gets core.casting's generic
+    cast-on-forward hook, which EditKit keeps because comfy.ops has no class for those types and a swap
+    per type would miss the next one (issue 17, fault 2). Afterwards no tensor is left that could sit on
+    the wrong device, so a partial load is always safe.
     """
+    from ..pipelines.core.casting import make_streamable
+
     mapping = _castable_classes()
     for layer in module.modules():
         target = mapping.get(type(layer))
@@ -326,19 +339,16 @@ def make_castable(module: torch.nn.Module) -> bool:
             layer.__class__ = target
             if not hasattr(layer, "bias"):  # ComfyUI's cast reads .bias; torch's RMSNorm has none
                 layer.bias = None
-    for layer in module.modules():
-        if not hasattr(layer, "comfy_cast_weights") and any(True for _ in layer.parameters(recurse=False)):
-            return False
-    return not any(True for _ in module.buffers())
+    make_streamable(module, skip=lambda layer: type(layer) in _CASTABLE.values())
+    return True
 
 
 class ComfyRuntime(Runtime):
     """Runtime backed by ComfyUI's model management, ProgressBar and interrupt flag.
 
-    Transformers and VAEs (dense or GGUF) are made cast-capable, so ``--lowvram`` and tight VRAM
-    load part of them and stream the rest layer by layer, as ComfyUI does with its own models.
-    Everything else (text encoders, BEN2) is loaded whole or, under ``--novram``, run where
-    ComfyUI leaves it (the CPU).
+    Every model (transformers, VAEs, text encoders, BEN2; dense, fp8 or GGUF) is made cast-capable
+    (:func:`make_castable`), so ``--lowvram`` and tight VRAM load part of it and stream the rest layer
+    by layer, as ComfyUI does with its own models.
     """
 
     def __init__(self):
@@ -351,8 +361,7 @@ class ComfyRuntime(Runtime):
         entry = self._patchers.get(component)
         if entry is None:
             load_device, offload_device = _devices(component.kind)
-            streamable = component.kind in ("diffusion", "vae")
-            castable = streamable and make_castable(component.module)
+            castable = make_castable(component.module)
             patcher = _patcher_class()(_Holder(component), load_device, offload_device)
             entry = self._patchers[component] = (patcher, castable)
         return entry

@@ -105,3 +105,101 @@ def test_slow_explicit_choice_warns_once(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="EditKit"):
         P.resolve(F16, auto, cpu)  # another choice: its own single warning
     assert len(caplog.records) == 2 and "fp16 on this CPU" in caplog.records[-1].getMessage()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fp8 files stay fp8 in memory (issue 17, fault 3)
+
+
+def _qwen_forward(module):
+    g = torch.Generator().manual_seed(0)
+    c = module.config
+    with torch.inference_mode():
+        return module(hidden_states=torch.randn(1, 32, c.in_channels, generator=g), timestep=torch.tensor([0.5]),
+                      encoder_hidden_states=torch.randn(1, 7, c.joint_attention_dim, generator=g),
+                      encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.long),
+                      img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)[0]
+
+
+def _fp8_variants(sd: dict, tmp_path):
+    """The same weights as e4m3fn, e5m2 and ComfyUI's scaled e4m3fn files, plus for each the weights cast up
+    front (the reference: what the old loader held in memory)."""
+    import safetensors.torch
+
+    out = {}
+    for name, fp8, scaled in (("e4m3fn", torch.float8_e4m3fn, False), ("e5m2", torch.float8_e5m2, False),
+                              ("scaled", torch.float8_e4m3fn, True)):
+        file, reference = {}, {}
+        for key, tensor in sd.items():
+            if tensor.ndim == 2 and key.endswith(".weight"):
+                scale = 2.0 ** -6 if scaled else 1.0
+                stored = (tensor.float() / scale).to(fp8)
+                file[key] = stored
+                reference[key] = stored.float() * scale
+                if scaled:
+                    file[key[: -len(".weight")] + ".scale_weight"] = torch.tensor(scale)
+            else:
+                file[key] = reference[key] = tensor.to(torch.bfloat16)
+        if scaled:
+            file["scaled_fp8"] = torch.zeros(0, dtype=fp8)
+        paths = tmp_path / f"qwen_{name}.safetensors", tmp_path / f"qwen_{name}_reference.safetensors"
+        safetensors.torch.save_file(file, str(paths[0]))
+        safetensors.torch.save_file({k: v.float() for k, v in reference.items()}, str(paths[1]))
+        out[name] = paths
+    return out
+
+
+def _zimage_forward(module):
+    g = torch.Generator().manual_seed(0)
+    c = module.config
+    with torch.inference_mode():
+        out = module([torch.randn(c.in_channels, 1, 8, 8, generator=g)], torch.tensor([0.5]),
+                     [torch.randn(7, c.cap_feat_dim, generator=g)], return_dict=False)[0]
+    return torch.stack(out)
+
+
+def _fp8_family(family):
+    from qwen_image_models import FILES
+    from zimage_models import TRANSFORMER_FILE
+
+    from editkit.pipelines.qwen_image import loading as qwen_loading
+    from editkit.pipelines.zimage import loading as zimage_loading
+
+    if family == "qwen":
+        return FILES["bf16"], qwen_loading.transformer_source, _qwen_forward
+    return TRANSFORMER_FILE, zimage_loading.transformer_source, _zimage_forward
+
+
+@pytest.mark.parametrize("family", ["qwen", "zimage"])
+@pytest.mark.parametrize("variant", ["e4m3fn", "e5m2", "scaled"])
+def test_fp8_files_stay_fp8_and_equal_casting_up_front(family, variant, tiny_models, tmp_path):
+    import safetensors.torch
+
+    name, source, forward = _fp8_family(family)
+    sd = safetensors.torch.load_file(str(tiny_models / "diffusion_models" / name))
+    path, reference_path = _fp8_variants(sd, tmp_path)[variant]
+    fp8 = {"e5m2": torch.float8_e5m2}.get(variant, torch.float8_e4m3fn)
+    component = source(None, path, F32).get()
+    linears = {n: m for n, m in component.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    stored = {n for n, m in linears.items() if m.weight.dtype == fp8}
+    assert stored and all(isinstance(linears[n], P.CastLinear) for n in stored)
+    # every fp8 weight stays fp8 except Z-Image's timestep embedder (diffusers casts activations to its dtype)
+    fp8_bytes = sum(v.numel() for k, v in safetensors.torch.load_file(str(path)).items()
+                    if v.dtype == fp8 and "t_embedder." not in k)
+    assert sum(m.weight.numel() for n, m in linears.items() if n in stored) == fp8_bytes, \
+        "an fp8 weight was widened in memory"
+    reference = source(None, reference_path, F32).get()
+    assert all(p.dtype == F32 for p in reference.module.parameters())
+    torch.testing.assert_close(forward(component.module), forward(reference.module), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_file_stays_bf16_with_fp32_compute(tiny_models):
+    from qwen_image_models import FILES
+
+    from editkit.pipelines.qwen_image import loading as qwen_loading
+
+    component = qwen_loading.transformer_source(None, tiny_models / "diffusion_models" / FILES["bf16"], F32, BF16).get()
+    linears = [m for m in component.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, P.CastLinear) and m.weight.dtype == BF16 and m.compute_dtype == F32
+                           for m in linears)
+    assert _qwen_forward(component.module).dtype == F32

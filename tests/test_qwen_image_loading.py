@@ -70,7 +70,8 @@ def test_transformer_files_load_the_folder_weights(paths):
         single = transformer_source(None, paths[role], F32).get()
         weights = single.module.state_dict()
         assert set(weights) == set(reference)
-        assert all(torch.equal(weights[k], reference[k]) for k in reference), role
+        # same values; the fp8 file's Linear weights stay fp8 in memory (issue 17), cast per call
+        assert all(torch.equal(weights[k].float(), reference[k]) for k in reference), role
         assert (_forward(single) - _forward(folder)).abs().max() < 1e-5
 
 

@@ -21,18 +21,11 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFileError
-from .loading import LazyModel, file_key, read_json, unavailable
+from .loading import LazyModel, file_key, folder_key, read_json, unavailable
 from .precision import Precision, apply_precision
 from .runtime import Component
 
 FileReader = Callable[[Path, torch.dtype, "torch.dtype | None"], Component]
-
-
-def folder_identity(sub: Path) -> tuple:
-    """Size and mtime of every file below a diffusers sub-folder (config and weight shards)."""
-    if not sub.is_dir():
-        return (str(sub), None)
-    return tuple(file_key(path) for path in sorted(sub.rglob("*")) if path.is_file())
 
 
 def _diffusers_class(name: str):
@@ -107,5 +100,5 @@ class ComponentSpec:
         if file is not None:
             return LazyModel((self.tag, file_key(file), dtype, storage),
                              lambda: self.from_file(file, dtype, storage), f"{self.what} {file.name}")
-        return LazyModel((self.tag, folder_identity(folder / self.subfolder), str(folder), dtype, storage),
+        return LazyModel((self.tag, folder_key(folder, self.subfolder), dtype, storage),
                          lambda: self.from_folder(folder, dtype, storage), f"{self.what} of {folder.name}")

@@ -1,6 +1,7 @@
 """Loading pieces every model family shares: weakly cached models, lazy handles, reading weight files.
 
-Loaded models are shared: loading the same file twice (same size, mtime and dtype) returns the
+Loaded models are shared: loading the same file (or folder: :func:`folder_key`) twice (same size, mtime
+and dtype) returns the
 model already in memory for as long as anything still uses it; the cache holds weak references
 only, so ComfyUI's "free memory" really frees. Loader nodes return :class:`LazyModel` handles,
 so a loader output nothing uses never reads its file.
@@ -35,6 +36,27 @@ def file_key(path: Path | None) -> tuple:
         return (str(path), None, None)  # the loader reports the missing file when the model is used
     stat = path.stat()
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def folder_key(folder: Path | None, *subfolders: str) -> tuple:
+    """Identity of a diffusers folder's model: path, size and mtime of every file in ``subfolders`` (or the folder).
+
+    Covers the weight shards (``*.safetensors``, ``*.bin``, ``*.gguf``…) and not only ``config.json``:
+    replacing a folder's shards under an unchanged config must load the new weights, never reuse the
+    model already in memory (issue 17, fault 7). Hidden entries (``.cache`` of ``huggingface-cli
+    download --local-dir``) are skipped. Stat calls only: a few dozen files, microseconds.
+    """
+    if folder is None:
+        return (None,)
+    roots = [folder / sub for sub in subfolders] if subfolders else [folder]
+    files = []
+    for root in roots:
+        if root.is_dir():
+            files += [p for p in root.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+        else:
+            files.append(root)
+    return (str(folder.resolve()), *(file_key(p) for p in sorted(files)))
 
 
 def shared(key: tuple, load: Callable[[], object]):
@@ -140,6 +162,31 @@ def cast_stored_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
                 tensor = tensor * scale.float()
         sd[key] = tensor.to(dtype)
     return sd
+
+
+def keep_fp8(sd: dict[str, torch.Tensor], placeholder_dtype: torch.dtype,
+             widen: tuple[str, ...] = ()) -> dict[str, tuple[torch.Tensor, float]]:
+    """Set the fp8 Linear weights of ``sd`` aside so the model keeps them in fp8 (issue 17, fault 3).
+
+    Every 2-D fp8 ``<layer>.weight`` (float8_e4m3fn or e5m2; with ComfyUI's ``scale_weight`` when the file is
+    "scaled fp8") is taken out and replaced by a zero-stride placeholder of ``placeholder_dtype`` (no memory),
+    so the model is built without ever holding a widened copy; :func:`~.precision.restore_fp8` then puts the
+    fp8 tensors back into the built model's layers, which cast them per call. Returns ``{key: (fp8, scale)}``;
+    the keys must be the model's names (call it after renaming). ``scaled_fp8``/``scale_input`` markers are
+    dropped as :func:`cast_stored_weights` does. Keys starting with one of ``widen`` are left to
+    :func:`cast_stored_weights` (layers whose model code reads ``weight.dtype`` to pick an activation dtype,
+    such as diffusers' Z-Image timestep embedder: an fp8 weight there would round activations to fp8).
+    """
+    for key in [k for k in sd if k == "scaled_fp8" or k.endswith(".scale_input")]:
+        del sd[key]
+    kept = {}
+    for key in [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2 and v.element_size() == 1
+                and v.is_floating_point() and not hasattr(v, "quant_type") and not k.startswith(widen)]:
+        scale = sd.pop(key[: -len(".weight")] + ".scale_weight", None)
+        tensor = sd[key]
+        kept[key] = (tensor, 1.0 if scale is None else float(scale))
+        sd[key] = torch.zeros((), dtype=placeholder_dtype).expand(tensor.shape)
+    return kept
 
 
 def read_json(path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
@@ -201,7 +201,7 @@ def text_encoder_source(
     if folder is None and (clip_file is None or t5_file is None):
         return unavailable("FLUX.1 text encoders", "No text encoders: pick a diffusers folder, or both a CLIP-L and "
                            "a T5-XXL file, in EditKit · Flux Loader.")
-    key = ("text", str(folder), file_key(clip_file), file_key(t5_file), str(clip_tokenizer_dir),
+    key = ("text", folder_key(folder) if clip_file is None or t5_file is None else None, file_key(clip_file), file_key(t5_file), str(clip_tokenizer_dir),
            str(t5_tokenizer_dir), dtype, storage)
     return LazyModel(key, lambda: _text_encoders(folder, clip_file, t5_file, clip_tokenizer_dir, t5_tokenizer_dir,
                                                  dtype, storage), "FLUX.1 text encoders")

@@ -30,7 +30,7 @@ import torch
 
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
 from .loading import (  # noqa: F401 (dequantize_comfy_mixed: re-exported, it was defined here)
@@ -328,8 +328,8 @@ def caption_head_source(folder: Path | None, file: Path | None) -> LazyModel:
     if folder is None and file is None:
         return unavailable("Qwen2.5-VL head", "No text encoder: pick the Qwen-Image-Layered diffusers folder or "
                            "qwen_2.5_vl_7b*.safetensors in EditKit · Qwen-Image-Layered Loader.")
-    source = file if file is not None else folder / "text_encoder" / "config.json"
-    return LazyModel(("qwen_caption_head", file_key(source), str(folder)), lambda: _caption_head(folder, file),
+    source = file_key(file) if file is not None else folder_key(folder, "text_encoder")
+    return LazyModel(("qwen_caption_head", source, str(folder)), lambda: _caption_head(folder, file),
                      "Qwen2.5-VL language-model head")
 
 

@@ -39,8 +39,8 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
-from ..core.precision import Precision, apply_precision
+from ..core.loading import LazyModel, cast_stored_weights, keep_fp8, read_state_dict
+from ..core.precision import Precision, apply_precision, restore_fp8
 from ..core.runtime import Component
 
 log = logging.getLogger("EditKit")
@@ -322,8 +322,10 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
         raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
     sd.pop(ZERO_COND_MARKER, None)  # a flag, not a weight (read by detect_variant)
+    kept = {}
     if not quantized:
-        dequantize_comfy_mixed(sd, precision.storage)
+        dequantize_comfy_mixed(sd, precision.storage)  # Comfy-Org's fp8mixed files (per-layer scales)
+        kept = keep_fp8(sd, precision.storage)  # fp8 weights stay fp8 in memory (core.loading.keep_fp8)
         cast_stored_weights(sd, precision.storage)
     try:
         config = transformer_config_from_state_dict(sd)
@@ -344,6 +346,7 @@ def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype 
     model.eval().requires_grad_(False)
     if not quantized:
         apply_precision(model, precision)
+        restore_fp8(model, kept, dtype)
     return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
 from .loading import CONFIG_DIR, EDIT, EDIT_2509, count_blocks
@@ -267,6 +267,6 @@ def text_encoder_source(folder: Path | None, file: Path | None, dtype: torch.dty
     if folder is None and file is None:
         return unavailable("Qwen2.5-VL text encoder", "No text encoder: pick the Qwen-Image-Edit-2509 diffusers folder "
                            "or qwen_2.5_vl_7b*.safetensors in EditKit · Qwen-Image Loader.")
-    key = ("qwen_text", str(folder), file_key(file), str(comfy_tokenizer_dir), dtype)
+    key = ("qwen_text", folder_key(folder) if file is None else None, file_key(file), str(comfy_tokenizer_dir), dtype)
     description = f"Qwen2.5-VL {file.name}" if file is not None else f"Qwen2.5-VL of {folder.name}"
     return LazyModel(key, lambda: _text_encoder(folder, file, comfy_tokenizer_dir, dtype), description)

@@ -26,7 +26,8 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, keep_fp8, read_state_dict, unavailable
+from ..core.precision import restore_fp8
 from ..core.runtime import Component
 from ..flux import loading as flux_loading
 
@@ -109,10 +110,14 @@ def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
 
     quantized = path.suffix.lower() == ".gguf"
     sd = read_state_dict(path, TRANSFORMER_EXPECTED)
-    if not quantized:
-        cast_stored_weights(sd, dtype)
     for key in [k for k in sd if k.startswith(COMFY_PREFIX)]:
         sd[key[len(COMFY_PREFIX):]] = sd.pop(key)
+    kept = {}
+    if not quantized:
+        # fp8 weights stay fp8 in memory (core.loading.keep_fp8), except the timestep embedder's: diffusers
+        # casts the timestep features to its first weight's dtype
+        kept = keep_fp8(sd, dtype, widen=("t_embedder.",))
+        cast_stored_weights(sd, dtype)
     if quantized:
         _dequantize_parameters(sd, dtype)
     layout = transformer_layout(sd)
@@ -131,6 +136,8 @@ def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
         from diffusers import GGUFQuantizationConfig
 
         kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    if kept and layout == "original":
+        sd, kept = _fp8_to_diffusers_names(sd, kept)
     try:
         model = ZImageTransformer2DModel.from_single_file(
             sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **config, **kwargs
@@ -138,7 +145,22 @@ def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelFileError(path, f"Weights do not fit a Z-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
     model.eval().requires_grad_(False)
+    restore_fp8(model, kept, dtype)
     return Component(model, "diffusion", path.name, dtype, quantized=quantized)
+
+
+def _fp8_to_diffusers_names(sd: dict, kept: dict) -> tuple[dict, dict]:
+    """The original-layout state dict and its fp8 weights set aside, both in diffusers' names.
+
+    Converted with diffusers' own Z-Image converter (the one ``from_single_file`` would run), so the fused
+    ``qkv`` weights are split the same way; each part keeps the fused layer's ``scale_weight``.
+    """
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers as convert
+
+    sd = convert(sd)
+    tensors = convert({k: t for k, (t, _s) in kept.items()})
+    scales = convert({k: torch.full((3,), s) for k, (_t, s) in kept.items()})  # qkv: 3 chunks, one scale each
+    return sd, {k: (tensors[k], float(scales[k][0])) for k in tensors}
 
 
 TRANSFORMER = ComponentSpec(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
 from ..flux.loading import count_blocks
@@ -241,6 +241,7 @@ def text_encoder_source(folder: Path | None, file: Path | None, dtype: torch.dty
     if folder is None and file is None:
         return unavailable("Z-Image text encoder", "No text encoder: pick a diffusers folder or the Qwen3-4B file "
                            "(qwen_3_4b.safetensors) in EditKit · Z-Image Loader.")
-    key = ("zimage_text", wrapper.__name__, str(folder), file_key(file), str(comfy_tokenizer_dir), dtype)
+    key = ("zimage_text", wrapper.__name__, folder_key(folder, "text_encoder", "tokenizer") if file is None else None,
+           file_key(file), str(comfy_tokenizer_dir), dtype)
     return LazyModel(key, lambda: _text_encoder(folder, file, comfy_tokenizer_dir, dtype, wrapper),
                      f"{getattr(wrapper, 'display', 'Z-Image')} text encoder")

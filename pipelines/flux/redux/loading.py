@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ...core.errors import EditKitError, ModelFileError
-from ...core.loading import LazyModel, cast_stored_weights, file_key, read_state_dict
+from ...core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict
 from ...core.runtime import Component
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -299,7 +299,7 @@ class ReduxModel:
                 "flux1-redux-dev.safetensors (models/style_models) and sigclip_vision_patch14_384.safetensors "
                 "(models/clip_vision)."
             )
-        key = ("flux_redux", str(folder), file_key(folder / "model_index.json") if folder else None,
+        key = ("flux_redux", folder_key(folder),
                file_key(siglip_file), file_key(embedder_file), dtype)
         name = " + ".join(p.name for p in (folder, siglip_file, embedder_file) if p is not None)
         self.prior = LazyModel(key, lambda: load_prior(folder, siglip_file, embedder_file, dtype),
