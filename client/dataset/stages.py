@@ -64,6 +64,7 @@ class Factory:
         self.staging = self.out / "staging"
         self.progress = progress or (lambda stage, done, total: None)
         self.timings: dict[str, dict] = {}
+        self.ray_nodes: dict[str, dict] = {}  # service → items per Ray node (when the ray: section is set)
 
     def manifest(self, stage: str) -> Manifest:
         return Manifest(self.manifests / f"{stage}.jsonl")
@@ -253,8 +254,10 @@ class Factory:
 
     def _run_batch(self, service: str, workflow_name: str, items: list[Item], image_ref) -> dict[str, dict]:
         urls = self.config["services"][service]["endpoint"]
-        if not urls:
-            raise ClientError(f"services.{service}.endpoint is empty: give one or more ComfyUI URLs, or use --mock")
+        on_ray = bool(self.config["ray"]["address"])
+        if not urls and not (on_ray and self.config["ray"]["pools"].get(service)):
+            raise ClientError(f"services.{service}.endpoint is empty: give one or more ComfyUI URLs"
+                              f"{f', or ray.pools.{service}' if on_ray else ''}, or use --mock")
         workflow = load_workflow(workflow_name)
         if items:  # a target that does not exist in the workflow is a config error, not N failed items
             try:
@@ -263,15 +266,38 @@ class Factory:
                 section = "decompose" if service == "layered" else "generate"
                 raise ClientError(f"{section}.targets/overrides do not fit the workflow '{workflow_name}': {exc}") from exc
         timeouts = Timeouts(stall=float(self.config["services"][service]["timeout"]))
-        asyncio.run(health_check(urls, workflow, service, timeouts))
+        in_flight = int(self.config["services"]["in_flight"])
+        pool = None
+        if on_ray:
+            pool, in_flight = self._ray_pool(service, urls, timeouts)
+            checks = [(w.name, _ray_object_info(w)) for w in pool.workers]
+        else:
+            checks = [(url, _server_object_info(url, timeouts)) for url in urls]
         out_dir = self.staging / "comfy" / service
-        runner = BatchRunner(workflow_name=workflow_name, workflow=workflow, items=items, urls=urls, out_dir=out_dir,
-                             manifest_path=self.manifests / f"comfy_{service}.jsonl", image_ref=image_ref,
-                             in_flight=int(self.config["services"]["in_flight"]),
-                             max_failures=int(self.config["services"]["max_failures"]), timeouts=timeouts,
-                             progress=False)
-        asyncio.run(runner.run())
+        try:
+            asyncio.run(health_check(checks, workflow, service))
+            runner = BatchRunner(workflow_name=workflow_name, workflow=workflow, items=items, urls=urls,
+                                 workers=pool.workers if pool else None, out_dir=out_dir,
+                                 manifest_path=self.manifests / f"comfy_{service}.jsonl", image_ref=image_ref,
+                                 in_flight=in_flight, max_failures=int(self.config["services"]["max_failures"]),
+                                 timeouts=timeouts, progress=False)
+            asyncio.run(runner.run())
+        finally:
+            if pool is not None:
+                self.ray_nodes[service] = pool.node_counts()
+                pool.stop()
         return runner.manifest.load()
+
+    def _ray_pool(self, service: str, urls: list[str], timeouts: Timeouts):
+        """The service's actor pool (its own resource request), or one actor attached to each endpoint URL."""
+        from ..ray_workers import RayPool, connect, pool_spec
+
+        ray = self.config["ray"]
+        spec = pool_spec(f"{service}", ray["pools"].get(service) or {"urls": urls})
+        dashboard = connect(ray["address"], ray["runtime_env"])
+        if dashboard:
+            log.warning("Ray dashboard: %s", dashboard)
+        return RayPool(service, spec, timeouts), int(spec["in_flight"])
 
     # -- export and qa --------------------------------------------------------------------------
 
@@ -340,22 +366,34 @@ class Factory:
             results["qa"] = self.stage_qa(samples, issues, pairs)["summary"]
             self.timings["qa"] = {"seconds": time.perf_counter() - t, "items": len(pairs)}
         results["timings"] = self.timings
+        if self.ray_nodes:
+            results["ray_nodes"] = self.ray_nodes
         return results
 
 
-async def health_check(urls: list[str], workflow: dict, service: str, timeouts: Timeouts) -> None:
-    """Every endpoint answers, has the workflow's nodes and model files; otherwise stop with the reasons."""
+async def _server_object_info(url: str, timeouts: Timeouts) -> dict:
+    server = ComfyServer(url, timeouts)
+    try:
+        await server.start()
+        return await server.object_info()
+    finally:
+        await server.close()
+
+
+async def _ray_object_info(worker) -> dict:
+    await worker.probe()  # waits for the actor's own ComfyUI to start
+    return await worker.object_info()
+
+
+async def health_check(checks: list, workflow: dict, service: str) -> None:
+    """Every endpoint (name, coroutine giving its ``/object_info``) answers and has the workflow's nodes and model
+    files; otherwise stop with the reasons."""
     problems = []
-    for url in urls:
-        server = ComfyServer(url, timeouts)
+    for name, object_info in checks:
         try:
-            await server.start()
-            info = await server.object_info()
-            found = find_problems(workflow, info)
-            problems += [f"{url}: {p.text}" for p in found if p.input != "image"]  # pictures are uploaded per item
+            found = find_problems(workflow, await object_info)
+            problems += [f"{name}: {p.text}" for p in found if p.input != "image"]  # pictures are uploaded per item
         except Exception as exc:  # any failure to talk to it means "not ready"
-            problems.append(f"{url}: not reachable ({type(exc).__name__}: {exc})")
-        finally:
-            await server.close()
+            problems.append(f"{name}: not reachable ({type(exc).__name__}: {exc})")
     if problems:
         raise ClientError(f"services.{service} is not ready:\n  " + "\n  ".join(problems))
