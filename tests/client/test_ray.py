@@ -17,6 +17,8 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,20 @@ def test_batch_survives_losing_a_worker_node_mid_run(cluster, tmp_path):
     assert any(e["event"] == "item_retry" and e["server"] == "ray:batch/0" for e in events)
     assert digest_tree(folder) == before
     assert sum(pool.node_counts().values()) == 8 and len(pool.node_counts()) == 2
+    assert not server_answers(victim.where["url"], within=15), "the lost node's ComfyUI outlived its actor"
+
+
+def server_answers(url: str, within: float) -> bool:
+    """Whether the server still answers after ``within`` seconds of trying to see it gone."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/system_stats", timeout=2):
+                pass
+        except OSError:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 @pytest.mark.slow
