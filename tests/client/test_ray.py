@@ -60,14 +60,34 @@ def test_pool_and_section_errors_say_what_to_set():
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_models, tmp_path_factory):
-    root = os.environ.get("COMFYUI_ROOT")
-    if not root:
-        pytest.skip("set COMFYUI_ROOT to run batch and the dataset factory on a Ray cluster with real ComfyUI servers")
+def ray_cluster():
+    """A head (no server resource) and two worker nodes with one ``editkit_server`` slot each, this process its
+    driver. Without ComfyUI it serves the fake-server tests; with it, ``cluster`` puts a real server on each."""
     ray = pytest.importorskip("ray", reason="pip install -r requirements-ray.txt")
     from ray.cluster_utils import Cluster
 
-    from client.ray_workers import RayPool, connect
+    from client.ray_workers import connect
+
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": STORE,
+                                                         "include_dashboard": False})
+    try:
+        nodes = [head.add_node(num_cpus=1, resources={"editkit_server": 1}, object_store_memory=STORE)
+                 for _ in range(2)]
+        head.wait_for_nodes()
+        connect(head.address)
+        yield {"cluster": head, "nodes": nodes, "ray": ray}
+    finally:
+        ray.shutdown()
+        head.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, request, tmp_path_factory):
+    root = os.environ.get("COMFYUI_ROOT")
+    if not root:
+        pytest.skip("set COMFYUI_ROOT to run batch and the dataset factory on a Ray cluster with real ComfyUI servers")
+    tiny_models = request.getfixturevalue("tiny_models")  # only now: writing them takes a while
+    from client.ray_workers import RayPool
 
     base = tmp_path_factory.mktemp("ray")
     packs = base / "packs"
@@ -81,27 +101,60 @@ def cluster(tiny_models, tmp_path_factory):
         "python": os.environ.get("COMFYUI_PYTHON") or sys.executable, "extra_model_paths": str(paths),
         "args": ["--disable-api-nodes", "--database-url", "sqlite:///:memory:"], "start_timeout": 240,
         "max_restarts": -1})
-    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": STORE,
-                                                         "include_dashboard": False})
-    nodes = [head.add_node(num_cpus=1, resources={"editkit_server": 1}, object_store_memory=STORE) for _ in range(2)]
-    pool = None
+    pool = RayPool("batch", spec, Timeouts(connect=3, request=20, poll=1, poll_ws_down=0.3, stall=120, heartbeat=2))
     try:
-        head.wait_for_nodes()
-        connect(head.address)
-        pool = RayPool("batch", spec, Timeouts(connect=3, request=20, poll=1, poll_ws_down=0.3, stall=120,
-                                                heartbeat=2))
-
         async def started():
             for worker in pool.workers:
                 await worker.probe()
 
         asyncio.run(started())
-        yield {"cluster": head, "nodes": nodes, "pool": pool, "ray": ray}
+        yield {**ray_cluster, "pool": pool}
     finally:
-        if pool is not None:
-            pool.stop()
-        ray.shutdown()
-        head.shutdown()
+        pool.stop()
+
+
+def test_killed_actor_is_restarted_by_ray_and_its_items_are_recorded_once(ray_cluster, object_info, tmp_path):
+    """Two actors attached to two fake servers; the first actor's process is killed after its first item: its
+    items in flight go to the other, Ray restarts it, it is probed back and takes items again; 16 items, each
+    recorded once (no ComfyUI needed)."""
+    from fake_comfy import FakeComfy, Faults
+
+    from client.batch import BatchRunner, picture_items
+    from client.ray_workers import RayPool
+    from client.workflow import load_workflow
+
+    ray = ray_cluster["ray"]
+    servers = [FakeComfy(object_info, faults=Faults(node_seconds=0.05)).start() for _ in range(2)]
+    killed: list = []
+    pool = RayPool("fake", pool_spec("fake", {"urls": [s.url for s in servers], "num_cpus": 0}),
+                   Timeouts(connect=2, request=5, poll=0.3, poll_ws_down=0.1, stall=5, heartbeat=1))
+    events: list = []
+
+    def emit(event):
+        events.append(event)
+        if event["event"] == "item_done" and event["server"].startswith("fake/0@") and not killed:
+            killed.append(event["item"])
+            ray.kill(pool.workers[0].actor, no_restart=False)  # as a crash: Ray may restart it
+
+    runner = BatchRunner(workflow_name="ben2_remove_background", workflow=load_workflow("ben2_remove_background"),
+                         items=picture_items([picture_folder(tmp_path / "in", 16)]), workers=list(pool.workers),
+                         out_dir=tmp_path / "out", probe_interval=0.2, retry_base=0.05, emit=emit, progress=False)
+    try:
+        summary = asyncio.run(asyncio.wait_for(runner.run(), 120))
+    finally:
+        pool.stop()
+        for server in servers:
+            server.stop()
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert summary["done"] == 16 and summary["failed"] == 0
+    assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 16
+    kinds = [(e["event"], e.get("server")) for e in events]
+    down = kinds.index(("server_down", "ray:fake/0"))
+    back = kinds.index(("server_up", "ray:fake/0"), down)
+    assert any(k == "item_done" and s.startswith("fake/0@") for k, s in kinds[back:]), "the restarted actor idled"
+    assert ("item_retry", "ray:fake/0") in kinds[down:]  # the item in flight went back to the queue
+    outputs = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert outputs == sorted(rel for r in records for rel in r["outputs"])
 
 
 def picture_folder(root: Path, count: int, size=(64, 64)) -> Path:
@@ -162,14 +215,14 @@ def test_dataset_factory_on_the_cluster_exports_what_the_local_run_exports(clust
     assert {r["server"].split("@")[0] for r in records} <= {"edit/0", "edit/1"}
 
 
-def test_dataset_mock_mode_with_ray_set_matches_the_local_mock_run(cluster, tmp_path):
+def test_dataset_mock_mode_with_ray_set_matches_the_local_mock_run(ray_cluster, tmp_path):
     """--mock needs no servers: with the ray section set it gives the local --mock export (nothing is started)."""
     from client.dataset.config import load_config
     from client.dataset.stages import Factory
 
     stages = ["ingest", "decompose", "generate", "export"]
     Factory(load_config(None, [f"outputs={tmp_path / 'local'}"]), mock_mode=True).run(stages)
-    Factory(load_config(None, [f"outputs={tmp_path / 'ray'}", f"ray.address={cluster['cluster'].address}"]),
+    Factory(load_config(None, [f"outputs={tmp_path / 'ray'}", f"ray.address={ray_cluster['cluster'].address}"]),
             mock_mode=True).run(stages)
     assert digest_tree(tmp_path / "ray" / "dataset") == digest_tree(tmp_path / "local" / "dataset")
 
@@ -231,7 +284,6 @@ def server_answers(url: str, within: float) -> bool:
     return True
 
 
-@pytest.mark.slow
 def test_batch_cli_with_ray_joins_the_cluster_and_attaches_to_servers(cluster, tmp_path):
     """``python -m client batch ... --ray ADDRESS --server URL``: another driver process joins the cluster, one
     actor attaches to the server, and the summary names the Ray node that did the work."""
