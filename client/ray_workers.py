@@ -149,6 +149,7 @@ class ComfyActor:
         self.label, self.spec, self.timeouts = label, spec, timeouts
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
+        self.node = f"{self.node_ip}/{self.node_id[:8]}"  # how summaries name the node
         self.proc: subprocess.Popen | None = None
         self.work: Path | None = None
         self.starts = 0
@@ -229,7 +230,7 @@ class ComfyActor:
         except ClientError as exc:
             return "error", exc
         rendered.server = f"{self.label}@{self.node_ip}"
-        return "ok", rendered, self.node_id
+        return "ok", rendered, self.node
 
     def stop_server(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -258,7 +259,7 @@ class RayWorker:
 
     def __init__(self, actor, name: str, spec: dict, timeouts: Timeouts):
         self.actor, self.name, self.spec, self.timeouts = actor, name, spec, timeouts
-        self.nodes: collections.Counter = collections.Counter()  # node id → items this actor rendered there
+        self.nodes: collections.Counter = collections.Counter()  # node (ip/id) → items this actor rendered there
         self.where: dict = {}  # the actor's last answer to ready(): node, server URL, GPUs
 
     async def _call(self, ref, timeout: float | None):
@@ -293,8 +294,8 @@ class RayWorker:
 
     async def render(self, job: Job, item: Item) -> Rendered:
         data = read_picture(Path(item.picture)) if item.picture is not None else None
-        rendered, node_id = await self._call(self.actor.render.remote(job, item, data), None)
-        self.nodes[node_id] += 1
+        rendered, node = await self._call(self.actor.render.remote(job, item, data), None)
+        self.nodes[node] += 1
         return rendered
 
     async def close(self) -> None:
@@ -324,10 +325,10 @@ class RayPool:
             self.workers.append(RayWorker(actor, f"ray:{label}", spec, self.timeouts))
 
     def node_counts(self) -> dict[str, int]:
-        """Items rendered per node (short node id), over every actor of the pool."""
+        """Items rendered per node (``ip/short node id``), over every actor of the pool."""
         total: collections.Counter = collections.Counter()
         for worker in self.workers:
-            total.update({node[:12]: n for node, n in worker.nodes.items()})
+            total.update(worker.nodes)
         return dict(total)
 
     def stop(self) -> None:
@@ -340,6 +341,38 @@ class RayPool:
         for worker in self.workers:
             with contextlib.suppress(ray.exceptions.RayError):
                 ray.kill(worker.actor, no_restart=True)
+
+
+def _with_node(fn, *args):
+    import ray
+
+    context = ray.get_runtime_context()
+    return fn(*args), f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:8]}"
+
+
+def map_on_cluster(fn, count: int, args_for, spec: dict, in_flight: int = 8):
+    """Yield ``(index, fn(*args_for(index)), node)`` for index 0 .. count-1, run as Ray tasks spread over the
+    nodes (``SPREAD``) with the pool's CPU and custom-resource request, at most ``in_flight`` at once, in the
+    order they finish.
+
+    For pure functions only (the dataset factory's ``--mock`` stand-ins): a task lost with its node is run again
+    by Ray (``max_retries``), which is harmless for a function of its arguments, and the caller records each
+    result once. Work on ComfyUI servers goes through :class:`RayPool` and the batch runner instead.
+    """
+    import ray
+
+    task = ray.remote(_with_node).options(num_cpus=float(spec["num_cpus"]), resources=dict(spec["resources"]),
+                                          scheduling_strategy="SPREAD", max_retries=3)
+    waiting: dict = {}
+    next_index = 0
+    while next_index < count or waiting:
+        while next_index < count and len(waiting) < in_flight:
+            waiting[task.remote(fn, *args_for(next_index))] = next_index
+            next_index += 1
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        index = waiting.pop(ready[0])
+        result, node = ray.get(ready[0])
+        yield index, result, node
 
 
 def describe(pools: list[RayPool], dashboard: str | None) -> list[str]:

@@ -101,12 +101,15 @@ class Factory:
         todo = [s for s in samples if done.get(s.id, {}).get("fingerprint") != self._decompose_key(s)]
         if todo and not self.mock:
             self._decompose_on_servers(todo, manifest)
-        for index, sample in enumerate(todo):
-            if self.mock:
-                layers = mock.decompose(imaging.load_rgb(Path(sample.path)), int(self.config["decompose"]["layers"]))
-                record = self._store_layers(sample, layers)
-                manifest.append(record)
-            self.progress("decompose", index + 1, len(todo))
+            for index in range(len(todo)):
+                self.progress("decompose", index + 1, len(todo))
+        if todo and self.mock:
+            count = int(self.config["decompose"]["layers"])
+            results = self._mock_map("layered", mock.decompose, len(todo),
+                                     lambda i: (imaging.load_rgb(Path(todo[i].path)), count))
+            for done_count, (index, layers) in enumerate(results, 1):
+                manifest.append(self._store_layers(todo[index], layers))
+                self.progress("decompose", done_count, len(todo))
         done = {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
         self._sweep(self.staging / "decompose", [f for r in done.values() for layer in r["layers"] for f in layer.values()])
         return done
@@ -193,13 +196,21 @@ class Factory:
         if jobs and not self.mock:
             self._generate_on_servers(jobs, layers, manifest)
         else:
-            for index, (key, sample, k, instruction) in enumerate(jobs):
+            inputs: dict[int, tuple] = {}  # the source and mask of each edit in flight
+
+            def args_for(index):
+                _, sample, _, instruction = jobs[index]
                 source = imaging.load_rgb(Path(sample.path))
                 mask = self._mask_for(sample, layers, source.shape[:2])
-                edited = mock.edit(source, mask if mask is not None else np.ones(source.shape[:2], np.float32),
-                                   sample.id, instruction)
+                inputs[index] = source, mask
+                return source, mask if mask is not None else np.ones(source.shape[:2], np.float32), sample.id, \
+                    instruction
+
+            for done_count, (index, edited) in enumerate(self._mock_map("edit", mock.edit, len(jobs), args_for), 1):
+                key, sample, k, instruction = jobs[index]
+                source, mask = inputs.pop(index)
                 manifest.append(self._store_edit(key, sample, k, instruction, source, edited, mask))
-                self.progress("generate", index + 1, len(jobs))
+                self.progress("generate", done_count, len(jobs))
         done = {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
         self._sweep(self.staging / "generate", [f for r in done.values() for f in (r["edit"], r["mask"])])
         return done
@@ -249,6 +260,23 @@ class Factory:
             sample, k, instruction, source, mask = meta[key]
             edited = imaging.load_rgb(raw / record["outputs"][0])
             manifest.append(self._store_edit(key, sample, k, instruction, source, edited, mask))
+
+    def _mock_map(self, service: str, fn, count: int, args_for):
+        """``(index, fn(*args_for(index)))`` for each item: here in order, or, with the ``ray:`` section set, as Ray
+        tasks spread over the cluster (the pool's CPU and resource request), so ``--mock`` rehearses a cluster."""
+        if not self.config["ray"]["address"]:
+            for index in range(count):
+                yield index, fn(*args_for(index))
+            return
+        from ..ray_workers import POOL_DEFAULTS, connect, map_on_cluster
+
+        ray = self.config["ray"]
+        connect(ray["address"], ray["runtime_env"])
+        spec = {**POOL_DEFAULTS, **(ray["pools"].get(service) or {})}
+        nodes = self.ray_nodes.setdefault(service, {})
+        for index, result, node in map_on_cluster(fn, count, args_for, spec):
+            nodes[node] = nodes.get(node, 0) + 1
+            yield index, result
 
     # -- servers --------------------------------------------------------------------------------
 

@@ -215,16 +215,27 @@ def test_dataset_factory_on_the_cluster_exports_what_the_local_run_exports(clust
     assert {r["server"].split("@")[0] for r in records} <= {"edit/0", "edit/1"}
 
 
-def test_dataset_mock_mode_with_ray_set_matches_the_local_mock_run(ray_cluster, tmp_path):
-    """--mock needs no servers: with the ray section set it gives the local --mock export (nothing is started)."""
+def test_dataset_mock_on_the_cluster_exports_what_the_local_mock_run_exports(ray_cluster, tmp_path):
+    """``--mock`` with the ray section set runs the stand-ins as Ray tasks spread over the nodes (a rehearsal of
+    the cluster without servers); the driver writes and records the results: the export is the local one."""
     from client.dataset.config import load_config
     from client.dataset.stages import Factory
 
-    stages = ["ingest", "decompose", "generate", "export"]
-    Factory(load_config(None, [f"outputs={tmp_path / 'local'}"]), mock_mode=True).run(stages)
-    Factory(load_config(None, [f"outputs={tmp_path / 'ray'}", f"ray.address={ray_cluster['cluster'].address}"]),
-            mock_mode=True).run(stages)
-    assert digest_tree(tmp_path / "ray" / "dataset") == digest_tree(tmp_path / "local" / "dataset")
+    stages = ["ingest", "decompose", "generate", "export", "qa"]
+    data = f"inputs.roots=[{ROOT / 'client' / 'dataset' / 'example_data'}]"
+    local = Factory(load_config(None, [f"outputs={tmp_path / 'local'}", data]), mock_mode=True).run(stages)
+    on_ray = Factory(load_config(None, [f"outputs={tmp_path / 'ray'}", data,
+                                        f"ray.address={ray_cluster['cluster'].address}",
+                                        'ray.pools={"edit": {"num_cpus": 0, "resources": {"editkit_server": 0.5}}}']),
+                     mock_mode=True).run(stages)
+    assert "ray_nodes" not in local and local["qa"] == on_ray["qa"]
+    exported = digest_tree(tmp_path / "local" / "dataset")
+    assert exported and digest_tree(tmp_path / "ray" / "dataset") == exported
+    samples, pairs = local["qa"]["samples"], local["qa"]["pairs"]
+    assert sum(on_ray["ray_nodes"]["layered"].values()) == samples
+    assert sum(on_ray["ray_nodes"]["edit"].values()) == pairs
+    worker_nodes = {n.node_id[:8] for n in ray_cluster["nodes"]}
+    assert {n.split("/")[1] for n in on_ray["ray_nodes"]["edit"]} == worker_nodes  # where its resource is
 
 
 def test_batch_survives_losing_a_worker_node_mid_run(cluster, tmp_path):
