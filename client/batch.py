@@ -476,7 +476,12 @@ async def batch_command(args) -> int:
         from .ray_workers import RayPool, connect, pool_spec
 
         section = _ray_options(args)
-        spec = pool_spec("batch", section["pools"].get("batch") or ({"urls": args.server} if args.server else None))
+        raw = section["pools"].get("batch") or ({"urls": args.server} if args.server else None)
+        if raw is None:
+            raise WorkflowError("--ray needs servers: give --ray-config FILE with a ray.pools.batch section (actors, "
+                                "num_gpus, comfyui_root, ...; docs/scale-out.md) to start them on the cluster, or "
+                                "--server URL (repeatable) to attach one actor to each running server")
+        spec = pool_spec("batch", raw)
         dashboard = connect(section["address"] or "local", section["runtime_env"])
         pool = RayPool("batch", spec, timeouts)
         in_flight = int(spec["in_flight"])

@@ -46,13 +46,19 @@ def test_client_errors_cross_the_actor_boundary_intact():
     assert (str(run), run.node_id, run.exception_type) == ("node 4 failed", "4", "RuntimeError")
 
 
-def test_pool_and_section_errors_say_what_to_set():
+def test_pool_and_section_errors_say_what_to_set(capsys, tmp_path):
     with pytest.raises(WorkflowError, match=r"ray.pools.edit has neither comfyui_root .* nor urls"):
         pool_spec("edit", {"actors": 2})
     with pytest.raises(WorkflowError, match=r"unknown key\(s\) ray.pools.edit.gpus; allowed: actors, num_gpus"):
         pool_spec("edit", {"gpus": 1, "urls": ["http://a:1"]})
     with pytest.raises(WorkflowError, match=r"unknown key\(s\) ray.adress; allowed: address, runtime_env, pools"):
         ray_section({"adress": "auto"})
+    from client.__main__ import main
+
+    folder = picture_folder(tmp_path / "in", 1)
+    assert main(["batch", "ben2_remove_background", "--input", str(folder), "--out", str(tmp_path / "out"),
+                 "--ray"]) == 1
+    assert "--ray needs servers: give --ray-config FILE" in capsys.readouterr().err
     assert pool_spec("edit", {"urls": "http://a:1"})["urls"] == ["http://a:1"]
 
 
@@ -226,7 +232,7 @@ def test_dataset_mock_on_the_cluster_exports_what_the_local_mock_run_exports(ray
     local = Factory(load_config(None, [f"outputs={tmp_path / 'local'}", data]), mock_mode=True).run(stages)
     on_ray = Factory(load_config(None, [f"outputs={tmp_path / 'ray'}", data,
                                         f"ray.address={ray_cluster['cluster'].address}",
-                                        'ray.pools={"edit": {"num_cpus": 0, "resources": {"editkit_server": 0.5}}}']),
+                                        'ray.pools={"edit": {"num_cpus": 1}}']),
                      mock_mode=True).run(stages)
     assert "ray_nodes" not in local and local["qa"] == on_ray["qa"]
     exported = digest_tree(tmp_path / "local" / "dataset")
@@ -234,8 +240,7 @@ def test_dataset_mock_on_the_cluster_exports_what_the_local_mock_run_exports(ray
     samples, pairs = local["qa"]["samples"], local["qa"]["pairs"]
     assert sum(on_ray["ray_nodes"]["layered"].values()) == samples
     assert sum(on_ray["ray_nodes"]["edit"].values()) == pairs
-    worker_nodes = {n.node_id[:8] for n in ray_cluster["nodes"]}
-    assert {n.split("/")[1] for n in on_ray["ray_nodes"]["edit"]} == worker_nodes  # where its resource is
+    assert len(on_ray["ray_nodes"]["edit"]) >= 2  # spread: one CPU per task, one CPU per node
 
 
 def test_batch_survives_losing_a_worker_node_mid_run(cluster, tmp_path):
