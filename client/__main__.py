@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--give-up-after", type=float, default=600.0,
                        help="stop when no server has answered for S seconds (default 600)")
     batch.add_argument("--probe-interval", type=float, default=2.0, help="seconds between probes of a down server")
+    batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="run on a Ray cluster, one ComfyUI server per actor (docs/scale-out.md): no ADDRESS starts "
+                            "a local cluster, 'auto' joins the one `ray start` made, or give HOST:PORT / ray://HOST:PORT")
+    batch.add_argument("--ray-config", metavar="FILE",
+                       help="YAML with a 'ray:' section (address, runtime_env, pools.batch: actors, num_gpus, "
+                            "comfyui_root, ...); with --ray and only --server, one actor attaches to each URL")
     _common(batch)
 
     serve = commands.add_parser("serve", help="serve the apps' HTTP API in front of ComfyUI")

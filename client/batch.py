@@ -446,6 +446,11 @@ def format_summary(summary: dict) -> str:
         extra = f", excluded: {s['excluded'].splitlines()[0]}" if s["excluded"] else ""
         lines.append(f"  {s['server']}: {s['done']} done ({s['items_per_min']} items/min), {s['failed']} failed, "
                      f"{s['requeued']} requeued, down {s['went_down']}×{extra}")
+    if summary.get("ray"):
+        nodes = summary["ray"]["nodes"]
+        lines.append("  on Ray nodes: " + (", ".join(f"{n}: {c} done" for n, c in sorted(nodes.items())) or "none"))
+        if summary["ray"]["dashboard"]:
+            lines.append(f"  Ray dashboard: {summary['ray']['dashboard']}")
     if summary["stopped"]:
         lines.append(f"stopped early: {summary['stopped']}")
     lines.append(f"manifest: {summary['manifest']}")
@@ -465,17 +470,59 @@ async def batch_command(args) -> int:
         if as_json:
             console.event(event)
 
+    timeouts = Timeouts(stall=args.stall_timeout, request=args.request_timeout)
+    pool, dashboard, in_flight = None, None, args.in_flight
+    if args.ray is not None or args.ray_config:
+        from .ray_workers import RayPool, connect, pool_spec
+
+        section = _ray_options(args)
+        raw = section["pools"].get("batch") or ({"urls": args.server} if args.server else None)
+        if raw is None:
+            raise WorkflowError("--ray needs servers: give --ray-config FILE with a ray.pools.batch section (actors, "
+                                "num_gpus, comfyui_root, ...; docs/scale-out.md) to start them on the cluster, or "
+                                "--server URL (repeatable) to attach one actor to each running server")
+        spec = pool_spec("batch", raw)
+        dashboard = connect(section["address"] or "local", section["runtime_env"])
+        pool = RayPool("batch", spec, timeouts)
+        in_flight = int(spec["in_flight"])
     runner = BatchRunner(
         workflow_name=Path(args.workflow).stem, workflow=workflow, items=items,
+        workers=pool.workers if pool else None,
         urls=args.server or ["http://127.0.0.1:8188"], out_dir=Path(args.out),
         manifest_path=Path(args.manifest) if args.manifest else None, global_sets=sets,
-        image_ref=args.image_node, prompt_ref=args.prompt_target, in_flight=args.in_flight,
+        image_ref=args.image_node, prompt_ref=args.prompt_target, in_flight=in_flight,
         max_failures=args.max_failures, retry_base=args.retry_base, give_up_after=args.give_up_after,
-        probe_interval=args.probe_interval, timeouts=Timeouts(stall=args.stall_timeout, request=args.request_timeout),
-        emit=emit, progress=not as_json)
-    summary = await runner.run()
+        probe_interval=args.probe_interval, timeouts=timeouts, emit=emit, progress=not as_json)
+    try:
+        summary = await runner.run()
+    finally:
+        if pool is not None:
+            pool.stop()
+    if pool is not None:
+        summary["ray"] = {"nodes": pool.node_counts(), "dashboard": dashboard}
     if as_json:
         emit(summary)
     else:
         console.err(format_summary(summary))
     return 0 if summary["failed"] == 0 and summary["left"] == 0 and not summary["stopped"] else 1
+
+
+def _ray_options(args) -> dict:
+    """The ``ray:`` section of ``--ray-config`` (or the file is the section), with ``--ray ADDRESS`` on top."""
+    from .ray_workers import ray_section
+
+    raw: dict = {}
+    if args.ray_config:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(args.ray_config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise WorkflowError(f"cannot read --ray-config '{args.ray_config}': {exc}") from exc
+        if not isinstance(raw, dict):
+            raise WorkflowError(f"--ray-config '{args.ray_config}' must be a mapping with a 'ray:' section")
+        raw = raw.get("ray", raw) if set(raw) == {"ray"} else raw
+    section = ray_section(raw)
+    if args.ray not in (None, "local") or not section["address"]:
+        section["address"] = args.ray or "local"
+    return section

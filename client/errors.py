@@ -31,6 +31,9 @@ class ValidationFailed(ClientError):
         super().__init__(f"the workflow does not fit ComfyUI at {server} ({len(problems)} problem(s)); "
                          f"nothing was queued:\n{lines}")
 
+    def __reduce__(self):  # the default pickles ``args`` (the message), which this ``__init__`` does not take
+        return type(self), (self.server, self.problems)
+
 
 class Problem:
     """One validation problem, located at a node and (optionally) one of its inputs."""
@@ -69,6 +72,9 @@ class ExecutionFailed(ClientError):
         super().__init__(message)
         self.node_id = node_id
         self.exception_type = exception_type
+
+    def __reduce__(self):  # errors cross process boundaries (a Ray actor's answer): keep every field
+        return type(self), (str(self), self.node_id, self.exception_type)
 
 
 class ExecutionInterrupted(ClientError):

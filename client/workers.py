@@ -95,6 +95,15 @@ class Job:
         return self.image_node or image_node(prompt, None)
 
 
+def check_job(job: Job, info: dict, server: str) -> None:
+    """Raise ValidationFailed when a server with this ``/object_info`` can never run the job."""
+    probe = job.base_prompt(info)
+    uploaded_per_item = set()  # the workflow's own picture name: each item uploads its picture instead
+    if job.image_node:
+        uploaded_per_item.add(probe[job.image_node]["inputs"]["image"])
+    validate(probe, info, server, known_images=uploaded_per_item)
+
+
 @dataclass
 class Rendered:
     """What a worker returns for one item: the attempt's id, where it ran, and its pictures in node order."""
@@ -136,20 +145,19 @@ class ComfyWorker:
         await self.server.system_stats(timeout=self.server.timeouts.connect + 2)
 
     async def check(self, job: Job) -> None:
-        info = await self.server.object_info(refresh=True)
-        probe = job.base_prompt(info)
-        uploaded_per_item = set()  # the workflow's own picture name: each item uploads its picture instead
-        if job.image_node:
-            uploaded_per_item.add(probe[job.image_node]["inputs"]["image"])
-        validate(probe, info, self.server.url, known_images=uploaded_per_item)
+        check_job(job, await self.server.object_info(refresh=True), self.server.url)
 
     async def render(self, job: Job, item: Item) -> Rendered:
+        data = read_picture(Path(item.picture)) if item.picture is not None else None
+        return await self.render_data(job, item, data)
+
+    async def render_data(self, job: Job, item: Item, data: bytes | None) -> Rendered:
+        """:meth:`render` with the item's picture already read (a cluster actor gets the bytes, not the path)."""
         server = self.server
         queued_at = time.time()
         info = await server.object_info()
         prompt = job.prompt_for(item, info)
         if item.picture is not None:
-            data = read_picture(Path(item.picture))
             target = job.picture_target(prompt)
             prompt[target]["inputs"]["image"] = await server.upload_image(data, Path(item.picture).name)
         validate(prompt, info, server.url, server.uploaded)

@@ -27,6 +27,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="no servers: deterministic stand-ins for decomposition and edits (for tests and dry runs)")
     parser.add_argument("--stage", action="append", choices=STAGES,
                         help="run only these stages (repeatable; default all; ingest always runs)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run decompose and edit on a Ray cluster (the config's ray: section; no ADDRESS starts "
+                             "a local one, 'auto' joins `ray start`'s; see docs/scale-out.md)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -37,6 +40,8 @@ def dataset_command(args) -> int:
 
     try:
         config = load_config(args.config, args.set)
+        if args.ray is not None and (args.ray != "local" or not config["ray"]["address"]):
+            config["ray"]["address"] = args.ray
         stages = args.stage or list(STAGES)
 
         def progress(stage, done, total):

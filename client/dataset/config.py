@@ -20,7 +20,8 @@ import yaml
 from ..errors import ClientError
 
 # Keys whose value is a free-form mapping (any keys allowed).
-FREE_FORM = {("instructions", "templates"), ("generate", "overrides"), ("decompose", "overrides")}
+FREE_FORM = {("instructions", "templates"), ("generate", "overrides"), ("decompose", "overrides"),
+             ("ray", "runtime_env"), ("ray", "pools")}  # the pools are checked by client.ray_workers.pool_spec
 
 DEFAULTS: dict[str, Any] = {
     "outputs": "outputs",
@@ -61,6 +62,11 @@ DEFAULTS: dict[str, Any] = {
         "in_flight": 2,
         "max_failures": 3,
     },
+    "ray": {
+        "address": "",
+        "runtime_env": {},
+        "pools": {},
+    },
     "export": {
         "validation_percent": 10,
         "include_failed": False,
@@ -93,7 +99,7 @@ def _check(node: Any, schema: Any, path: tuple[str, ...]) -> None:
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("templates", "overrides"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("templates", "overrides", "runtime_env"):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

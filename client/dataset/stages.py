@@ -64,6 +64,7 @@ class Factory:
         self.staging = self.out / "staging"
         self.progress = progress or (lambda stage, done, total: None)
         self.timings: dict[str, dict] = {}
+        self.ray_nodes: dict[str, dict] = {}  # service → items per Ray node (when the ray: section is set)
 
     def manifest(self, stage: str) -> Manifest:
         return Manifest(self.manifests / f"{stage}.jsonl")
@@ -100,12 +101,15 @@ class Factory:
         todo = [s for s in samples if done.get(s.id, {}).get("fingerprint") != self._decompose_key(s)]
         if todo and not self.mock:
             self._decompose_on_servers(todo, manifest)
-        for index, sample in enumerate(todo):
-            if self.mock:
-                layers = mock.decompose(imaging.load_rgb(Path(sample.path)), int(self.config["decompose"]["layers"]))
-                record = self._store_layers(sample, layers)
-                manifest.append(record)
-            self.progress("decompose", index + 1, len(todo))
+            for index in range(len(todo)):
+                self.progress("decompose", index + 1, len(todo))
+        if todo and self.mock:
+            count = int(self.config["decompose"]["layers"])
+            results = self._mock_map("layered", mock.decompose, len(todo),
+                                     lambda i: (imaging.load_rgb(Path(todo[i].path)), count))
+            for done_count, (index, layers) in enumerate(results, 1):
+                manifest.append(self._store_layers(todo[index], layers))
+                self.progress("decompose", done_count, len(todo))
         done = {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
         self._sweep(self.staging / "decompose", [f for r in done.values() for layer in r["layers"] for f in layer.values()])
         return done
@@ -192,13 +196,21 @@ class Factory:
         if jobs and not self.mock:
             self._generate_on_servers(jobs, layers, manifest)
         else:
-            for index, (key, sample, k, instruction) in enumerate(jobs):
+            inputs: dict[int, tuple] = {}  # the source and mask of each edit in flight
+
+            def args_for(index):
+                _, sample, _, instruction = jobs[index]
                 source = imaging.load_rgb(Path(sample.path))
                 mask = self._mask_for(sample, layers, source.shape[:2])
-                edited = mock.edit(source, mask if mask is not None else np.ones(source.shape[:2], np.float32),
-                                   sample.id, instruction)
+                inputs[index] = source, mask
+                return source, mask if mask is not None else np.ones(source.shape[:2], np.float32), sample.id, \
+                    instruction
+
+            for done_count, (index, edited) in enumerate(self._mock_map("edit", mock.edit, len(jobs), args_for), 1):
+                key, sample, k, instruction = jobs[index]
+                source, mask = inputs.pop(index)
                 manifest.append(self._store_edit(key, sample, k, instruction, source, edited, mask))
-                self.progress("generate", index + 1, len(jobs))
+                self.progress("generate", done_count, len(jobs))
         done = {k: v for k, v in manifest.load().items() if v.get("status") == "done"}
         self._sweep(self.staging / "generate", [f for r in done.values() for f in (r["edit"], r["mask"])])
         return done
@@ -249,12 +261,31 @@ class Factory:
             edited = imaging.load_rgb(raw / record["outputs"][0])
             manifest.append(self._store_edit(key, sample, k, instruction, source, edited, mask))
 
+    def _mock_map(self, service: str, fn, count: int, args_for):
+        """``(index, fn(*args_for(index)))`` for each item: here in order, or, with the ``ray:`` section set, as Ray
+        tasks spread over the cluster (the pool's CPU and resource request), so ``--mock`` rehearses a cluster."""
+        if not self.config["ray"]["address"]:
+            for index in range(count):
+                yield index, fn(*args_for(index))
+            return
+        from ..ray_workers import POOL_DEFAULTS, connect, map_on_cluster
+
+        ray = self.config["ray"]
+        connect(ray["address"], ray["runtime_env"])
+        spec = {**POOL_DEFAULTS, **(ray["pools"].get(service) or {})}
+        nodes = self.ray_nodes.setdefault(service, {})
+        for index, result, node in map_on_cluster(fn, count, args_for, spec):
+            nodes[node] = nodes.get(node, 0) + 1
+            yield index, result
+
     # -- servers --------------------------------------------------------------------------------
 
     def _run_batch(self, service: str, workflow_name: str, items: list[Item], image_ref) -> dict[str, dict]:
         urls = self.config["services"][service]["endpoint"]
-        if not urls:
-            raise ClientError(f"services.{service}.endpoint is empty: give one or more ComfyUI URLs, or use --mock")
+        on_ray = bool(self.config["ray"]["address"])
+        if not urls and not (on_ray and self.config["ray"]["pools"].get(service)):
+            raise ClientError(f"services.{service}.endpoint is empty: give one or more ComfyUI URLs"
+                              f"{f', or ray.pools.{service}' if on_ray else ''}, or use --mock")
         workflow = load_workflow(workflow_name)
         if items:  # a target that does not exist in the workflow is a config error, not N failed items
             try:
@@ -263,15 +294,38 @@ class Factory:
                 section = "decompose" if service == "layered" else "generate"
                 raise ClientError(f"{section}.targets/overrides do not fit the workflow '{workflow_name}': {exc}") from exc
         timeouts = Timeouts(stall=float(self.config["services"][service]["timeout"]))
-        asyncio.run(health_check(urls, workflow, service, timeouts))
+        in_flight = int(self.config["services"]["in_flight"])
+        pool = None
+        if on_ray:
+            pool, in_flight = self._ray_pool(service, urls, timeouts)
+            checks = [(w.name, _ray_object_info(w)) for w in pool.workers]
+        else:
+            checks = [(url, _server_object_info(url, timeouts)) for url in urls]
         out_dir = self.staging / "comfy" / service
-        runner = BatchRunner(workflow_name=workflow_name, workflow=workflow, items=items, urls=urls, out_dir=out_dir,
-                             manifest_path=self.manifests / f"comfy_{service}.jsonl", image_ref=image_ref,
-                             in_flight=int(self.config["services"]["in_flight"]),
-                             max_failures=int(self.config["services"]["max_failures"]), timeouts=timeouts,
-                             progress=False)
-        asyncio.run(runner.run())
+        try:
+            asyncio.run(health_check(checks, workflow, service))
+            runner = BatchRunner(workflow_name=workflow_name, workflow=workflow, items=items, urls=urls,
+                                 workers=pool.workers if pool else None, out_dir=out_dir,
+                                 manifest_path=self.manifests / f"comfy_{service}.jsonl", image_ref=image_ref,
+                                 in_flight=in_flight, max_failures=int(self.config["services"]["max_failures"]),
+                                 timeouts=timeouts, progress=False)
+            asyncio.run(runner.run())
+        finally:
+            if pool is not None:
+                self.ray_nodes[service] = pool.node_counts()
+                pool.stop()
         return runner.manifest.load()
+
+    def _ray_pool(self, service: str, urls: list[str], timeouts: Timeouts):
+        """The service's actor pool (its own resource request), or one actor attached to each endpoint URL."""
+        from ..ray_workers import RayPool, connect, pool_spec
+
+        ray = self.config["ray"]
+        spec = pool_spec(f"{service}", ray["pools"].get(service) or {"urls": urls})
+        dashboard = connect(ray["address"], ray["runtime_env"])
+        if dashboard:
+            log.warning("Ray dashboard: %s", dashboard)
+        return RayPool(service, spec, timeouts), int(spec["in_flight"])
 
     # -- export and qa --------------------------------------------------------------------------
 
@@ -340,22 +394,34 @@ class Factory:
             results["qa"] = self.stage_qa(samples, issues, pairs)["summary"]
             self.timings["qa"] = {"seconds": time.perf_counter() - t, "items": len(pairs)}
         results["timings"] = self.timings
+        if self.ray_nodes:
+            results["ray_nodes"] = self.ray_nodes
         return results
 
 
-async def health_check(urls: list[str], workflow: dict, service: str, timeouts: Timeouts) -> None:
-    """Every endpoint answers, has the workflow's nodes and model files; otherwise stop with the reasons."""
+async def _server_object_info(url: str, timeouts: Timeouts) -> dict:
+    server = ComfyServer(url, timeouts)
+    try:
+        await server.start()
+        return await server.object_info()
+    finally:
+        await server.close()
+
+
+async def _ray_object_info(worker) -> dict:
+    await worker.probe()  # waits for the actor's own ComfyUI to start
+    return await worker.object_info()
+
+
+async def health_check(checks: list, workflow: dict, service: str) -> None:
+    """Every endpoint (name, coroutine giving its ``/object_info``) answers and has the workflow's nodes and model
+    files; otherwise stop with the reasons."""
     problems = []
-    for url in urls:
-        server = ComfyServer(url, timeouts)
+    for name, object_info in checks:
         try:
-            await server.start()
-            info = await server.object_info()
-            found = find_problems(workflow, info)
-            problems += [f"{url}: {p.text}" for p in found if p.input != "image"]  # pictures are uploaded per item
+            found = find_problems(workflow, await object_info)
+            problems += [f"{name}: {p.text}" for p in found if p.input != "image"]  # pictures are uploaded per item
         except Exception as exc:  # any failure to talk to it means "not ready"
-            problems.append(f"{url}: not reachable ({type(exc).__name__}: {exc})")
-        finally:
-            await server.close()
+            problems.append(f"{name}: not reachable ({type(exc).__name__}: {exc})")
     if problems:
         raise ClientError(f"services.{service} is not ready:\n  " + "\n  ".join(problems))
