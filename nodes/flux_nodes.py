@@ -204,8 +204,9 @@ def _outputs(result, vae_component):
 
 
 _LATENT_TOOLTIP = (
-    "The latent of the image output (the blended result, encoded once more), in ComfyUI's raw VAE space: native "
-    "VAEDecode on it gives the image output up to the VAE's own loss."
+    "The sampled latent blended with the input picture's latent by the mask scaled down to latent cells, as "
+    "native KSampler's noise_mask does (no extra VAE encode), in ComfyUI's raw VAE space: native VAEDecode on it "
+    "gives the image output up to the VAE's loss and the mask's edge cells."
 )
 
 
