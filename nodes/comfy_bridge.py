@@ -253,6 +253,11 @@ def _patcher_class():
     return _PATCHER_CLASS
 
 
+def compute_device(kind: str = "diffusion") -> torch.device:
+    """Where ComfyUI will run a model of ``kind`` (without ComfyUI: the default torch device)."""
+    return _devices(kind)[0] if HAVE_COMFY else default_device()
+
+
 def _devices(kind: str) -> tuple[torch.device, torch.device]:
     if kind == "text_encoder":
         return _mm.text_encoder_device(), _mm.text_encoder_offload_device()

@@ -19,6 +19,7 @@ from .common import (
     ModelFile,
     batch_input,
     chosen_file,
+    compile_input,
     denoise_input,
     flux_text,
     guidance_input,
@@ -27,6 +28,7 @@ from .common import (
     pipeline_folders,
     seed_input,
     steps_input,
+    with_compile,
 )
 
 CATEGORY = "EditKit/flux"
@@ -104,6 +106,7 @@ class EditKitFluxLoader:
                                "warning says so). The VAE uses bf16 or fp32 (never fp16: FLUX.1's VAE overflows in "
                                "it); fp32 here makes it fp32 too. GGUF weights stay quantized whatever this says.",
                 }),
+                "compile": compile_input(),
             }
         }
 
@@ -118,7 +121,8 @@ class EditKitFluxLoader:
         return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file, vae_file=vae_file,
                            clip_l_file=clip_l_file, t5_file=t5_file)
 
-    def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto",
+             compile="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype]
         # Storage and compute dtypes: auto follows ComfyUI's flags and per-device rules (docs/precision-and-gguf.md).
@@ -134,6 +138,7 @@ class EditKitFluxLoader:
             clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"), t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"),
             storage=encoders.storage,
         )
+        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
         return (FluxModel(transformer, scheduler_config(folder)), text, vae)
 
 

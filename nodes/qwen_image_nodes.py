@@ -32,11 +32,13 @@ from .common import (
     batch_input,
     chosen_file,
     chosen_folder,
+    compile_input,
     latent_dict,
     loader_signature,
     pipeline_folders,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .lora_nodes import lora_node_class
 
@@ -136,6 +138,7 @@ class EditKitQwenImageLoader:
                                "device (bf16 on recent GPUs, fp32 on the CPU); Qwen-Image overflows in fp16, so fp16 "
                                "becomes bf16 (or fp32). GGUF weights stay quantized whatever this says.",
                 }),
+                "compile": compile_input(),
             }
         }
 
@@ -151,7 +154,7 @@ class EditKitQwenImageLoader:
                            text_encoder_file=text_encoder_file, vae_file=vae_file)
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
-             weight_dtype="auto"):
+             weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         file = chosen_file(transformer_file, "diffusion_models")
         chosen = DTYPES[weight_dtype]
@@ -160,6 +163,7 @@ class EditKitQwenImageLoader:
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    _model_dtype("text_encoder", chosen), bridge.comfy_tokenizer_dir("qwen25"))
+        transformer = with_compile(transformer, compile, file)
         model = QwenImageModel(transformer, scheduler_config(folder), requested_variant=variant, folder=folder,
                                file=file)
         return (model, text, vae)

@@ -21,9 +21,11 @@ from .common import (
     ModelFile,
     chosen_file,
     chosen_folder,
+    compile_input,
     loader_signature,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .qwen_image_nodes import DTYPES, TEXT_TYPE, _model_dtype
 
@@ -103,6 +105,7 @@ class EditKitQwenImageLayeredLoader:
                                "device (bf16 on recent GPUs, fp32 on the CPU); fp16 becomes bf16 (Qwen-Image "
                                "overflows in fp16). GGUF weights stay quantized whatever this says.",
                 }),
+                "compile": compile_input(),
             }
         }
 
@@ -117,7 +120,8 @@ class EditKitQwenImageLayeredLoader:
         return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
                            text_encoder_file=text_encoder_file, vae_file=vae_file)
 
-    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto",
+             compile="auto"):
         folder = chosen_folder(diffusers_folder)
         chosen = DTYPES[weight_dtype]
         transformer = loading.transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
@@ -128,6 +132,7 @@ class EditKitQwenImageLayeredLoader:
         encoder = text_encoder_source(folder, text_file, _model_dtype("text_encoder", chosen),
                                       bridge.comfy_tokenizer_dir("qwen25"))
         text = loading.CaptioningTextEncoder(encoder, loading.caption_head_source(folder, text_file))
+        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
         return (loading.LayeredModel(transformer, scheduler_config(folder)), text, vae)
 
 

@@ -31,10 +31,12 @@ from .common import (
     batch_input,
     chosen_file,
     chosen_folder,
+    compile_input,
     latent_dict,
     loader_signature,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .lora_nodes import lora_node_class
 
@@ -107,6 +109,7 @@ class EditKitZImageLoader:
                                "support it (else fp16), fp32 on the CPU; ComfyUI's precision flags apply. The VAE "
                                "is never fp16. GGUF weights stay quantized whatever this says.",
                 }),
+                "compile": compile_input(),
             }
         }
 
@@ -121,7 +124,8 @@ class EditKitZImageLoader:
         return FILES.check(diffusers_folder=diffusers_folder, transformer_file=transformer_file,
                            text_encoder_file=text_encoder_file, vae_file=vae_file)
 
-    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto",
+             compile="auto"):
         folder = chosen_folder(diffusers_folder)
         dtype = DTYPES[weight_dtype]
         transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
@@ -130,6 +134,7 @@ class EditKitZImageLoader:
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    dtype or bridge.default_dtype("text_encoder"), bridge.comfy_tokenizer_dir("qwen25"))
+        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
         return (ZImageModel(transformer, scheduler_config(folder)), text, vae)
 
 
