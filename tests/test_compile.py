@@ -33,7 +33,7 @@ def _call(module):
 
 
 def test_settings_and_the_auto_rule(tiny_models):
-    """auto compiles only on CUDA with dense weights (measured: on the CPU it does not pay); off never;
+    """auto compiles only on CUDA with dense weights (on the CPU compiling costs more than it saves per run); off never;
     a bad setting says what is allowed."""
     component = _component(tiny_models, "compile-rules")
     assert regional.pays_on(torch.device("cuda"), quantized=False)
