@@ -55,7 +55,12 @@ def flux_transformer(kind: str = "fill", depth: tuple[int, int] = (4, 8), dtype=
 def qwen_transformer(layers: int = 8, dtype=torch.float32, device="cpu"):
     from diffusers import QwenImageTransformer2DModel
 
-    return _filled(QwenImageTransformer2DModel, dtype, device, num_layers=layers, **QWEN_WIDTHS)
+    model = _filled(QwenImageTransformer2DModel, dtype, "cpu", num_layers=layers, **QWEN_WIDTHS)
+    # Its rotary tables are plain tensor attributes (neither parameters nor buffers): built on the meta
+    # device above, so build the embedder again on the CPU.
+    model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(QWEN_WIDTHS["axes_dims_rope"]),
+                                            scale_rope=True)
+    return model.to(device)
 
 
 def zimage_transformer(layers: int = 8, dtype=torch.float32, device="cpu"):
