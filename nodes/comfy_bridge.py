@@ -232,11 +232,15 @@ _PATCHER_CLASS = None
 
 
 def _patcher_class():
-    """ComfyUI's ModelPatcher, plus: empty EditKit's side caches whenever ComfyUI unloads the model.
+    """ComfyUI's ModelPatcher, plus: empty EditKit's side caches when ComfyUI really takes memory back.
 
-    ``detach`` (full unload: eviction, "Unload models", ``/free``) and ``partially_unload`` (part of
-    the model evicted for another one) are where ComfyUI's memory manager takes memory back; 0.3.64
-    has a callback for the first only, so both are overridden.
+    ``detach(unpatch_all=True)`` is a real unload (``LoadedModel.model_unload``: eviction, "Unload
+    models", ``/free``) and ``partially_unload`` evicts part of the model for another one; both drop
+    the caches. ``detach(unpatch_all=False)`` is NOT an unload: ``load_models_gpu`` calls it on a
+    model that is already loaded right before loading it again (every acquire of a model that stays
+    loaded), so the dequantized-layer cache must survive it (issue 23: it was emptied at the start of
+    every sampling run). A model dropped from ``current_loaded_models`` by garbage collection takes
+    its cache with it.
     """
     global _PATCHER_CLASS
     if _PATCHER_CLASS is None:
@@ -244,7 +248,8 @@ def _patcher_class():
 
         class EditKitModelPatcher(base):
             def detach(self, unpatch_all=True):
-                self.model.drop_caches()
+                if unpatch_all:
+                    self.model.drop_caches()
                 return super().detach(unpatch_all)
 
             def partially_unload(self, device_to, memory_to_free=0):
@@ -253,6 +258,11 @@ def _patcher_class():
 
         _PATCHER_CLASS = EditKitModelPatcher
     return _PATCHER_CLASS
+
+
+def compute_device(kind: str = "diffusion") -> torch.device:
+    """Where ComfyUI will run a model of ``kind`` (without ComfyUI: the default torch device)."""
+    return _devices(kind)[0] if HAVE_COMFY else default_device()
 
 
 def _devices(kind: str) -> tuple[torch.device, torch.device]:

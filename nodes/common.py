@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..pipelines.core import compile as regional
 from ..pipelines.core import integrity
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.loading import file_key
@@ -258,3 +259,28 @@ def _folder_source(name: str) -> str:
     if entry and entry.get("repo"):
         return f" from Hugging Face {entry['repo']}"
     return ""
+
+
+def compile_input() -> tuple:
+    """The ``compile`` input of every loader node whose transformer has repeated blocks."""
+    return (list(regional.COMPILE_CHOICES), {"default": "auto", "tooltip": regional.COMPILE_TOOLTIP})
+
+
+def with_compile(transformer, setting: str, file: Path | None = None):
+    """The loader's transformer handle, compiled per ``setting`` (pipelines/core/compile.py).
+
+    ``auto`` is decided here, from the device ComfyUI will run the model on and the file type, so that
+    where it means "off" the handle stays the shared one (no second copy of the model); a compiled
+    model is a separate load, because compiling changes the module in place.
+    """
+    regional.check_setting(setting)
+    device = bridge.compute_device("diffusion")
+    quantized = file is not None and Path(file).suffix == ".gguf"
+    if setting == "off" or (setting == "auto" and not regional.pays_on(device, quantized)):
+        return transformer
+    return transformer.derived(f"compiled/{device.type}", lambda c: _compiled(c, device), transformer.description)
+
+
+def _compiled(component, device):
+    regional.apply(component, "on", device)
+    return component

@@ -16,12 +16,14 @@ from .common import (
     NONE,
     batch_input,
     chosen_file,
+    compile_input,
     denoise_input,
     flux_text,
     guidance_input,
     latent_dict,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 
@@ -60,7 +62,8 @@ LOADER = LoaderDeclaration(
         "--fp16-text-enc... flags, else bf16 on GPUs that support it and fp32 on the CPU). Arithmetic runs in what "
         "the device is fast at: bf16/fp16 weights on a CPU are computed in fp32 (half the memory, about 20% slower "
         "than fp32; a warning says so). The VAE uses bf16 or fp32 (never fp16: FLUX.1's VAE overflows in it); fp32 "
-        "here makes it fp32 too. GGUF weights stay quantized whatever this says.")},
+        "here makes it fp32 too. GGUF weights stay quantized whatever this says."),
+             "compile": compile_input()},
 )
 FILES = LOADER.checks
 
@@ -82,7 +85,7 @@ class EditKitFluxLoader(declared_loader(LOADER)):
         "The FLUX.1 VAE, for EditKit samplers.",
     )
 
-    def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto", compile="auto"):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype]
         # Storage and compute dtypes: auto follows ComfyUI's flags and per-device rules (docs/precision-and-gguf.md).
@@ -98,6 +101,7 @@ class EditKitFluxLoader(declared_loader(LOADER)):
             clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"), t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"),
             storage=encoders.storage,
         )
+        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
         return (FluxModel(transformer, scheduler_config(folder)), text, vae)
 
 

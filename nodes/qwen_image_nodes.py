@@ -28,9 +28,11 @@ from .common import (
     batch_input,
     chosen_file,
     chosen_folder,
+    compile_input,
     latent_dict,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
@@ -87,6 +89,7 @@ LOADER = LoaderDeclaration(
             "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the device (bf16 on "
             "recent GPUs, fp32 on the CPU); Qwen-Image overflows in fp16, so fp16 becomes bf16 (or fp32). GGUF "
             "weights stay quantized whatever this says.", DTYPES),
+        "compile": compile_input(),
     },
 )
 FILES = LOADER.checks
@@ -131,7 +134,7 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
-             weight_dtype="auto"):
+             weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         file = chosen_file(transformer_file, "diffusion_models")
         chosen = DTYPES[weight_dtype]
@@ -140,6 +143,7 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    _model_dtype("text_encoder", chosen), bridge.comfy_tokenizer_dir("qwen25"))
+        transformer = with_compile(transformer, compile, file)
         model = QwenImageModel(transformer, scheduler_config(folder), requested_variant=variant, folder=folder,
                                file=file)
         described = model.describe()

@@ -17,8 +17,10 @@ from . import comfy_bridge as bridge
 from .common import (
     chosen_file,
     chosen_folder,
+    compile_input,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .qwen_image_nodes import DTYPES, TEXT_TYPE, _model_dtype
@@ -61,7 +63,8 @@ LOADER = LoaderDeclaration(
     options={"weight_dtype": dtype_input(
         "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the device (bf16 on recent "
         "GPUs, fp32 on the CPU); fp16 becomes bf16 (Qwen-Image overflows in fp16). GGUF weights stay quantized "
-        "whatever this says.", DTYPES)},
+        "whatever this says.", DTYPES),
+             "compile": compile_input()},
 )
 FILES = LOADER.checks
 
@@ -87,7 +90,7 @@ class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
         "The RGBA VAE of Qwen-Image-Layered (transparent layers).",
     )
 
-    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         chosen = DTYPES[weight_dtype]
         transformer = loading.transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
@@ -98,6 +101,7 @@ class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
         encoder = text_encoder_source(folder, text_file, _model_dtype("text_encoder", chosen),
                                       bridge.comfy_tokenizer_dir("qwen25"))
         text = loading.CaptioningTextEncoder(encoder, loading.caption_head_source(folder, text_file))
+        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
         return (loading.LayeredModel(transformer, scheduler_config(folder)), text, vae)
 
 

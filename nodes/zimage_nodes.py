@@ -27,9 +27,11 @@ from .common import (
     batch_input,
     chosen_file,
     chosen_folder,
+    compile_input,
     latent_dict,
     seed_input,
     steps_input,
+    with_compile,
 )
 from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
@@ -67,7 +69,8 @@ LOADER = LoaderDeclaration(
     options={"weight_dtype": dtype_input(
         "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that support it (else fp16), "
         "fp32 on the CPU; ComfyUI's precision flags apply. The VAE is never fp16. GGUF weights stay quantized "
-        "whatever this says.")},
+        "whatever this says."),
+             "compile": compile_input()},
 )
 FILES = LOADER.checks
 
@@ -89,7 +92,7 @@ class EditKitZImageLoader(declared_loader(LOADER)):
         "The FLUX.1 VAE (Z-Image's), for the Z-Image samplers.",
     )
 
-    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         dtype = DTYPES[weight_dtype]
         transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
@@ -98,6 +101,7 @@ class EditKitZImageLoader(declared_loader(LOADER)):
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
                                    dtype or bridge.default_dtype("text_encoder"), bridge.comfy_tokenizer_dir("qwen25"))
+        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
         return (ZImageModel(transformer, scheduler_config(folder)), text, vae)
 
 

@@ -325,3 +325,32 @@ def test_dequant_cache_dropped_when_comfyui_frees_memory(comfyui, tiny_models, m
         assert torch.equal(_forward(component.module, runtime.acquire(component)), expected)
     finally:
         _untrack(mm, runtime, component)
+
+
+def test_dequant_cache_survives_reacquiring_a_loaded_model(comfyui, tiny_models, monkeypatch):
+    """Issue 23: ``load_models_gpu`` detaches a model that is already loaded (``unpatch_all=False``) before
+    loading it again; that is no unload, so the dequantized layers of the first run are still there at the
+    second acquire (before, every acquire emptied the cache). A real unload (/free) still drops them."""
+    import comfy.model_management as mm
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    gguf_mod = comfyui.pack_submodule("pipelines.core.gguf")
+    monkeypatch.setenv("EDITKIT_GGUF_CACHE", "auto")
+    runtime = bridge.ComfyRuntime()
+    component = _gguf(comfyui, tiny_models, "reacquire")
+    cache = component.extras["dequant_cache"]
+    layers = [m for m in component.module.modules() if isinstance(m, gguf_mod.GGUFLinear)]
+    try:
+        expected = _forward(component.module, runtime.acquire(component))
+        cached = {id(m): m._dense for m in layers if m._dense is not None}
+        assert cached and cache.layers == len(cached)
+        for _ in range(2):  # the next runs: the model is still in current_loaded_models
+            device = runtime.acquire(component, memory_required=1 << 20)
+            assert [m.model for m in mm.current_loaded_models].count(runtime.patcher(component)) == 1
+            assert {id(m): m._dense for m in layers if m._dense is not None}.keys() == cached.keys()
+            assert all(m._dense is cached[id(m)] for m in layers if id(m) in cached)  # the same tensors
+            assert torch.equal(_forward(component.module, device), expected)
+        mm.unload_all_models()  # POST /free {"unload_models": true}
+        assert cache.layers == 0 and cache.used == 0 and all(m._dense is None for m in layers)
+    finally:
+        _untrack(mm, runtime, component)

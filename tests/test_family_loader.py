@@ -25,13 +25,15 @@ DECLARED = [EditKitFluxLoader, EditKitQwenImageLoader, EditKitQwenImageLayeredLo
 
 # The widget order each loader has always had: UI workflows store widget values by position.
 ORDER = {
-    EditKitFluxLoader: ["diffusers_folder", "transformer_file", "vae_file", "clip_l_file", "t5_file", "weight_dtype"],
+    EditKitFluxLoader: ["diffusers_folder", "transformer_file", "vae_file", "clip_l_file", "t5_file", "weight_dtype",
+                        "compile"],
     EditKitQwenImageLoader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "variant",
-                             "weight_dtype"],
+                             "weight_dtype", "compile"],
     EditKitQwenImageLayeredLoader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file",
-                                    "weight_dtype"],
+                                    "weight_dtype", "compile"],
     EditKitReduxLoader: ["diffusers_folder", "style_model_file", "clip_vision_file", "weight_dtype"],
-    EditKitZImageLoader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype"],
+    EditKitZImageLoader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype",
+                          "compile"],
     EditKitFlux2Loader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype"],
 }
 

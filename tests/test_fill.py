@@ -175,14 +175,27 @@ def test_faint_mask_is_sampled_and_seen_by_the_model(parts):
     assert torch.equal(result.images[~inside], pixels[~inside])
 
 
-def test_latent_output_is_the_latent_of_the_image_output(parts):
-    """Decoding the LATENT output gives the IMAGE output: it is the blended result, encoded (issue 8)."""
+def test_latent_output_is_blended_in_latent_space_without_a_second_encode(parts, monkeypatch):
+    """Issue 23: the LATENT is the sampled latent where the downscaled mask is 1, the original picture's
+    latent where it is 0, and bilinear mixes between (native KSampler's ``noise_mask`` rule); no VAE encode
+    runs after sampling (before, the blended picture was encoded again: one extra encode per run)."""
     runtime = TorchRuntime("cpu")
     pixels, mask = _picture(), _mask()
-    result = _fill(parts, pixels, mask, steps=1)
-    torch.testing.assert_close(result.latents, vae_ops.encode(parts["vae"], result.images, runtime),
-                               atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(result.latents, result.generated, atol=1e-3)  # not the unblended generation
+    mask[..., 16:48, 80:88] = 0.5  # a soft band: latent cells between 0 and 1
+    calls = []
+    encode, denoise = vae_ops.encode, flow.denoise
+    monkeypatch.setattr(vae_ops, "encode", lambda *a, **k: calls.append("encode") or encode(*a, **k))
+    monkeypatch.setattr(flow, "denoise", lambda *a, **k: calls.append("denoise") or denoise(*a, **k))
+    result = _fill(parts, pixels, mask, steps=2)
+    assert calls.count("denoise") == 1 and "encode" not in calls[calls.index("denoise"):], calls
+    monkeypatch.undo()
+    original = vae_ops.encode(parts["vae"], pixels, runtime)
+    cells = torch.nn.functional.interpolate(mask, size=(8, 12), mode="bilinear").expand_as(original)
+    assert (cells == 1).any() and (cells == 0).any() and ((cells > 0) & (cells < 1)).any()
+    torch.testing.assert_close(result.latents[cells == 1], result.generated[cells == 1], atol=0, rtol=0)
+    torch.testing.assert_close(result.latents[cells == 0], original[cells == 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(result.latents, result.generated * cells + original * (1 - cells),
+                               atol=1e-6, rtol=1e-6)
 
 
 def test_outside_the_mask_is_kept_and_batches_multiply(parts):

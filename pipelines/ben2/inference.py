@@ -29,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RESOLUTION = 1024
 
 # Peak activation memory of one image, in elements per processed pixel. Measured on the
-# full network (fp32, CPU, 1024x1024, scripts/benchmark_ben2.py): ~470, dominated by the
+# full network (fp32, CPU, 1024x1024, python -m scripts.bench ben2): ~470, dominated by the
 # 128-channel full-resolution maps of the last upsampling stage. Rounded up because under
 # fp16 autocast normalisation outputs stay fp32, and for allocator slack.
 _ACTIVATION_ELEMENTS_PER_PIXEL = 768

@@ -33,7 +33,7 @@ Applying, and why forward hooks
 
     Several LoRAs on one layer are concatenated into one low-rank pair (``[A1; A2]``, ``[s1 B1, s2 B2]``),
     so chaining costs two small matmuls per layer whatever the count. The cost of an applied LoRA is
-    measured by ``scripts/benchmark_lora.py``.
+    measured by ``python -m scripts.bench lora``.
 
 Using it in a sampler (family-agnostic; see docs/lora.md)::
 

@@ -55,12 +55,17 @@ class Component:
             source.check()
 
     def lend_cache_memory(self, free_bytes: int) -> None:
-        """Let the dequantized-layer cache of a GGUF model use part of ``free_bytes`` (core.gguf)."""
+        """Let the dequantized-layer cache of a GGUF model use part of ``free_bytes`` (core.gguf).
+
+        What the cache already holds counts as free for its budget: the host measured ``free_bytes``
+        with the cache's own memory taken, and shrinking the budget below it would empty the cache at
+        every acquire of a model that stays loaded.
+        """
         cache = self.extras.get("dequant_cache")
         if cache is not None:
             from .gguf import cache_budget_from_env
 
-            cache.set_budget(cache_budget_from_env(free_bytes))
+            cache.set_budget(cache_budget_from_env(free_bytes + cache.used))
 
     def drop_caches(self) -> None:
         """Free what the model keeps beside its weights (dequantized GGUF layers)."""

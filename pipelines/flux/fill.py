@@ -41,8 +41,9 @@ FILL_IN_FEATURES = 384
 class FluxResult:
     images: torch.Tensor  # [B,3,H,W] in 0..1, on the runtime's intermediate device
     latents: torch.Tensor  # [B,16,H/8,W/8] model space, same device
-    # Fill: ``latents`` encode the returned (blended) images; ``generated`` holds the sampler's own
-    # output before blending (None where the two are the same thing).
+    # Fill: ``latents`` are the sampler's latents blended with the original's latent by the mask
+    # downscaled to latent cells (native KSampler's ``noise_mask`` result); ``generated`` holds the
+    # sampler's own output before blending (None where nothing was sampled).
     generated: torch.Tensor | None = None
 
 
@@ -81,6 +82,12 @@ def fill_condition_tokens(vae: Component, pixels: torch.Tensor, mask: torch.Tens
     soft = mask.to(device=latent.device, dtype=torch.float32)
     folded = rearrange(soft, "b 1 (h p) (w q) -> b (p q) h w", p=flow.VAE_SCALE, q=flow.VAE_SCALE)
     return torch.cat([flow.pack(latent), flow.pack(folded)], dim=-1)
+
+
+def latent_mask(mask: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
+    """The pixel mask ``[B,1,H,W]`` downscaled to latent cells the way native ComfyUI prepares a
+    ``noise_mask`` (bilinear, corners not aligned), so the LATENT blends as native KSampler's does."""
+    return torch.nn.functional.interpolate(mask.float(), size=(latent_h, latent_w), mode="bilinear")
 
 
 def _feather_limit(size: int) -> int:
@@ -154,9 +161,16 @@ def fill(
     """Inpaint ``pixels [B,3,H,W]`` (0..1) where ``mask [B|1,1,H,W]`` is 1.
 
     Returns ``B * per_image`` results: the decoded images blended into the originals with the
-    soft mask, the model-space latents of those blended images (so decoding ``latents`` gives
-    ``images`` up to VAE loss; one extra VAE encode, small next to the sampling) and, in
-    ``generated``, the sampler's own latents before blending.
+    soft mask (unmasked pixels exact), the LATENT blended **in latent space** and, in ``generated``,
+    the sampler's own latents before blending.
+
+    Why the LATENT is blended in latent space (issue 23): encoding the blended picture after sampling
+    cost a whole VAE encode per run (32.5 s vs 22.4 s after sampling at 512² on CPU) that native
+    ComfyUI does not pay. Like native ``KSampler`` with ``InpaintModelConditioning``'s ``noise_mask``,
+    the LATENT is ``generated * m + original * (1 - m)`` with ``m`` the soft mask bilinearly
+    downscaled to latent cells and ``original`` the latent of the input picture, encoded once before
+    sampling (and reused as the start latent when denoise < 1). Decoding the LATENT therefore gives
+    the IMAGE output only up to VAE loss and the mask's edge cells, as with native.
     """
     check_in_features(transformer, FILL_IN_FEATURES, "FLUX.1-Fill inpainting")
     _, _, h, w = pixels.shape
@@ -175,7 +189,8 @@ def fill(
 
     cond = fill_condition_tokens(vae, pixels, mask, runtime)
     lh, lw = h // flow.VAE_SCALE, w // flow.VAE_SCALE
-    init = flow.pack(vae_ops.encode(vae, pixels, runtime)) if denoise < 1.0 else None
+    original = vae_ops.encode(vae, pixels, runtime)
+    init = flow.pack(original) if denoise < 1.0 else None
     noise = flow.pack(flow.noise_like((pixels.shape[0], flow.LATENT_CHANNELS, lh, lw), seed))
     schedule = flow.flux_schedule(steps, noise.shape[1], scheduler_config, denoise)
     inputs = flow.FlowInputs(
@@ -187,7 +202,8 @@ def fill(
     decoded = vae_ops.decode(vae, latents, runtime)
     soft = mask.to(decoded.device)
     blended = pixels.to(decoded.device) * (1.0 - soft) + decoded * soft
-    blended_latents = vae_ops.encode(vae, blended, runtime)
+    cells = latent_mask(mask, lh, lw).to(device=latents.device, dtype=latents.dtype)
+    blended_latents = latents * cells + original.to(latents) * (1.0 - cells)
     return FluxResult(blended.to(out_device), blended_latents.to(out_device), latents.to(out_device))
 
 

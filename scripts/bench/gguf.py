@@ -1,0 +1,137 @@
+"""GGUF weights against dense ones: one transformer call (= one Fill step) per configuration.
+
+Dense fp32 weights are the reference; each GGUF type (Q8_0, Q5_1, Q4_0 written by gguf-py, and the
+K-quant Q4_K, whose blocks are written directly because gguf-py cannot quantize to it: random packed
+bytes with valid scales, which cost the same to decode) runs with the dequantized-layer cache
+
+* ``full``  as large as the model needs (what a machine with enough free memory gets),
+* ``10%``   limited to 10 % of the model's dequantized size (a 12B model's situation: its fp32 copy
+            does not fit), ``EDITKIT_GGUF_CACHE`` set to that many MiB,
+* ``off``   every layer dequantized at every call.
+
+Configurations alternate round by round in one process; the first call of each (it fills the cache)
+is the "first call" column. Also loading peak memory, through ``scripts.bench.fill``'s ``load`` part.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import models
+from .harness import Settings, alternate, pack_module, print_table, timing_table
+
+PARTS = ("calls",)
+QUANTS = ("Q8_0", "Q5_1", "Q4_0", "Q4_K")
+CACHES = ("full", "10%", "off")
+
+
+def write_kquant(state_dict: dict, path: Path, quant: str = "Q4_K") -> None:
+    """GGUF file whose 2-D weights (rows of 256-blocks) are ``quant`` blocks of random bytes with valid
+    fp16 super-block scales (gguf-py only decodes K-quants); every other tensor F32."""
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    for name, tensor in state_dict.items():
+        array = tensor.float().contiguous().numpy()
+        if array.ndim == 2 and array.shape[1] % block == 0:
+            raw = rng.integers(0, 256, (array.shape[0], array.shape[1] // block, size), dtype=np.uint8)
+            scale = np.frombuffer(np.float16(0.0005).tobytes(), dtype=np.uint8)
+            where = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (size - 2,), "Q2_K": (size - 4, size - 2),
+                     "Q3_K": (size - 2,)}[quant]
+            for offset in where:
+                raw[..., offset:offset + 2] = scale
+            writer.add_tensor(name, raw.reshape(array.shape[0], -1), raw_shape=raw.reshape(array.shape[0], -1).shape,
+                              raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _inputs(config, settings: Settings):
+    flow = pack_module("pipelines.flux.flow")
+    g = torch.Generator().manual_seed(0)
+    side, device, dtype = settings.size // 8, settings.device, settings.dtype
+    return dict(
+        hidden_states=torch.randn(1, (side // 2) ** 2, config.in_channels, generator=g).to(device, dtype),
+        timestep=torch.tensor([0.6], device=device, dtype=dtype), guidance=torch.tensor([30.0], device=device),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(1, settings.text_tokens, config.joint_attention_dim,
+                                          generator=g).to(device, dtype),
+        txt_ids=flow.text_ids(settings.text_tokens, device), img_ids=flow.token_ids(side, side, 0, device),
+        return_dict=False,
+    )
+
+
+def calls_part(settings: Settings) -> None:
+    from make_tiny_models import write_gguf
+
+    layout = pack_module("pipelines.flux.layout")
+    loading = pack_module("pipelines.flux.loading")
+    runtime_mod = pack_module("pipelines.core.runtime")
+    quants = settings.extra.get("quants", QUANTS)
+    caches = settings.extra.get("caches", CACHES)
+    runtime = runtime_mod.TorchRuntime(settings.device)
+    saved = os.environ.get("EDITKIT_GGUF_CACHE")
+    with tempfile.TemporaryDirectory() as scratch:
+        dense = models.flux_transformer("fill", settings.flux_depth, settings.dtype, settings.device)
+        dense_bytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+        bfl = layout.diffusers_transformer_to_bfl(dense.state_dict())
+        variants = {"dense (reference)": models.component(dense, "dense", settings.dtype)}
+        sizes = {}
+        for quant in quants:
+            path = Path(scratch) / f"fill-{quant}.gguf"
+            (write_kquant if quant.endswith("_K") else write_gguf)(bfl, path, quant)
+            for cache in caches:
+                component = loading.transformer_source(None, path, settings.dtype).derived(
+                    f"{quant}-{cache}", lambda c: c, "GGUF").get()
+                os.environ["EDITKIT_GGUF_CACHE"] = {"full": str(dense_bytes // 2**20 + 1),
+                                                    "10%": str(dense_bytes / 10 / 2**20), "off": "off"}[cache]
+                runtime.acquire(component)
+                variants[f"{quant}, cache {cache}"] = component
+            sizes[quant] = path.stat().st_size
+        del bfl
+    if saved is None:
+        os.environ.pop("EDITKIT_GGUF_CACHE", None)
+    else:
+        os.environ["EDITKIT_GGUF_CACHE"] = saved
+    inputs = _inputs(dense.config, settings)
+    outputs = {}
+
+    def call(label, component):
+        def run():
+            with torch.inference_mode():
+                out = component.module(**inputs)[0]
+            outputs.setdefault(label, out.float())
+
+        return run
+
+    timings = alternate({label: call(label, c) for label, c in variants.items()}, settings.rounds,
+                        device=settings.device)
+    reference = outputs["dense (reference)"]
+    extra = {}
+    for label, component in variants.items():
+        cache = component.extras.get("dequant_cache")
+        error = ((outputs[label] - reference).abs().max() / reference.abs().max()).item()
+        extra[label] = {"cache MiB": None if cache is None else cache.used / 2**20,
+                        "cache layers": None if cache is None else cache.layers, "max rel. err": f"{error:.1e}"}
+    d, s = settings.flux_depth
+    timing_table(f"One FLUX.1-Fill transformer call, {d}+{s} blocks (dense {dense_bytes / 2**20:.0f} MiB), "
+                 f"{settings.size}², {settings.text_tokens} text tokens, {settings.describe()}",
+                 timings, unit="s/call", extra=extra)
+    print_table("GGUF files", ["type", "MiB"], [[q, b / 2**20] for q, b in sizes.items()])
+
+
+def run(settings: Settings, parts=PARTS) -> None:
+    for part in parts:
+        {"calls": calls_part}[part](settings)
