@@ -72,12 +72,14 @@ class LoaderDeclaration:
 
     ``options`` are further widgets after the files, as ``name -> (choices or type, spec)`` or a callable
     returning that (for choices read at run time); the precision widget is usually one of them
-    (:func:`dtype_input`).
+    (:func:`dtype_input`). ``optional`` widgets come last and may be missing from a prompt: inputs added
+    after workflows were saved (``compile``) go there, so API prompts written before them still validate.
     """
 
     files: dict[str, FileInput]
     folder: FolderInput | None = None
     options: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)
+    optional: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)
 
     @property
     def checks(self) -> LoaderFiles:
@@ -102,7 +104,11 @@ class LoaderDeclaration:
             required[name] = (spec.choices(), {"tooltip": spec.tooltip})
         for name, option in self.options.items():
             required[name] = option() if callable(option) else option
-        return {"required": required}
+        types = {"required": required}
+        if self.optional:
+            types["optional"] = {name: option() if callable(option) else option
+                                 for name, option in self.optional.items()}
+        return types
 
     def signature(self, values: dict) -> str:
         """``IS_CHANGED``: size and mtime of the chosen folder and files, so a replaced file reloads."""

@@ -62,8 +62,8 @@ LOADER = LoaderDeclaration(
         "--fp16-text-enc... flags, else bf16 on GPUs that support it and fp32 on the CPU). Arithmetic runs in what "
         "the device is fast at: bf16/fp16 weights on a CPU are computed in fp32 (half the memory, about 20% slower "
         "than fp32; a warning says so). The VAE uses bf16 or fp32 (never fp16: FLUX.1's VAE overflows in it); fp32 "
-        "here makes it fp32 too. GGUF weights stay quantized whatever this says."),
-             "compile": compile_input()},
+        "here makes it fp32 too. GGUF weights stay quantized whatever this says.")},
+    optional={"compile": compile_input()},
 )
 FILES = LOADER.checks
 

@@ -84,7 +84,7 @@ class EditKitKontextInpaintLoader:
             ".gguf). Replaces the folder's transformer. Warning: (from folder) with a FLUX.1-Fill-dev folder, or "
             "flux1-fill-dev itself, is widened on the fly and is untrained: edits return the source picture."
         )
-        spec["required"]["widen_init"] = (list(ki.widen.INIT_CHOICES), {
+        spec.setdefault("optional", {})["widen_init"] = (list(ki.widen.INIT_CHOICES), {
             "default": "zeros",
             "tooltip": "Only when widening FLUX.1-Fill (untrained: edits return the source picture): start the "
                        "new mask-image channels at zero (exactly the source) or at small random values (nearly "

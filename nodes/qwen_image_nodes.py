@@ -89,8 +89,8 @@ LOADER = LoaderDeclaration(
             "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the device (bf16 on "
             "recent GPUs, fp32 on the CPU); Qwen-Image overflows in fp16, so fp16 becomes bf16 (or fp32). GGUF "
             "weights stay quantized whatever this says.", DTYPES),
-        "compile": compile_input(),
     },
+    optional={"compile": compile_input()},
 )
 FILES = LOADER.checks
 

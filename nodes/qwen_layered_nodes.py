@@ -63,8 +63,8 @@ LOADER = LoaderDeclaration(
     options={"weight_dtype": dtype_input(
         "Compute dtype of the transformer and text encoder. auto: ComfyUI's choice for the device (bf16 on recent "
         "GPUs, fp32 on the CPU); fp16 becomes bf16 (Qwen-Image overflows in fp16). GGUF weights stay quantized "
-        "whatever this says.", DTYPES),
-             "compile": compile_input()},
+        "whatever this says.", DTYPES)},
+    optional={"compile": compile_input()},
 )
 FILES = LOADER.checks
 

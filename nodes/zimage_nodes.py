@@ -69,8 +69,8 @@ LOADER = LoaderDeclaration(
     options={"weight_dtype": dtype_input(
         "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that support it (else fp16), "
         "fp32 on the CPU; ComfyUI's precision flags apply. The VAE is never fp16. GGUF weights stay quantized "
-        "whatever this says."),
-             "compile": compile_input()},
+        "whatever this says.")},
+    optional={"compile": compile_input()},
 )
 FILES = LOADER.checks
 

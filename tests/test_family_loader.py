@@ -48,8 +48,9 @@ def test_validate_inputs_names_exactly_the_file_widgets(node):
 
 @pytest.mark.parametrize("node", DECLARED, ids=lambda n: n.__name__)
 def test_inputs_keep_their_order_and_load_takes_them(node):
-    required = node.INPUT_TYPES()["required"]
-    assert list(required) == ORDER[node]
+    types = node.INPUT_TYPES()
+    required = types["required"]
+    assert [*required, *types.get("optional", {})] == ORDER[node]
     assert list(inspect.signature(node.load).parameters)[1:] == ORDER[node]
     for name in node.DECLARATION.files:
         choices, options = required[name]
@@ -57,8 +58,16 @@ def test_inputs_keep_their_order_and_load_takes_them(node):
 
 
 def test_kontext_loader_extends_the_flux_declaration():
-    required = EditKitKontextInpaintLoader.INPUT_TYPES()["required"]
-    assert list(required) == [*ORDER[EditKitFluxLoader], "widen_init"]
+    types = EditKitKontextInpaintLoader.INPUT_TYPES()
+    assert [*types["required"], *types["optional"]] == [*ORDER[EditKitFluxLoader], "widen_init"]
+
+
+def test_inputs_added_after_workflows_were_saved_are_optional():
+    """API prompts saved before ``compile`` existed must still validate (ComfyUI rejects a missing required input)."""
+    for node in DECLARED:
+        if "compile" in ORDER[node]:
+            assert "compile" in node.INPUT_TYPES()["optional"]
+            assert inspect.signature(node.load).parameters["compile"].default == "auto"
 
 
 def test_validate_and_is_changed_read_positional_and_keyword_values(tmp_path, monkeypatch):
