@@ -252,10 +252,13 @@ def apply_precision(module: torch.nn.Module, precision: Precision) -> torch.nn.M
     """
     if not precision.casts:
         for tensor_owner in module.modules():
-            _convert_direct(tensor_owner, precision.compute)
+            if not _keeps_fp8(tensor_owner):
+                _convert_direct(tensor_owner, precision.compute)
         return module
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     for name, layer in module.named_modules():
+        if _keeps_fp8(layer):
+            continue
         target = CAST_CLASSES.get(type(layer))
         if target is None or keep.intersection(name.split(".")):
             _convert_direct(layer, precision.compute)
@@ -266,6 +269,11 @@ def apply_precision(module: torch.nn.Module, precision: Precision) -> torch.nn.M
         if getattr(layer, "bias", None) is not None:
             layer.bias.data = layer.bias.data.to(precision.compute)
     return module
+
+
+def _keeps_fp8(layer: torch.nn.Module) -> bool:
+    """A layer :func:`keep_fp8_layers` set up: its fp8 weight is cast per call, its bias is already set."""
+    return isinstance(layer, CastLinear) and layer.weight.dtype in FP8_TYPES
 
 
 def _convert_direct(layer: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -285,6 +293,27 @@ def storage_bytes(module: torch.nn.Module) -> int:
     """Bytes of ``module``'s parameters and buffers as stored."""
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def keep_fp8_layers(model: torch.nn.Module, scales: dict[str, float], compute: torch.dtype) -> int:
+    """Make every Linear layer of ``model`` whose weight is fp8 a :class:`CastLinear` that keeps it (issue 17).
+
+    The weight stays in the file's fp8 (half the memory of bf16, a quarter of fp32) and is cast to
+    ``compute``, times its ``weight_scale`` (``scales["<layer>.weight"]``, default 1), at every call; the
+    bias is stored in ``compute``. :func:`apply_precision` then leaves these layers alone. Returns how many.
+    """
+    kept = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, torch.nn.Linear) or layer.weight.dtype not in FP8_TYPES:
+            continue
+        if type(layer) is torch.nn.Linear:
+            layer.__class__ = CastLinear
+        layer.compute_dtype = compute
+        layer.weight_scale = float(scales.get(f"{name}.weight", 1.0))
+        if layer.bias is not None and layer.bias.dtype != compute:
+            layer.bias.data = layer.bias.data.to(compute)
+        kept += 1
+    return kept
 
 
 def restore_fp8(model: torch.nn.Module, kept: dict[str, tuple[torch.Tensor, float]], compute: torch.dtype) -> int:

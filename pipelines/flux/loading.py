@@ -31,9 +31,9 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
-from ..core.precision import Precision, apply_precision
+from ..core.loading import LazyModel, read_state_dict
 from ..core.runtime import Component
+from ..core.single_file import SingleFile
 from . import layout as flux_layout
 
 log = logging.getLogger("EditKit")
@@ -90,59 +90,25 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     return config
 
 
-def _precision(dtype: torch.dtype, storage: torch.dtype | None) -> Precision:
-    return Precision(storage or dtype, dtype)
-
-
-def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    """Load a single-file transformer computing in ``dtype``, dense weights stored in ``storage``.
-
-    GGUF files are mapped and stay quantized whatever ``storage`` says.
-    """
-    from diffusers import FluxTransformer2DModel
-
-    quantized = path.suffix.lower() == ".gguf"
-    precision = _precision(dtype, storage)
-    extras = {}
-    if quantized:
-        from ..core.gguf import MappedFile
-
-        extras["source"] = MappedFile(path)  # before reading: the identity of the bytes that get mapped
-    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
-    if not quantized:
-        cast_stored_weights(sd, precision.storage)
+def _recognise(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, str]:
     sd = flux_layout.strip_comfy_prefix(sd)
     layout = flux_layout.transformer_layout(sd)
     if layout is None:
         sample = ", ".join(list(sd)[:3]) or "no tensors"
         raise ModelFileError(path, f"Not a FLUX.1 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    try:
-        if layout == "bfl":
-            sd = flux_layout.bfl_transformer_to_diffusers(sd)
-        config = transformer_config_from_state_dict(sd)
-    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
-        raise ModelFileError(path, f"Incomplete or foreign FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    kwargs = {}
-    if quantized:
-        from diffusers import GGUFQuantizationConfig
+    return sd, layout
 
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
-    try:
-        model = FluxTransformer2DModel.from_single_file(
-            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype if quantized else precision.storage,
-            local_files_only=True, **config, **kwargs
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelFileError(path, f"Weights do not fit a FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    if not quantized:
-        apply_precision(model, precision)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+
+SINGLE_FILE = SingleFile(
+    model_class="FluxTransformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="FLUX.1 transformer",
+    expected=TRANSFORMER_EXPECTED, recognise=_recognise, config_from=transformer_config_from_state_dict,
+    to_diffusers=flux_layout.bfl_transformer_to_diffusers,
+)
 
 
 TRANSFORMER = ComponentSpec(
     tag="transformer", what="FLUX.1 transformer", subfolder="transformer", model_class="FluxTransformer2DModel",
-    kind="diffusion", from_file=_transformer_from_file, casts=True,
+    kind="diffusion", single_file=SINGLE_FILE, casts=True,
     missing="No transformer: pick a diffusers folder or a transformer file in EditKit · Flux Loader.",
 )
 transformer_source = TRANSFORMER.source
