@@ -203,3 +203,26 @@ def test_bf16_file_stays_bf16_with_fp32_compute(tiny_models):
     assert linears and all(isinstance(m, P.CastLinear) and m.weight.dtype == BF16 and m.compute_dtype == F32
                            for m in linears)
     assert _qwen_forward(component.module).dtype == F32
+
+
+@pytest.mark.parametrize("family", ["flux", "fill", "qwen", "layered", "flux2"])
+@pytest.mark.parametrize("variant", ["e4m3fn", "e5m2", "scaled"])
+def test_every_familys_fp8_file_stays_fp8_and_equals_casting_up_front(family, variant, tmp_path):
+    """FLUX.1 (BFL keys: the scales follow the fused qkv/linear1 splits), Fill, Qwen-Image-Edit, Qwen-Image-Layered
+    (its RGB/RGBA embedding is an nn.Embedding: widened, not kept) and FLUX.2 read through the shared reader."""
+    from fp8_files import FP8, forward, source, write_fp8_files
+
+    path, reference_path = write_fp8_files(family, tmp_path)[variant]
+    fp8 = FP8[variant][0]
+    component = source(family)(None, path, F32).get()
+    linears = [m for m in component.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is P.CastLinear and m.weight.dtype == fp8 for m in linears), \
+        "an fp8 Linear weight was widened in memory"
+    assert {p.dtype for p in component.module.parameters() if p.dtype != fp8} == {F32}
+    assert sum(p.numel() for p in component.module.parameters() if p.dtype == fp8) == \
+        sum(m.weight.numel() for m in linears)
+    reference = source(family)(None, reference_path, F32).get()
+    assert all(p.dtype == F32 for p in reference.module.parameters())
+    assert P.storage_bytes(component.module) < 0.4 * P.storage_bytes(reference.module)
+    torch.testing.assert_close(forward(family, component.module), forward(family, reference.module),
+                               rtol=1e-5, atol=1e-5)
