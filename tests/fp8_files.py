@@ -27,6 +27,9 @@ FLUX = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_s
 QWEN = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128, num_attention_heads=1,
             joint_attention_dim=32, axes_dims_rope=(16, 56, 56))
 LAYERED = dict(QWEN, use_additional_t_cond=True, use_layer3d_rope=True)
+ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=128, n_layers=1, n_refiner_layers=1,
+              n_heads=1, n_kv_heads=1, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+              axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
 FLUX2 = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
              num_attention_heads=1, joint_attention_dim=48, timestep_guidance_channels=256, mlp_ratio=3.0,
              axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False)
@@ -42,12 +45,17 @@ def _random_model(cls, config: dict, seed: int) -> torch.nn.Module:
     return model
 
 
-def tiny_model(family: str) -> torch.nn.Module:
+def tiny_model(family: str, depth: int = 1) -> torch.nn.Module:
+    """``family``'s tiny transformer with ``depth`` blocks of each kind."""
     import diffusers
 
     cls, config = {"flux": ("FluxTransformer2DModel", FLUX), "fill": ("FluxTransformer2DModel", dict(FLUX, in_channels=384, out_channels=64)),
                    "qwen": ("QwenImageTransformer2DModel", QWEN), "layered": ("QwenImageTransformer2DModel", LAYERED),
-                   "flux2": ("Flux2Transformer2DModel", FLUX2)}[family]
+                   "flux2": ("Flux2Transformer2DModel", FLUX2), "zimage": ("ZImageTransformer2DModel", ZIMAGE)}[family]
+    if family == "zimage":
+        config = dict(config, n_layers=depth)
+    else:
+        config = dict(config, num_layers=depth, **({"num_single_layers": depth} if "num_single_layers" in config else {}))
     return _random_model(getattr(diffusers, cls), config, seed=len(family))
 
 
@@ -59,10 +67,10 @@ def _as_file(family: str, sd: dict) -> dict:
     return {COMFY_PREFIX + k: v for k, v in sd.items()}
 
 
-def write_fp8_files(family: str, out: Path) -> dict[str, tuple[Path, Path]]:
+def write_fp8_files(family: str, out: Path, depth: int = 1) -> dict[str, tuple[Path, Path]]:
     """``{variant: (fp8 file, float32 reference file)}`` for ``family``'s tiny transformer."""
     out.mkdir(parents=True, exist_ok=True)
-    sd = _as_file(family, {k: v.contiguous() for k, v in tiny_model(family).state_dict().items()})
+    sd = _as_file(family, {k: v.contiguous() for k, v in tiny_model(family, depth).state_dict().items()})
     paths = {}
     for variant, (fp8, scaled) in FP8.items():
         file, reference = {}, {}
@@ -106,6 +114,10 @@ def forward(family: str, module: torch.nn.Module) -> torch.Tensor:
                           encoder_hidden_states=torch.randn(1, 7, c.joint_attention_dim, generator=g),
                           encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.long), img_shapes=[shapes],
                           return_dict=False, **extra)[0]
+        if family == "zimage":
+            out = module([torch.randn(c.in_channels, 1, 8, 8, generator=g)], torch.tensor([0.5]),
+                         [torch.randn(7, c.cap_feat_dim, generator=g)], return_dict=False)[0]
+            return torch.stack(out)
         img = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1),
                                          indexing="ij"), dim=-1).reshape(-1, 4)
         txt = torch.stack([torch.zeros(7), torch.zeros(7), torch.zeros(7), torch.arange(7.0)], dim=-1)
@@ -120,7 +132,8 @@ def source(family: str):
     from editkit.pipelines.flux2 import loading as flux2_loading
     from editkit.pipelines.qwen_image import layered_loading
     from editkit.pipelines.qwen_image import loading as qwen_loading
+    from editkit.pipelines.zimage import loading as zimage_loading
 
-    return {"flux": flux_loading.transformer_source, "fill": flux_loading.transformer_source,
+    return {"zimage": zimage_loading.transformer_source,"flux": flux_loading.transformer_source, "fill": flux_loading.transformer_source,
             "qwen": qwen_loading.transformer_source, "layered": layered_loading.transformer_source,
             "flux2": flux2_loading.transformer_source}[family]

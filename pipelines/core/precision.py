@@ -376,7 +376,7 @@ def keep_fp8_layers(model: torch.nn.Module, scales: dict[str, float], compute: t
         if type(layer) is torch.nn.Linear:
             layer.__class__ = CastLinear
         layer.compute_dtype = compute
-        layer.weight_scale = float(scales.get(f"{name}.weight", 1.0))
+        layer.weight_scale = float(scales.get(f"{name}.weight" if name else "weight", 1.0))
         if layer.bias is not None and layer.bias.dtype != compute:
             layer.bias.data = layer.bias.data.to(compute)
         kept += 1

@@ -80,31 +80,56 @@ def take_fp8_scales(sd: dict[str, torch.Tensor]) -> dict[str, float]:
     return scales
 
 
+class _Tagged(torch.Tensor):
+    """A meta tensor carrying the index of a weight's scale through any torch function (views, cat, split...).
+
+    Results take the tag their tensor inputs share; inputs of different tags give -1 (a weight joined from
+    weights of different scales). Meta: the shapes are real, the memory is none.
+    """
+
+    tag = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves, tree_map
+
+        kwargs = kwargs or {}
+        tags = {t.tag for t in tree_leaves((args, kwargs)) if isinstance(t, _Tagged)}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        tag = tags.pop() if len(tags) == 1 else -1
+        return tree_map(lambda t: _tagged(t, tag) if isinstance(t, torch.Tensor) else t, out)
+
+
+def _tagged(tensor: torch.Tensor, tag: int) -> _Tagged:
+    tensor = tensor.as_subclass(_Tagged)
+    tensor.tag = tag
+    return tensor
+
+
 def convert_scales(convert: Callable[[dict], dict], sd: dict[str, torch.Tensor], scales: dict[str, float]
                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``convert(sd)`` and the scales under the converted names.
 
-    The scales go through the same converter as the weights, as zero-stride tensors the shape of each weight
-    holding the index of its scale (no memory unless the converter concatenates): a fused ``qkv`` split in
-    three keeps its scale in each part; parts of different scales concatenated into one weight cannot keep one
-    scale and are refused.
+    The scales follow the same conversion as the weights: the converter also runs on meta tensors of the
+    weights' shapes tagged with the index of their scale (no memory, whatever the converter does), so a fused
+    ``qkv`` split in three keeps its scale in each part. Parts of different scales joined into one weight
+    cannot keep one scale and are refused.
     """
     if not scales:
         return convert(sd), {}
     values = [1.0, *scales.values()]
     index = {k: i + 1 for i, k in enumerate(scales)}
-    shadow = {k: torch.full((), index.get(k, 0), dtype=torch.int32).expand(getattr(t, "quant_shape", t.shape))
-              for k, t in sd.items()}
+    shadow = {k: _tagged(torch.empty(getattr(t, "quant_shape", t.shape), dtype=t.dtype, device="meta"),
+                         index.get(k, 0)) for k, t in sd.items()}
     converted = convert(sd)
-    shadow = convert(shadow)
     moved = {}
-    for key, tags in shadow.items():
-        if key not in converted or not is_fp8(converted[key]) or tags.numel() == 0:
+    for key, tagged in convert(shadow).items():
+        if key not in converted or not is_fp8(converted[key]):
             continue
-        first = int(tags[(0,) * tags.ndim])
-        if any(tags.stride()) and bool((tags != first).any()):
+        if tagged.tag < 0:
             raise ValueError(f"{key} joins fp8 weights of different scales")
-        moved[key] = values[first]
+        moved[key] = values[tagged.tag]
     return converted, moved
 
 
@@ -112,8 +137,11 @@ def convert_scales(convert: Callable[[dict], dict], sd: dict[str, torch.Tensor],
 class SingleFile:
     """How a family's transformer loads from one file; :meth:`load` is the shared reader.
 
-    ``recognise(sd, path)`` strips the family's key prefix and returns ``(sd, layout)``, raising a
-    :class:`ModelFileError` that names a foreign file; ``to_diffusers(sd)`` converts layouts other than
+    The first of ``prefixes`` the file's keys carry is stripped (ComfyUI's ``model.diffusion_model.``);
+    ``layout(sd)`` names the key layout (``"diffusers"``, the family's original one, another family's, or
+    None); ``foreign`` maps another family's layout to the message that refuses it (None: "Not a <name>",
+    with a few of the keys found). ``recognise(sd, path) -> (sd, layout)`` replaces all of that where a family
+    needs more (Qwen-Image names what a foreign file is). ``to_diffusers(sd)`` converts layouts other than
     ``"diffusers"``; ``config_from(sd)`` reads the model's sizes from the (diffusers-key) shapes;
     ``check(config, path)`` may refuse the result; ``options`` are further config values (switches that add no
     weights, e.g. Qwen-Image-Edit-2511's ``zero_cond_t``); fp8 weights of modules named with a ``widen``
@@ -125,12 +153,31 @@ class SingleFile:
     config_dir: Path
     name: str
     expected: str
-    recognise: Callable[[dict, Path], tuple[dict, str]]
     config_from: Callable[[dict], dict]
+    layout: Callable[[dict], str | None] = lambda sd: "diffusers"
+    prefixes: tuple[str, ...] = ("model.diffusion_model.",)
+    foreign: tuple[tuple[str, str], ...] = ()
+    recognise: Callable[[dict, Path], tuple[dict, str]] | None = None
     to_diffusers: Callable[[dict], dict] | None = None
     check: Callable[[dict, Path], None] | None = None
     options: tuple[tuple[str, object], ...] = ()
     widen: tuple[str, ...] = ()
+
+    def _recognise(self, sd: dict, path: Path) -> tuple[dict, str]:
+        if self.recognise is not None:
+            return self.recognise(sd, path)
+        for prefix in self.prefixes:
+            if any(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+                break
+        layout = self.layout(sd)
+        refused = dict(self.foreign).get(layout)
+        if refused is not None:
+            raise ModelFileError(path, refused, self.expected)
+        if layout is None:
+            sample = ", ".join(list(sd)[:3]) or "no tensors"
+            raise ModelFileError(path, f"Not a {self.name} (found keys like {sample})", self.expected)
+        return sd, layout
 
     def with_options(self, **options) -> SingleFile:
         return dataclasses.replace(self, options=(*self.options, *options.items()))
@@ -146,7 +193,7 @@ class SingleFile:
             from .gguf import MappedFile
 
             extras["source"] = MappedFile(path)  # before reading: the identity of the bytes that get mapped
-        sd, layout = self.recognise(read_state_dict(path, self.expected), path)
+        sd, layout = self._recognise(read_state_dict(path, self.expected), path)
         scales = {} if quantized else take_fp8_scales(sd)
         try:
             if layout != "diffusers" and self.to_diffusers is not None:
@@ -191,11 +238,11 @@ class SingleFile:
             layer = modules.get(owner)
             if kind == "weight" and type(layer) is torch.nn.Linear and not owner.startswith(self.widen):
                 continue  # stays fp8: keep_fp8_layers below
-            widened = sd[key].float()
+            widened = sd[key].to(precision.storage)  # fp8 fits every wider float exactly; one copy, scaled in place
             scale = scales.pop(key, 1.0)
             if scale != 1.0:
-                widened = widened * scale
-            sd[key] = widened.to(precision.storage)
+                widened.mul_(scale)
+            sd[key] = widened
         unused = sorted(set(sd) - set(wanted))
         if unused:
             log.debug("EditKit: %s: %d tensors the model does not use, e.g. %s", path.name, len(unused), unused[:3])

@@ -22,7 +22,6 @@ weak references only, so ComfyUI's "free memory" really frees.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -51,14 +50,8 @@ CLIP_EXPECTED = "a CLIP-L text encoder (clip_l.safetensors)"
 T5_EXPECTED = "a T5-XXL encoder (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or similar)"
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def count_blocks(keys, prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+_load_json = core_loading.read_json
+count_blocks = core_loading.count_blocks
 
 
 # --------------------------------------------------------------------------------------
@@ -90,19 +83,10 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     return config
 
 
-def _recognise(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, str]:
-    sd = flux_layout.strip_comfy_prefix(sd)
-    layout = flux_layout.transformer_layout(sd)
-    if layout is None:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a FLUX.1 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    return sd, layout
-
-
 SINGLE_FILE = SingleFile(
     model_class="FluxTransformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="FLUX.1 transformer",
-    expected=TRANSFORMER_EXPECTED, recognise=_recognise, config_from=transformer_config_from_state_dict,
-    to_diffusers=flux_layout.bfl_transformer_to_diffusers,
+    expected=TRANSFORMER_EXPECTED, layout=flux_layout.transformer_layout, prefixes=(flux_layout.COMFY_PREFIX,),
+    config_from=transformer_config_from_state_dict, to_diffusers=flux_layout.bfl_transformer_to_diffusers,
 )
 
 

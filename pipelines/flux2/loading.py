@@ -22,7 +22,6 @@ Sources (the files people download):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,11 +30,10 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import read_state_dict
+from ..core.loading import count_blocks, read_state_dict
 from ..core.runtime import Component
 from ..core.single_file import SingleFile
 from ..flux.layout import logical_shape
-from ..flux.loading import count_blocks
 from .latent import LATENT_CHANNELS, MODEL_CHANNELS
 
 log = logging.getLogger("EditKit")
@@ -53,9 +51,7 @@ TRANSFORMER_EXPECTED = (
 VAE_EXPECTED = "the FLUX.2 VAE (flux2-vae.safetensors: 32 latent channels with batch-norm statistics 'bn.running_mean')"
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+_load_json = core_loading.read_json
 
 
 # --------------------------------------------------------------------------------------
@@ -97,13 +93,6 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in COMFY_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    return sd
-
-
 def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BFL keys → diffusers keys with diffusers' own converter (it splits fused qkv and swaps adaLN halves)."""
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
@@ -117,22 +106,11 @@ def _check_channels(config: dict, where: Path) -> None:
                                     f"{MODEL_CHANNELS} (32 latent channels x 2x2 patches)", TRANSFORMER_EXPECTED)
 
 
-def _recognise(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, str]:
-    sd = _strip_prefix(sd)
-    layout = transformer_layout(sd)
-    if layout == "flux1":
-        raise ModelFileError(path, "This is a FLUX.1 transformer, not FLUX.2 (load it with EditKit · Flux Loader)",
-                             TRANSFORMER_EXPECTED)
-    if layout is None:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a FLUX.2 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    return sd, layout
-
-
 SINGLE_FILE = SingleFile(
     model_class="Flux2Transformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="FLUX.2 transformer",
-    expected=TRANSFORMER_EXPECTED, recognise=_recognise, config_from=transformer_config_from_state_dict,
-    to_diffusers=_to_diffusers, check=_check_channels,
+    expected=TRANSFORMER_EXPECTED, layout=transformer_layout, prefixes=COMFY_PREFIXES,
+    foreign=(("flux1", "This is a FLUX.1 transformer, not FLUX.2 (load it with EditKit · Flux Loader)"),),
+    config_from=transformer_config_from_state_dict, to_diffusers=_to_diffusers, check=_check_channels,
 )
 
 

@@ -29,7 +29,6 @@ of :mod:`..core.loading`, exactly like the Flux loaders.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -67,14 +66,8 @@ ZERO_COND_MARKER = "__index_timestep_zero__"  # the empty tensor ComfyUI's 2511 
 EDIT_PIPELINES = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")  # model_index.json classes of edit models
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def count_blocks(keys, prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+_load_json = core_loading.read_json
+count_blocks = core_loading.count_blocks
 
 
 # --------------------------------------------------------------------------------------

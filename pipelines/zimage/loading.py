@@ -17,14 +17,13 @@ config shipped in ``configs/zimage_transformer``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from ..core import loading as core_loading
-from ..core.errors import EditKitError, ModelFileError
+from ..core.errors import EditKitError
 from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, unavailable
 from ..core.single_file import SingleFile
@@ -44,9 +43,7 @@ TRANSFORMER_EXPECTED = (
 )
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+_load_json = core_loading.read_json
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -84,25 +81,12 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor], layout: str)
     return {
         "dim": dim,
         "in_channels": features // (PATCH * PATCH),
-        "n_layers": flux_loading.count_blocks(sd, "layers."),
-        "n_refiner_layers": flux_loading.count_blocks(sd, "noise_refiner."),
+        "n_layers": core_loading.count_blocks(sd, "layers."),
+        "n_refiner_layers": core_loading.count_blocks(sd, "noise_refiner."),
         "n_heads": dim // head_dim,
         "n_kv_heads": kv_rows // head_dim,
         "cap_feat_dim": _shape(sd["cap_embedder.1.weight"])[1],
     }
-
-
-def _recognise(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, str]:
-    for key in [k for k in sd if k.startswith(COMFY_PREFIX)]:
-        sd[key[len(COMFY_PREFIX):]] = sd.pop(key)
-    layout = transformer_layout(sd)
-    if layout == "flux":
-        raise ModelFileError(path, "This is a FLUX.1 transformer, not Z-Image (load it with EditKit · Flux Loader)",
-                             TRANSFORMER_EXPECTED)
-    if layout is None:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a Z-Image transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    return sd, layout
 
 
 def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,7 +105,9 @@ def _config_from(sd: dict[str, torch.Tensor]) -> dict:
 # dtype, so fp8 there would round them to fp8.
 SINGLE_FILE = SingleFile(
     model_class="ZImageTransformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="Z-Image transformer",
-    expected=TRANSFORMER_EXPECTED, recognise=_recognise, config_from=_config_from, to_diffusers=_to_diffusers,
+    expected=TRANSFORMER_EXPECTED, layout=transformer_layout, prefixes=(COMFY_PREFIX,),
+    foreign=(("flux", "This is a FLUX.1 transformer, not Z-Image (load it with EditKit · Flux Loader)"),),
+    config_from=_config_from, to_diffusers=_to_diffusers,
     widen=("t_embedder.",),
 )
 

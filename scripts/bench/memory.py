@@ -1,8 +1,9 @@
 """Memory of EditKit's loaders on real-shape random-weight files, in every format users download (issue 17, item 7).
 
-Writes a Z-Image-Turbo transformer with random weights (real width; ``--layers`` main blocks, 30 = the real
-6B model) as ComfyUI's bf16 single file, ComfyUI's scaled-fp8 single file, GGUF Q8_0 and Q4_K, and a diffusers
-folder; then loads each in a fresh process (so one load's allocator state never colours the next) and prints:
+Writes a transformer with random weights at real width (``--family``: Z-Image-Turbo, FLUX.1 or Qwen-Image;
+``--layers`` main blocks: 30 = the real Z-Image 6B, 19 (+38 single) = FLUX.1 12B, 60 = Qwen-Image 20B) as
+ComfyUI's bf16 single file, ComfyUI's scaled-fp8 single file, GGUF Q8_0 and Q4_K, and a diffusers folder; then
+loads each in a fresh process (so one load's allocator state never colours the next) and prints:
 
 * load time;
 * load peak RSS / file bytes (``VmHWM`` growth over the process before loading);
@@ -13,7 +14,8 @@ folder; then loads each in a fresh process (so one load's allocator state never 
 Targets from issue 17: resident <= 1.05x the file for fp8 and GGUF, load peak <= 1.15x, after free <= baseline +
 5 %. Run (the defaults write ~4 GB under --out and need ~6 GB of RAM)::
 
-    python scripts/bench/memory.py --out /tmp/editkit-mem                # 3 blocks, same per-block shapes
+    python scripts/bench/memory.py --out /tmp/editkit-mem                # Z-Image, 3 blocks, real per-block shapes
+    python scripts/bench/memory.py --out /tmp/editkit-mem --family flux --layers 1 --formats comfy_fp8_scaled
     python scripts/bench/memory.py --out /tmp/editkit-mem --layers 30    # the real 6B model (~30 GB of files)
 
 Compute dtype is bf16 (``--dtype``) so bf16 files are not widened to fp32 by the choice itself. Never run from
@@ -34,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
+COMFY_PREFIX = "model.diffusion_model."
 FORMATS = ("comfy_bf16", "comfy_fp8_scaled", "gguf_Q8_0", "gguf_Q4_K", "diffusers_folder")
 
 
@@ -49,20 +52,44 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _model(layers: int):
-    import torch
-    from diffusers import ZImageTransformer2DModel
+FAMILIES = {  # config, diffusers class, the block counts --layers sets, loading module
+    "zimage": ("pipelines/zimage/configs/zimage_transformer/config.json", "ZImageTransformer2DModel",
+               lambda n: {"n_layers": n}, "editkit.pipelines.zimage.loading"),
+    "flux": ("pipelines/flux/configs/flux_fill_transformer/config.json", "FluxTransformer2DModel",
+             lambda n: {"num_layers": n, "num_single_layers": 2 * n}, "editkit.pipelines.flux.loading"),
+    "qwen": ("pipelines/qwen_image/configs/transformer/config.json", "QwenImageTransformer2DModel",
+             lambda n: {"num_layers": n}, "editkit.pipelines.qwen_image.loading"),
+}
 
-    config = json.loads((ROOT / "pipelines/zimage/configs/zimage_transformer/config.json").read_text())
-    config = {k: v for k, v in config.items() if not k.startswith("_")} | {"n_layers": layers}
+
+def _model(family: str, layers: int):
+    import diffusers
+    import torch
+
+    config_path, class_name, depth, _module = FAMILIES[family]
+    config = json.loads((ROOT / config_path).read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")} | depth(layers)
     with torch.device("meta"):
-        model = ZImageTransformer2DModel(**config)
+        model = getattr(diffusers, class_name)(**config)
     model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for tensor in model.state_dict().values():
             tensor.normal_(0, 0.02, generator=g)
     return model.to(torch.bfloat16).eval()
+
+
+def _to_comfy(family: str, sd: dict) -> dict:
+    """The single-file layout ComfyUI users download, keys with ComfyUI's ``model.diffusion_model.`` prefix."""
+    if family == "zimage":
+        from zimage_models import diffusers_to_comfy
+
+        return diffusers_to_comfy(sd)
+    if family == "flux":
+        from editkit.pipelines.flux.layout import diffusers_transformer_to_bfl
+
+        return diffusers_transformer_to_bfl(sd, prefix=COMFY_PREFIX)
+    return {COMFY_PREFIX + k: v for k, v in sd.items()}
 
 
 def _write_random_q4_k(sd, path: Path) -> None:
@@ -89,23 +116,25 @@ def _write_random_q4_k(sd, path: Path) -> None:
     writer.close()
 
 
-def write_files(out: Path, layers: int, formats) -> dict[str, Path]:
+def write_files(out: Path, layers: int, formats, family: str = "zimage") -> dict[str, Path]:
     """Write the model in each format once (kept between runs: delete --out to rebuild)."""
     import torch
     from safetensors.torch import save_file
-    from zimage_models import COMFY_PREFIX, diffusers_to_comfy
 
     from make_tiny_models import write_gguf
+    from packload import load_pack
 
+    load_pack()
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"{family}_{layers}l"
     paths = {f: out / name for f, name in {
-        "comfy_bf16": f"z_image_{layers}l_bf16.safetensors", "comfy_fp8_scaled": f"z_image_{layers}l_fp8_scaled.safetensors",
-        "gguf_Q8_0": f"z_image_{layers}l-Q8_0.gguf", "gguf_Q4_K": f"z_image_{layers}l-Q4_K.gguf",
-        "diffusers_folder": f"Z-Image-{layers}l"}.items() if f in formats}
+        "comfy_bf16": f"{stem}_bf16.safetensors", "comfy_fp8_scaled": f"{stem}_fp8_scaled.safetensors",
+        "gguf_Q8_0": f"{stem}-Q8_0.gguf", "gguf_Q4_K": f"{stem}-Q4_K.gguf",
+        "diffusers_folder": f"{stem}-diffusers"}.items() if f in formats}
     if all(p.exists() for p in paths.values()):
         return paths
-    model = _model(layers)
-    comfy = diffusers_to_comfy(model.state_dict())
+    model = _model(family, layers)
+    comfy = _to_comfy(family, model.state_dict())
     if "comfy_bf16" in paths and not paths["comfy_bf16"].exists():
         save_file({k: v.contiguous() for k, v in comfy.items()}, str(paths["comfy_bf16"]))
     if "comfy_fp8_scaled" in paths and not paths["comfy_fp8_scaled"].exists():
@@ -130,7 +159,7 @@ def write_files(out: Path, layers: int, formats) -> dict[str, Path]:
     return paths
 
 
-def measure(fmt: str, path: Path, dtype_name: str) -> dict:
+def measure(fmt: str, path: Path, dtype_name: str, family: str = "zimage") -> dict:
     """One load in this process (called in a fresh child by :func:`main`)."""
     import torch
 
@@ -138,10 +167,12 @@ def measure(fmt: str, path: Path, dtype_name: str) -> dict:
 
     offline()
     load_pack()
-    import diffusers  # noqa: F401  (the model classes' imports are not the model's memory)
-    from diffusers import ZImageTransformer2DModel  # noqa: F401
+    import importlib
 
-    from editkit.pipelines.zimage import loading
+    import diffusers  # noqa: F401  (the model classes' imports are not the model's memory)
+
+    getattr(diffusers, FAMILIES[family][1])
+    loading = importlib.import_module(FAMILIES[family][3])
 
     dtype = getattr(torch, dtype_name)
     gc.collect()
@@ -174,22 +205,24 @@ def measure(fmt: str, path: Path, dtype_name: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where the files are written (kept for reruns)")
-    parser.add_argument("--layers", type=int, default=3, help="main blocks (30 = the real Z-Image-Turbo 6B)")
+    parser.add_argument("--family", default="zimage", choices=sorted(FAMILIES))
+    parser.add_argument("--layers", type=int, default=3,
+                        help="main blocks (real: Z-Image 30, FLUX.1 19 (+2x single), Qwen-Image 60)")
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype asked of the loader")
     parser.add_argument("--measure", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.dtype)))
+        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.dtype, args.family)))
         return 0
-    paths = write_files(args.out, args.layers, args.formats)
+    paths = write_files(args.out, args.layers, args.formats, args.family)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    print(f"Z-Image-Turbo, real width, {args.layers} main blocks, compute {args.dtype}")
+    print(f"{args.family}, real width, {args.layers} main blocks, compute {args.dtype}")
     print(f"{'format':18} {'file GB':>8} {'load s':>7} {'peak/file':>9} {'resident/file':>13} "
           f"{'model_size/held':>15} {'free vs base':>12}  stored as")
     for fmt, path in paths.items():
         done = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--dtype", args.dtype,
-                               "--measure", fmt, str(path)], capture_output=True, text=True, env=env)
+                               "--family", args.family, "--measure", fmt, str(path)], capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{fmt:18} failed: {done.stderr.strip().splitlines()[-1:]}")
             continue
