@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# run as a script, this folder comes first on sys.path, and its gguf.py (the GGUF benchmark) would shadow the gguf
+# package diffusers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
 COMFY_PREFIX = "model.diffusion_model."
