@@ -15,6 +15,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 FP8 = {"e4m3fn": (torch.float8_e4m3fn, False), "e5m2": (torch.float8_e5m2, False),
        "scaled": (torch.float8_e4m3fn, True)}
@@ -137,3 +139,38 @@ def source(family: str):
     return {"zimage": zimage_loading.transformer_source,"flux": flux_loading.transformer_source, "fill": flux_loading.transformer_source,
             "qwen": qwen_loading.transformer_source, "layered": layered_loading.transformer_source,
             "flux2": flux2_loading.transformer_source}[family]
+
+
+class LiveBytes(TorchDispatchMode):
+    """The most bytes of CPU tensor storage alive at any moment while active: the file's tensors (:meth:`adopt`:
+    safetensors does not make them with torch ops) and every new storage a torch op returns (not a view of an
+    input), each followed with a weak reference until it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+        self._live: list[tuple[int, int]] = []
+
+    def adopt(self, tensors: dict) -> dict:
+        """Count ``tensors`` (the file's, as read) as live from now until they are freed."""
+        seen = {}
+        for tensor in tensors.values():
+            storage = tensor.untyped_storage()
+            seen.setdefault(storage.data_ptr(), storage)
+        self._add(list(seen.values()))
+        return tensors
+
+    def _add(self, storages: list) -> None:  # the weak references' control blocks are left (a few hundred bytes)
+        self._live = [entry for entry in self._live if not torch.UntypedStorage._expired(entry[0])]
+        self._live += [(storage._weak_ref(), storage.nbytes()) for storage in storages]
+        self.peak = max(self.peak, sum(size for _handle, size in self._live))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+        fresh = [t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                 and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs]
+        if fresh:
+            self._add(fresh)
+        return out

@@ -7,8 +7,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from editkit.pipelines.core import precision as P
 from editkit.pipelines.core.runtime import TorchRuntime
@@ -269,41 +267,6 @@ def test_fp8_matmul_is_opt_in_and_within_its_error_bound(monkeypatch, bias):
         P.set_fp8_matmul(None)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """The most bytes of CPU tensor storage alive at any moment while active: the file's tensors (:meth:`adopt`:
-    safetensors does not make them with torch ops) and every new storage a torch op returns (not a view of an
-    input), each followed with a weak reference until it is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.peak = 0
-        self._live: list[tuple[int, int]] = []
-
-    def adopt(self, tensors: dict) -> dict:
-        """Count ``tensors`` (the file's, as read) as live from now until they are freed."""
-        seen = {}
-        for tensor in tensors.values():
-            storage = tensor.untyped_storage()
-            seen.setdefault(storage.data_ptr(), storage)
-        self._add(list(seen.values()))
-        return tensors
-
-    def _add(self, storages: list) -> None:  # the weak references' control blocks are left (a few hundred bytes)
-        self._live = [entry for entry in self._live if not torch.UntypedStorage._expired(entry[0])]
-        self._live += [(storage._weak_ref(), storage.nbytes()) for storage in storages]
-        self.peak = max(self.peak, sum(size for _handle, size in self._live))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {}))
-                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
-        fresh = [t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
-                 and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs]
-        if fresh:
-            self._add(fresh)
-        return out
-
-
 @pytest.mark.parametrize("family", ["flux", "zimage", "flux2"])
 def test_loading_a_scaled_fp8_file_holds_at_most_115_percent_of_the_file(family, tmp_path, monkeypatch):
     """The load never holds a widened copy or a materialised placeholder: at no moment are the file's tensors and
@@ -312,12 +275,12 @@ def test_loading_a_scaled_fp8_file_holds_at_most_115_percent_of_the_file(family,
     qkv, one block at a time, so a few blocks make that small; Qwen-Image is left out: its rotary tables are a
     fixed 4 MB, large against a tiny file).
     Building through diffusers' from_single_file copied the tensors into the requested dtype: 2x."""
-    from fp8_files import source, write_fp8_files
+    from fp8_files import LiveBytes, source, write_fp8_files
 
     from editkit.pipelines.core import single_file
 
     path = write_fp8_files(family, tmp_path, depth=8)["scaled"][0]  # deep enough that one layer is small
-    counted = _LiveBytes()
+    counted = LiveBytes()
     read = single_file.read_state_dict
     monkeypatch.setattr(single_file, "read_state_dict", lambda *args: counted.adopt(read(*args)))
     with counted:

@@ -195,3 +195,26 @@ def test_t5_fp8_file_keeps_fp8_in_memory_and_equals_casting_up_front(tiny_models
     states, _pooled = single.encode(prompt, RUNTIME, 64)
     ref_states, _ref_pooled = upfront.encode(prompt, RUNTIME, 64)
     torch.testing.assert_close(states, ref_states, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_fp8_placeholders_are_never_materialised(tiny_models, tmp_path, monkeypatch):
+    """Beyond the file's tensors, loading allocates only the tensors the model holds widened (embeddings, ``wo``,
+    norms in the compute dtype): the zero-stride placeholders transformers' loader gets for the kept fp8 weights
+    never become real tensors (that would add the kept weights' size in the compute dtype)."""
+    import safetensors.torch
+    from fp8_files import LiveBytes
+
+    sd = safetensors.torch.load_file(str(tiny_models / "text_encoders" / "t5xxl_fp16.safetensors"))
+    file = {k: t.to(torch.float8_e4m3fn) if t.ndim == 2 and k.endswith(".weight") else t for k, t in sd.items()}
+    path = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
+    safetensors.torch.save_file(file, str(path))
+    counted = LiveBytes()
+    read = flux_text.read_state_dict
+    monkeypatch.setattr(flux_text, "read_state_dict", lambda *args: counted.adopt(read(*args)))
+    with counted:
+        t5 = flux_text._t5_from_file(path, F32)
+    unique = {id(t): t for t in t5.parameters()}.values()
+    held_wide = sum(t.numel() * 4 for t in unique if t.dtype == F32)
+    kept_wide = sum(t.numel() * 4 for t in unique if t.dtype == torch.float8_e4m3fn)
+    assert kept_wide > 0
+    assert counted.peak < path.stat().st_size + held_wide + kept_wide / 2, (counted.peak, kept_wide)

@@ -57,8 +57,8 @@ def _set_fp8_aside(model_cls, config, sd: dict[str, torch.Tensor], dtype: torch.
             kept[key] = (tensor, scale)
             sd[key] = torch.zeros((), dtype=dtype).expand(tensor.shape)
         else:  # tied copies (T5's shared / encoder.embed_tokens) share one widened tensor
-            if id(tensor) not in widened:
-                widened[id(tensor)] = (tensor.float() * scale if scale != 1.0 else tensor.float()).to(dtype)
+            if id(tensor) not in widened:  # fp8 fits every wider float exactly: one copy, scaled in place
+                widened[id(tensor)] = tensor.to(dtype).mul_(scale) if scale != 1.0 else tensor.to(dtype)
             sd[key] = widened[id(tensor)]
     return kept
 
