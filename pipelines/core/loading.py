@@ -164,31 +164,6 @@ def cast_stored_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     return sd
 
 
-def keep_fp8(sd: dict[str, torch.Tensor], placeholder_dtype: torch.dtype,
-             widen: tuple[str, ...] = ()) -> dict[str, tuple[torch.Tensor, float]]:
-    """Set the fp8 Linear weights of ``sd`` aside so the model keeps them in fp8 (issue 17, fault 3).
-
-    Every 2-D fp8 ``<layer>.weight`` (float8_e4m3fn or e5m2; with ComfyUI's ``scale_weight`` when the file is
-    "scaled fp8") is taken out and replaced by a zero-stride placeholder of ``placeholder_dtype`` (no memory),
-    so the model is built without ever holding a widened copy; :func:`~.precision.restore_fp8` then puts the
-    fp8 tensors back into the built model's layers, which cast them per call. Returns ``{key: (fp8, scale)}``;
-    the keys must be the model's names (call it after renaming). ``scaled_fp8``/``scale_input`` markers are
-    dropped as :func:`cast_stored_weights` does. Keys starting with one of ``widen`` are left to
-    :func:`cast_stored_weights` (layers whose model code reads ``weight.dtype`` to pick an activation dtype,
-    such as diffusers' Z-Image timestep embedder: an fp8 weight there would round activations to fp8).
-    """
-    for key in [k for k in sd if k == "scaled_fp8" or k.endswith(".scale_input")]:
-        del sd[key]
-    kept = {}
-    for key in [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2 and v.element_size() == 1
-                and v.is_floating_point() and not hasattr(v, "quant_type") and not k.startswith(widen)]:
-        scale = sd.pop(key[: -len(".weight")] + ".scale_weight", None)
-        tensor = sd[key]
-        kept[key] = (tensor, 1.0 if scale is None else float(scale))
-        sd[key] = torch.zeros((), dtype=placeholder_dtype).expand(tensor.shape)
-    return kept
-
-
 def count_blocks(keys, prefix: str) -> int:
     """How many numbered blocks ``<prefix><i>.`` the keys hold (highest index + 1): the depth a file reveals."""
     indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}

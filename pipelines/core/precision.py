@@ -384,12 +384,13 @@ def keep_fp8_layers(model: torch.nn.Module, scales: dict[str, float], compute: t
 
 
 def restore_fp8(model: torch.nn.Module, kept: dict[str, tuple[torch.Tensor, float]], compute: torch.dtype) -> int:
-    """Put the fp8 weights :func:`~.loading.keep_fp8` set aside back into ``model``'s Linear layers.
+    """Put fp8 weights set aside before a library built ``model`` back into its Linear layers.
 
-    Each such layer becomes a :class:`CastLinear` computing in ``compute`` whose weight stays in the
-    file's fp8 (half the memory of bf16, a quarter of fp32) and is cast, times its ``weight_scale``,
-    per call (issue 17, fault 3). ``kept`` maps the model's ``<layer>.weight`` names to (fp8 tensor,
-    scale). The placeholder the model was built with is dropped. Returns how many layers keep fp8.
+    Used where the library's loader would widen them (transformers' ``from_pretrained``, see
+    ``core.transformers_loading``): the model is built with zero-stride placeholders in their place, then each
+    such layer becomes a :class:`CastLinear` computing in ``compute`` whose weight stays in the file's fp8 and
+    is cast, times its ``weight_scale``, per call (issue 17, fault 3). ``kept`` maps the model's
+    ``<layer>.weight`` names to (fp8 tensor, scale). Returns how many layers keep fp8.
     """
     restored = 0
     for key, (tensor, scale) in kept.items():
