@@ -289,3 +289,17 @@ def test_loading_a_scaled_fp8_file_holds_at_most_115_percent_of_the_file(family,
     # building a layer makes its parameters in fp32 before they move to the meta device: one at a time
     building = max(p.numel() for p in component.module.parameters()) * 4
     assert counted.peak < 1.15 * path.stat().st_size + building, counted.peak / path.stat().st_size
+
+
+def test_widening_a_scaled_fp8_fill_into_kontext_inpaint_applies_the_scale(tmp_path):
+    """Kontext-inpaint's widening reads Fill's input projection densely: from a scaled-fp8 Fill it must be the
+    fp8 weight times its scale (the projection is then a dense layer in the compute dtype)."""
+    from fp8_files import source, write_fp8_files
+
+    from editkit.pipelines.flux.kontext_inpaint.widen import widen_fill_transformer
+
+    path, reference_path = write_fp8_files("fill", tmp_path)["scaled"]
+    widened = widen_fill_transformer(source("fill")(None, path, F32).get().module)
+    expected = widen_fill_transformer(source("fill")(None, reference_path, F32).get().module)
+    assert widened.x_embedder.weight.dtype == F32
+    assert torch.equal(widened.x_embedder.weight, expected.x_embedder.weight)

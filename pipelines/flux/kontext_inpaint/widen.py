@@ -22,13 +22,14 @@ INIT_CHOICES = ("zeros", "small_random")
 
 
 def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The projection's weight as a dense float tensor (dequantizing GGUF weights)."""
+    """The projection's weight as a dense float tensor (dequantizing GGUF weights; fp8 weights of a scaled fp8
+    file times their layer's ``weight_scale``)."""
     weight = layer.weight
     if hasattr(weight, "quant_type"):
         from ...core.diffusers_compat import dequantize_gguf_tensor
 
         return dequantize_gguf_tensor(weight).float()
-    return weight.detach().float()
+    return weight.detach().float() * float(getattr(layer, "weight_scale", 1.0))
 
 
 @torch.no_grad()
