@@ -164,6 +164,14 @@ def cast_stored_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     return sd
 
 
+def strip_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``sd`` without the first of ``prefixes`` its keys carry (ComfyUI's ``model.diffusion_model.``)."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return sd
+
+
 def count_blocks(keys, prefix: str) -> int:
     """How many numbered blocks ``<prefix><i>.`` the keys hold (highest index + 1): the depth a file reveals."""
     indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .errors import EditKitError, ModelFileError
-from .loading import read_state_dict
+from .loading import read_json, read_state_dict, strip_prefix
 from .precision import FP8_TYPES, Precision, apply_precision, keep_fp8_layers
 from .runtime import Component
 
@@ -50,6 +50,14 @@ def _diffusers_class(name: str):
     import diffusers
 
     return getattr(diffusers, name)
+
+
+def check_rotary(config_dir: Path, key: str, head_dim: int, name: str) -> None:
+    """Refuse a file whose attention heads are not as wide as the family's rotary embedding (config ``key``)."""
+    axes = read_json(config_dir / "config.json")[key]
+    if sum(axes) != head_dim:
+        raise EditKitError(f"Attention heads are {head_dim} wide, but the {name}'s rotary embedding covers "
+                           f"{sum(axes)}: this is not a {name}.")
 
 
 def is_fp8(tensor: torch.Tensor) -> bool:
@@ -166,10 +174,7 @@ class SingleFile:
     def _recognise(self, sd: dict, path: Path) -> tuple[dict, str]:
         if self.recognise is not None:
             return self.recognise(sd, path)
-        for prefix in self.prefixes:
-            if any(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-                break
+        sd = strip_prefix(sd, self.prefixes)
         layout = self.layout(sd)
         refused = dict(self.foreign).get(layout)
         if refused is not None:

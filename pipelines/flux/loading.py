@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from ..core import loading as core_loading
-from ..core.errors import EditKitError, ModelFileError
+from ..core.errors import ModelFileError
 from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, read_state_dict
 from ..core.runtime import Component
-from ..core.single_file import SingleFile
+from ..core.single_file import SingleFile, check_rotary
 from . import layout as flux_layout
 
 log = logging.getLogger("EditKit")
@@ -74,12 +74,7 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
         "pooled_projection_dim": shape(sd["time_text_embed.text_embedder.linear_1.weight"])[1],
         "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in sd,
     }
-    axes = _load_json(TRANSFORMER_CONFIG_DIR / "config.json")["axes_dims_rope"]
-    if sum(axes) != head_dim:
-        raise EditKitError(
-            f"Transformer attention heads are {head_dim} wide, but FLUX.1's rotary embedding covers {sum(axes)}: "
-            "this is not a FLUX.1 model."
-        )
+    check_rotary(TRANSFORMER_CONFIG_DIR, "axes_dims_rope", head_dim, "FLUX.1 transformer")
     return config
 
 

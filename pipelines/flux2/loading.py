@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from ..core import loading as core_loading
-from ..core.errors import EditKitError, ModelFileError
+from ..core.errors import ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import count_blocks, read_state_dict
+from ..core.loading import count_blocks, read_state_dict, strip_prefix
 from ..core.runtime import Component
-from ..core.single_file import SingleFile
+from ..core.single_file import SingleFile, check_rotary
 from ..flux.layout import logical_shape
 from .latent import LATENT_CHANNELS, MODEL_CHANNELS
 
@@ -74,12 +74,7 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     width, in_channels = logical_shape(sd["x_embedder.weight"])
     head_dim = logical_shape(sd["transformer_blocks.0.attn.norm_q.weight"])[0]
     ff_rows = logical_shape(sd["transformer_blocks.0.ff.linear_in.weight"])[0]
-    axes = _load_json(TRANSFORMER_CONFIG_DIR / "config.json")["axes_dims_rope"]
-    if sum(axes) != head_dim:
-        raise EditKitError(
-            f"Attention heads are {head_dim} wide, but FLUX.2's rotary embedding covers {sum(axes)}: "
-            "this is not a FLUX.2 transformer."
-        )
+    check_rotary(TRANSFORMER_CONFIG_DIR, "axes_dims_rope", head_dim, "FLUX.2 transformer")
     return {
         "in_channels": in_channels,
         "out_channels": logical_shape(sd["proj_out.weight"])[0],
@@ -91,6 +86,10 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
         "mlp_ratio": ff_rows / 2 / width,  # SwiGLU: linear_in holds gate and value
         "guidance_embeds": "time_guidance_embed.guidance_embedder.linear_1.weight" in sd,
     }
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return strip_prefix(sd, COMFY_PREFIXES)
 
 
 def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

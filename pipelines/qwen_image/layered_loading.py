@@ -30,13 +30,14 @@ import torch
 
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, unavailable
 from ..core.runtime import Component
 from ..core.single_file import SingleFile
 from .loading import (
     CONFIG_DIR,
     _describe_foreign,
     _load_json,
+    read_wan_vae,
     strip_comfy_prefix,
     transformer_config_from_state_dict,
 )
@@ -128,40 +129,8 @@ def _check_rgba(channels: int, where: Path) -> None:
 
 
 def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLQwenImage
-
-    from ..core.diffusers_compat import convert_wan_vae_to_diffusers
-
-    sd = read_state_dict(path, VAE_EXPECTED)
-    sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
-    if "encoder.conv1.weight" in sd:  # ComfyUI / Wan layout
-        sd = convert_wan_vae_to_diffusers(sd)
-    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
-    if not any(k.endswith(".gamma") for k in sd):
-        raise ModelFileError(path, "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image-Layered's", VAE_EXPECTED)
-    _check_rgba(int(sd["encoder.conv_in.weight"].shape[1]), path)
-    cast_stored_weights(sd, dtype)
-    config = _load_json(CONFIG_DIR / "vae" / "config.json")
-    config.pop("_class_name", None)
-    config.update(base_dim=int(sd["encoder.conv_in.weight"].shape[0]), z_dim=int(sd["decoder.conv_in.weight"].shape[1]),
-                  input_channels=RGBA_CHANNELS)
-    if config["z_dim"] != 16:
-        raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels (Qwen-Image-Layered has 16)",
-                             VAE_EXPECTED)
-    try:
-        with torch.device("meta"):
-            model = AutoencoderKLQwenImage(**config)
-        missing = sorted(set(model.state_dict()) - set(sd))
-        if missing:
-            raise ModelFileError(path, f"Not the Qwen-Image-Layered VAE: {len(missing)} tensors missing, e.g. "
-                                       f"{missing[:3]}", VAE_EXPECTED)
-        model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()}, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelFileError(path, f"Weights do not fit the Qwen-Image-Layered VAE ({exc})", VAE_EXPECTED) from exc
-    model.to(dtype).eval().requires_grad_(False)
-    return Component(model, "vae", path.name, dtype)
+    return read_wan_vae(path, dtype, VAE_EXPECTED, "Qwen-Image-Layered", input_channels=RGBA_CHANNELS,
+                        check_channels=_check_rgba)
 
 
 VAE = ComponentSpec(

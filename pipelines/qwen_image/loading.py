@@ -40,7 +40,7 @@ from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
 from ..core.runtime import Component
-from ..core.single_file import SingleFile
+from ..core.single_file import SingleFile, check_rotary
 
 log = logging.getLogger("EditKit")
 
@@ -254,12 +254,7 @@ def transformer_config_from_state_dict(sd: dict) -> dict:
     """QwenImageTransformer2DModel settings a (diffusers-key) state dict determines."""
     width, in_channels = _shape(sd["img_in.weight"])
     head_dim = _shape(sd["transformer_blocks.0.attn.norm_q.weight"])[0]
-    axes = _load_json(CONFIG_DIR / "transformer" / "config.json")["axes_dims_rope"]
-    if sum(axes) != head_dim:
-        raise EditKitError(
-            f"Transformer attention heads are {head_dim} wide, but Qwen-Image's rotary embedding covers {sum(axes)}: "
-            "this is not a Qwen-Image transformer."
-        )
+    check_rotary(CONFIG_DIR / "transformer", "axes_dims_rope", head_dim, "Qwen-Image transformer")
     return {
         "in_channels": in_channels,
         "out_channels": _shape(sd["proj_out.weight"])[0] // 4,
@@ -348,40 +343,51 @@ def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtyp
 # VAE
 
 
-def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
+def read_wan_vae(path: Path, dtype: torch.dtype, expected: str, model: str, input_channels: int = 3,
+                 check_channels=None) -> Component:
+    """A Qwen-Image (Wan 2.1 layout) VAE file: ComfyUI's keys converted by diffusers' Wan converter, or diffusers'.
+
+    ``model`` names the model in messages ("Qwen-Image", "Qwen-Image-Layered"); ``check_channels(channels,
+    path)`` may refuse the file's image channels before anything is built (Layered's RGBA VAE).
+    """
     from diffusers import AutoencoderKLQwenImage
 
     from ..core.diffusers_compat import convert_wan_vae_to_diffusers
 
-    sd = read_state_dict(path, VAE_EXPECTED)
+    sd = read_state_dict(path, expected)
     sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
     if "encoder.conv1.weight" in sd:  # ComfyUI / Wan original layout
         sd = convert_wan_vae_to_diffusers(sd)
     if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
         sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
+        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", expected)
     if not any(k.endswith(".gamma") for k in sd):  # Qwen-Image's (Wan) VAE uses RMS norms with 'gamma' weights
-        raise ModelFileError(path, "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image's", VAE_EXPECTED)
+        raise ModelFileError(path, f"This is a 2-D image VAE (FLUX.1 / SD style), not {model}'s", expected)
+    if check_channels is not None:
+        check_channels(int(sd["encoder.conv_in.weight"].shape[1]), path)
     cast_stored_weights(sd, dtype)
     config = _load_json(CONFIG_DIR / "vae" / "config.json")
     config.pop("_class_name", None)
     try:
-        config["base_dim"] = sd["encoder.conv_in.weight"].shape[0]
-        config["z_dim"] = sd["decoder.conv_in.weight"].shape[1]
+        config.update(base_dim=int(sd["encoder.conv_in.weight"].shape[0]),
+                      z_dim=int(sd["decoder.conv_in.weight"].shape[1]), input_channels=input_channels)
         if config["z_dim"] != 16:
-            raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels (Qwen-Image has 16)",
-                                 VAE_EXPECTED)
+            raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels ({model} has 16)", expected)
         with torch.device("meta"):
-            model = AutoencoderKLQwenImage(**config)
-        missing = sorted(set(model.state_dict()) - set(sd))
+            vae = AutoencoderKLQwenImage(**config)
+        missing = sorted(set(vae.state_dict()) - set(sd))
         if missing:
-            raise ModelFileError(path, f"Not the Qwen-Image VAE: {len(missing)} tensors missing, e.g. {missing[:3]}",
-                                 VAE_EXPECTED)
-        model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()}, strict=True, assign=True)
+            raise ModelFileError(path, f"Not the {model} VAE: {len(missing)} tensors missing, e.g. {missing[:3]}",
+                                 expected)
+        vae.load_state_dict({k: v for k, v in sd.items() if k in vae.state_dict()}, strict=True, assign=True)
     except (KeyError, RuntimeError, IndexError) as exc:
-        raise ModelFileError(path, f"Weights do not fit the Qwen-Image VAE ({exc})", VAE_EXPECTED) from exc
-    model.to(dtype).eval().requires_grad_(False)
-    return Component(model, "vae", path.name, dtype)
+        raise ModelFileError(path, f"Weights do not fit the {model} VAE ({exc})", expected) from exc
+    vae.to(dtype).eval().requires_grad_(False)
+    return Component(vae, "vae", path.name, dtype)
+
+
+def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
+    return read_wan_vae(path, dtype, VAE_EXPECTED, "Qwen-Image")
 
 
 VAE = ComponentSpec(

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from ..core import loading as core_loading
-from ..core.errors import EditKitError
 from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, unavailable
-from ..core.single_file import SingleFile
+from ..core.single_file import SingleFile, check_rotary
 from ..flux import loading as flux_loading
 
 log = logging.getLogger("EditKit")
@@ -72,12 +71,7 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor], layout: str)
         kv_rows = _shape(sd["layers.0.attention.to_k.weight"])[0]
     else:
         kv_rows = (_shape(sd["layers.0.attention.qkv.weight"])[0] - dim) // 2
-    axes = _load_json(TRANSFORMER_CONFIG_DIR / "config.json")["axes_dims"]
-    if sum(axes) != head_dim:
-        raise EditKitError(
-            f"Attention heads are {head_dim} wide, but Z-Image's rotary embedding covers {sum(axes)}: "
-            "this is not a Z-Image transformer."
-        )
+    check_rotary(TRANSFORMER_CONFIG_DIR, "axes_dims", head_dim, "Z-Image transformer")
     return {
         "dim": dim,
         "in_channels": features // (PATCH * PATCH),
