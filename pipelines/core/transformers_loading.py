@@ -89,3 +89,15 @@ def from_state_dict(model_cls, config, state_dict: dict[str, torch.Tensor], dtyp
                              expected)
     restore_fp8(model, kept, dtype)
     return model.eval().requires_grad_(False)
+
+
+def from_folder(model_cls, folder: Path, sub: str, dtype: torch.dtype, expected: str) -> tuple[torch.nn.Module, str]:
+    """``model_cls`` from a diffusers folder's ``sub`` (``text_encoder``), with its display name; clear errors."""
+    where = folder / sub
+    if not (where / "config.json").is_file():
+        raise ModelFileError(where, "No text encoder in this diffusers folder", f"a '{sub}' sub-folder")
+    try:
+        model = model_cls.from_pretrained(str(where), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(where, f"Cannot load the text encoder ({exc})", expected) from exc
+    return model, f"{folder.name}/{sub}"

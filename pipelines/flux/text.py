@@ -17,7 +17,7 @@ from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component, Runtime
-from ..core.transformers_loading import from_state_dict
+from ..core.transformers_loading import from_folder, from_state_dict
 from .loading import CLIP_EXPECTED, CONFIG_DIR, T5_EXPECTED, count_blocks
 
 DEFAULT_T5_LENGTH = 512
@@ -160,17 +160,13 @@ def _text_encoders(folder, clip_file, t5_file, clip_tok_dir, t5_tok_dir, dtype, 
         if file is None and not (folder / name / "config.json").is_file():
             raise ModelFileError(folder / name, "No text encoder in this diffusers folder", f"a '{name}' sub-folder")
     if clip_file is not None:
-        clip = _clip_from_file(clip_file, dtype)
-        clip_name = clip_file.name
+        clip, clip_name = _clip_from_file(clip_file, dtype), clip_file.name
     else:
-        clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=dtype, local_files_only=True)
-        clip_name = f"{folder.name}/text_encoder"
+        clip, clip_name = from_folder(CLIPTextModel, folder, "text_encoder", dtype, CLIP_EXPECTED)
     if t5_file is not None:
-        t5 = _t5_from_file(t5_file, dtype)
-        t5_name = t5_file.name
+        t5, t5_name = _t5_from_file(t5_file, dtype), t5_file.name
     else:
-        t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), torch_dtype=dtype, local_files_only=True)
-        t5_name = f"{folder.name}/text_encoder_2"
+        t5, t5_name = from_folder(T5EncoderModel, folder, "text_encoder_2", dtype, T5_EXPECTED)
     clip.eval().requires_grad_(False)
     t5.eval().requires_grad_(False)
     if precision.casts:

@@ -27,7 +27,7 @@ import torch
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
-from ..core.transformers_loading import from_state_dict
+from ..core.transformers_loading import from_folder, from_state_dict
 from .loading import CONFIG_DIR, EDIT, EDIT_2509, count_blocks
 
 log = logging.getLogger("EditKit")
@@ -247,14 +247,7 @@ def _text_encoder(folder: Path | None, file: Path | None, comfy_tokenizer_dir: P
     if file is not None:  # the weights first: a wrong file is the likelier mistake, and says what it is
         model, name = _text_encoder_from_file(file, dtype), file.name
     else:
-        sub = folder / "text_encoder"
-        if not (sub / "config.json").is_file():
-            raise ModelFileError(sub, "No text encoder in this diffusers folder", "a 'text_encoder' sub-folder")
-        try:
-            model = Qwen2_5_VLModel.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(sub, f"Cannot load the text encoder ({exc})", TEXT_ENCODER_EXPECTED) from exc
-        name = f"{folder.name}/text_encoder"
+        model, name = from_folder(Qwen2_5_VLModel, folder, "text_encoder", dtype, TEXT_ENCODER_EXPECTED)
     tokenizer = _tokenizer(folder, comfy_tokenizer_dir)
     image_processor = _image_processor(folder)
     model.eval().requires_grad_(False)

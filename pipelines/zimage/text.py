@@ -25,7 +25,7 @@ import torch
 from ..core.errors import EditKitError, ModelFileError
 from ..core.loading import LazyModel, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
-from ..core.transformers_loading import from_state_dict
+from ..core.transformers_loading import from_folder, from_state_dict
 from ..flux.loading import count_blocks
 from .loading import CONFIG_DIR
 
@@ -218,14 +218,7 @@ def _text_encoder(folder: Path | None, file: Path | None, comfy_tokenizer_dir: P
         model = _qwen3_from_file(file, dtype)
         name = file.name
     else:
-        sub = folder / "text_encoder"
-        if not (sub / "config.json").is_file():
-            raise ModelFileError(sub, "No text encoder in this diffusers folder", "a 'text_encoder' sub-folder")
-        try:
-            model = Qwen3Model.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(sub, f"Cannot load the text encoder ({exc})", QWEN3_EXPECTED) from exc
-        name = f"{folder.name}/text_encoder"
+        model, name = from_folder(Qwen3Model, folder, "text_encoder", dtype, QWEN3_EXPECTED)
     model.eval().requires_grad_(False)
     return wrapper(Component(model, "text_encoder", name, dtype), tokenizer)
 
