@@ -218,3 +218,31 @@ def test_t5_fp8_placeholders_are_never_materialised(tiny_models, tmp_path, monke
     kept_wide = sum(t.numel() * 4 for t in unique if t.dtype == torch.float8_e4m3fn)
     assert kept_wide > 0
     assert counted.peak < path.stat().st_size + held_wide + kept_wide / 2, (counted.peak, kept_wide)
+
+
+def test_qwen3_scaled_fp8_file_keeps_fp8_in_memory_and_equals_casting_up_front(tiny_models, tmp_path):
+    """A scaled-fp8 qwen_3_4b (Z-Image's and FLUX.2's encoder): Linear weights stay fp8 with fp32 rotary, and the
+    prompt states are those of the same numbers cast up front."""
+    import safetensors.torch
+
+    folder = tiny_models / "diffusers" / zm.FOLDER
+    sd = safetensors.torch.load_file(str(tiny_models / "text_encoders" / zm.TEXT_ENCODER_FILE))
+    scale = 2.0 ** -6
+    file, reference = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for key, tensor in sd.items():
+        if tensor.ndim == 2 and key.endswith(".weight"):
+            file[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            file[key[: -len(".weight")] + ".scale_weight"] = torch.tensor(scale)
+            reference[key] = file[key].float() * scale
+        else:
+            file[key], reference[key] = tensor, tensor.float()
+    safetensors.torch.save_file(file, str(tmp_path / "qwen_3_4b_fp8_scaled.safetensors"))
+    safetensors.torch.save_file(reference, str(tmp_path / "qwen_3_4b_reference.safetensors"))
+    single = zimage_text.text_encoder_source(folder, tmp_path / "qwen_3_4b_fp8_scaled.safetensors", F32).get()
+    upfront = zimage_text.text_encoder_source(folder, tmp_path / "qwen_3_4b_reference.safetensors", F32).get()
+    module = single.encoder.module
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn and m.weight_scale == scale for m in linears)
+    assert all(b.dtype == F32 for b in _rotary_buffers(module).values())
+    prompt = "a portrait of a woman with freckles, soft window light"
+    torch.testing.assert_close(single.encode(prompt, RUNTIME), upfront.encode(prompt, RUNTIME), rtol=1e-5, atol=1e-5)
