@@ -238,12 +238,13 @@ class SingleFile:
             raise ModelFileError(path, f"Not a complete {self.name}: {len(missing)} tensors missing, e.g. "
                                        f"{missing[:3]}", self.expected)
         modules = dict(model.named_modules())
+        wide = precision.compute if precision.storage in FP8_TYPES else precision.storage  # --fp8_*-unet storage
         for key in [k for k in sd if is_fp8(sd[k])]:
             owner, _, kind = key.rpartition(".")
             layer = modules.get(owner)
             if kind == "weight" and type(layer) is torch.nn.Linear and not owner.startswith(self.widen):
                 continue  # stays fp8: keep_fp8_layers below
-            widened = sd[key].to(precision.storage)  # fp8 fits every wider float exactly; one copy, scaled in place
+            widened = sd[key].to(wide)  # fp8 fits every wider float exactly: one copy, scaled in place
             scale = scales.pop(key, 1.0)
             if scale != 1.0:
                 widened.mul_(scale)
