@@ -7,7 +7,6 @@ what EditKit draws), the same prompt and the same steps.
 
 from __future__ import annotations
 
-import flux2_models as fm
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from editkit.pipelines.flux2 import latent as fl
 from editkit.pipelines.flux2 import loading, sampler, text
 from editkit.pipelines.flux2.lora import FLUX2_LORA
 from editkit.pipelines.zimage.text import text_encoder_source
+from tiny import flux2 as fm
 
 F32 = torch.float32
 PROMPT = "a red fox in the snow"
@@ -30,7 +30,7 @@ LAYERS = (1, 2, 3)  # the tiny encoder's 4 layers: klein's quarter points
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     out = tmp_path_factory.mktemp("flux2_models")
-    paths = fm.make_flux2_models(out)
+    paths = fm.FAMILY.write(out)
     return out, paths
 
 
