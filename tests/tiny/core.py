@@ -235,11 +235,9 @@ class File:
     extra: dict = field(default_factory=dict)
 
 
-def _prefixed(prefix: str) -> Callable[[dict], dict]:
-    return lambda sd: {prefix + k: v for k, v in sd.items()}
-
-
-comfy_keys = _prefixed(COMFY_PREFIX)
+def comfy_keys(sd: dict) -> dict:
+    """diffusers keys as ComfyUI stores diffusion models whose keys are diffusers' own (Qwen-Image)."""
+    return {COMFY_PREFIX + k: v for k, v in sd.items()}
 
 
 @dataclass
@@ -255,9 +253,6 @@ class Family:
     extras: Callable[[dict], dict] | None = None
     finish: Callable[[dict], None] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
-
-    def filename(self, role: str) -> str:
-        return Path(self.files[role].path).name
 
     def build(self, name: str, built: dict | None = None, **overrides) -> torch.nn.Module:
         """One part, seeded and rounded (``overrides`` change its config: other widths, same recipe)."""
@@ -333,7 +328,6 @@ class Family:
                 scales = scales and {k: float(v) for k, v in file.keys(
                     {k: torch.tensor(v) for k, v in scales.items()}).items()}
             paths[role] = out / file.path
-            paths[role].parent.mkdir(parents=True, exist_ok=True)
             file.write(sd, paths[role], scales)
         return paths
 
