@@ -55,6 +55,10 @@ def bfl(sd):
     return pack_module("pipelines.flux.layout").diffusers_transformer_to_bfl(sd)
 
 
+def bfl_vae(sd):
+    return pack_module("pipelines.flux.layout").diffusers_vae_to_bfl(sd)
+
+
 def _kontext(built):
     """A "trained" Kontext-inpaint transformer: Fill widened with non-zero mask-image columns."""
     widen = pack_module("pipelines.flux.kontext_inpaint").widen_fill_transformer
@@ -82,8 +86,7 @@ FAMILY = Family(
         "dev_bfl": File("diffusion_models/flux1-dev.safetensors", "dev", bfl),
         "dev_gguf": File("diffusion_models/flux1-dev-Q8_0.gguf", "dev", bfl, gguf()),
         "kontext_bfl": File("diffusion_models/flux1-kontext-inpaint.safetensors", "kontext", bfl),
-        "vae": File("vae/ae.safetensors", "vae", lambda sd: pack_module("pipelines.flux.layout").diffusers_vae_to_bfl(sd),
-                    safetensors(None)),
+        "vae": File("vae/ae.safetensors", "vae", bfl_vae, safetensors(None)),
         "clip_l": File("text_encoders/clip_l.safetensors", "text_encoder", lambda sd: {  # ComfyUI's clip_l keys
             k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()
             if not k.endswith("position_ids")}, safetensors(FP16)),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import zimage
-from .core import COMFY_PREFIX, Family, File, Folder, Part, gguf, pack_module, safetensors, scheduler
+from . import flux1, zimage
+from .core import COMFY_PREFIX, Family, File, Folder, Part, gguf, safetensors, scheduler
 
 SEED = 20261206
 FOLDER = "FLUX.2-klein-tiny"
@@ -86,9 +86,8 @@ def diffusers_to_bfl(sd):
 def vae_to_ldm(sd):
     """diffusers VAE keys → the original (LDM/BFL) layout, keeping the bn statistics and quant convs."""
     extra = ("bn.", "quant_conv.", "post_quant_conv.")
-    out = pack_module("pipelines.flux.layout").diffusers_vae_to_bfl({k: v for k, v in sd.items()
-                                                                     if not k.startswith(extra)})
-    return out | {k: v for k, v in sd.items() if k.startswith(extra)}
+    return flux1.bfl_vae({k: v for k, v in sd.items() if not k.startswith(extra)}) | {
+        k: v for k, v in sd.items() if k.startswith(extra)}
 
 
 FAMILY = Family(

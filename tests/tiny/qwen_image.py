@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import torch
 
@@ -42,18 +43,6 @@ TEXT_ENCODER = dict(  # Qwen2.5-VL; lm_head (unused by Qwen-Image) shares the em
 )
 PROCESSOR_INDEX = {"processor": ["transformers", "Qwen2VLProcessor"]}  # EditKit's processor subclass, as published
 ZERO_COND_MARKER = "__index_timestep_zero__"  # ComfyUI's 2511 flag: an empty tensor (model.diffusion_model. prefix)
-FILES = {
-    "bf16": "qwen_image_edit_2509_bf16.safetensors",
-    "fp8": "qwen_image_edit_2509_fp8_e4m3fn.safetensors",
-    "gguf": "Qwen-Image-Edit-2509-Q8_0.gguf",
-    "bf16_2511": "qwen_image_edit_2511_bf16.safetensors",
-    "fp8mixed_2511": "qwen_image_edit_2511_fp8mixed.safetensors",
-    "gguf_2511": "qwen-image-edit-2511-Q8_0.gguf",
-    "vae": "qwen_image_vae.safetensors",
-    "native_vae": "qwen_image_vae_full_width.safetensors",
-    "te_bf16": "qwen_2.5_vl_7b.safetensors",
-    "te_fp8": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
-}
 
 
 def tiny_tokenizer():
@@ -144,19 +133,25 @@ FAMILY = Family(
     extras=text_extras,
     folders=(Folder(FOLDER, "QwenImageEditPlusPipeline", dtype=BF16, index=PROCESSOR_INDEX),),
     files={
-        "bf16": File(f"diffusion_models/{FILES['bf16']}", "transformer", comfy_keys),
-        "fp8": File(f"diffusion_models/{FILES['fp8']}", "transformer", comfy_keys, fp8("plain")),
-        "gguf": File(f"diffusion_models/{FILES['gguf']}", "transformer", None, gguf("qwen_image", FOLDER)),
-        "bf16_2511": File(f"diffusion_models/{FILES['bf16_2511']}", "transformer", comfy_keys,
+        "bf16": File("diffusion_models/qwen_image_edit_2509_bf16.safetensors", "transformer", comfy_keys),
+        "fp8": File("diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors", "transformer", comfy_keys,
+                    fp8("plain")),
+        "gguf": File("diffusion_models/Qwen-Image-Edit-2509-Q8_0.gguf", "transformer", None,
+                     gguf("qwen_image", FOLDER)),
+        "bf16_2511": File("diffusion_models/qwen_image_edit_2511_bf16.safetensors", "transformer", comfy_keys,
                           extra={ZERO_COND_MARKER: torch.zeros(0)}),
-        "fp8mixed_2511": File(f"diffusion_models/{FILES['fp8mixed_2511']}", "transformer", comfy_keys, fp8("mixed"),
-                              extra={ZERO_COND_MARKER: torch.zeros(0)}),
-        "gguf_2511": File(f"diffusion_models/{FILES['gguf_2511']}", "transformer", None, gguf("qwen_image")),
-        "vae": File(f"vae/{FILES['vae']}", "vae", vae_to_wan),
-        "te_bf16": File(f"text_encoders/{FILES['te_bf16']}", "text_encoder", text_encoder_keys()),
-        "te_fp8": File(f"text_encoders/{FILES['te_fp8']}", "text_encoder", text_encoder_keys(), fp8("scaled")),
+        "fp8mixed_2511": File("diffusion_models/qwen_image_edit_2511_fp8mixed.safetensors", "transformer", comfy_keys,
+                              fp8("mixed"), extra={ZERO_COND_MARKER: torch.zeros(0)}),
+        "gguf_2511": File("diffusion_models/qwen-image-edit-2511-Q8_0.gguf", "transformer", None, gguf("qwen_image")),
+        "vae": File("vae/qwen_image_vae.safetensors", "vae", vae_to_wan),
+        "te_bf16": File("text_encoders/qwen_2.5_vl_7b.safetensors", "text_encoder", text_encoder_keys()),
+        "te_fp8": File("text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoder", text_encoder_keys(),
+                       fp8("scaled")),
     },
 )
+
+FILES = {role: Path(file.path).name for role, file in FAMILY.files.items()}
+FILES["native_vae"] = "qwen_image_vae_full_width.safetensors"  # written by the tests that need it (127 M parameters)
 
 
 def full_width_vae_wan() -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ short caption in either language and then stops (captioning runs up to 512 token
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import qwen_image as qi
@@ -18,14 +20,6 @@ from .core import BF16, Family, File, Folder, Part, comfy_keys, fp8, gguf, pack_
 
 FOLDER = "Qwen-Image-Layered"
 EOS = 151645  # <|im_end|>
-FILES = {
-    "bf16": "qwen_image_layered_bf16.safetensors",
-    "fp8mixed": "qwen_image_layered_fp8mixed.safetensors",
-    "gguf": "Qwen-Image-Layered-Q8_0.gguf",
-    "vae": "qwen_image_layered_vae.safetensors",
-    "te_head": "qwen_2.5_vl_7b_with_head.safetensors",
-    "te_no_head": "qwen_2.5_vl_7b_no_head.safetensors",
-}
 # The workflow test shrinks the decomposition (the shipped 640-pixel bucket would take minutes on a CPU).
 TINY_TREE_INPUTS = {"EditKitQwenImageLayered": {"resolution": 64}}
 TEXT_ENCODER = dict(qi.TEXT_ENCODER, tie_word_embeddings=False,
@@ -113,14 +107,18 @@ FAMILY = Family(
     finish=_finish,
     folders=(Folder(FOLDER, "QwenImageLayeredPipeline", dtype=BF16, index=qi.PROCESSOR_INDEX),),
     files={
-        "bf16": File(f"diffusion_models/{FILES['bf16']}", "transformer", comfy_keys),
-        "fp8mixed": File(f"diffusion_models/{FILES['fp8mixed']}", "transformer", comfy_keys, fp8("mixed")),
-        "gguf": File(f"diffusion_models/{FILES['gguf']}", "transformer", None, gguf("qwen_image", FOLDER)),
-        "vae": File(f"vae/{FILES['vae']}", "vae", qi.vae_to_wan),
-        "te_head": File(f"text_encoders/{FILES['te_head']}", "text_encoder", qi.text_encoder_keys(head=True)),
-        "te_no_head": File(f"text_encoders/{FILES['te_no_head']}", "text_encoder", qi.text_encoder_keys()),
+        "bf16": File("diffusion_models/qwen_image_layered_bf16.safetensors", "transformer", comfy_keys),
+        "fp8mixed": File("diffusion_models/qwen_image_layered_fp8mixed.safetensors", "transformer", comfy_keys,
+                         fp8("mixed")),
+        "gguf": File("diffusion_models/Qwen-Image-Layered-Q8_0.gguf", "transformer", None, gguf("qwen_image", FOLDER)),
+        "vae": File("vae/qwen_image_layered_vae.safetensors", "vae", qi.vae_to_wan),
+        "te_head": File("text_encoders/qwen_2.5_vl_7b_with_head.safetensors", "text_encoder",
+                        qi.text_encoder_keys(head=True)),
+        "te_no_head": File("text_encoders/qwen_2.5_vl_7b_no_head.safetensors", "text_encoder", qi.text_encoder_keys()),
     },
 )
+
+FILES = {role: Path(file.path).name for role, file in FAMILY.files.items()}
 
 
 def reference_pipeline(components: dict):

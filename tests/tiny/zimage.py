@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import flux1
-from .core import COMFY_PREFIX, Family, File, Folder, Part, gguf, pack_module, scheduler
+from .core import COMFY_PREFIX, Family, File, Folder, Part, gguf, scheduler
 
 SEED = 20261210
 FOLDER = "Z-Image-Turbo"
@@ -97,7 +97,6 @@ FAMILY = Family(
             k[len(COMFY_PREFIX):]: v for k, v in diffusers_to_comfy(sd).items()}, gguf()),
         "qwen3": File(f"text_encoders/{TEXT_ENCODER_FILE}", "text_encoder", lambda sd: {f"model.{k}": v
                                                                                           for k, v in sd.items()}),
-        "native_vae": File(f"vae/{NATIVE_VAE}", "native_vae",
-                           lambda sd: pack_module("pipelines.flux.layout").diffusers_vae_to_bfl(sd)),
+        "native_vae": File(f"vae/{NATIVE_VAE}", "native_vae", flux1.bfl_vae),
     },
 )
