@@ -1,3 +1,3 @@
-"""Old name of ``tiny.redux``, kept for ``scripts/bench`` (import ``tiny`` instead)."""
+"""Old name of ``tiny.redux``, kept while ``scripts/bench`` imports it (use ``tiny``)."""
 
-from tiny.redux import TINY_SIGLIP, tiny_processor  # noqa: F401
+from tiny.redux import *  # noqa: F403

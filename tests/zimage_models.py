@@ -1,3 +1,3 @@
-"""Old name of ``tiny.zimage``, kept for ``scripts/bench`` and ``test_streaming.py`` (import ``tiny`` instead)."""
+"""Old name of ``tiny.zimage``, kept while ``scripts/bench`` and ``test_streaming.py`` import it (use ``tiny``)."""
 
-from tiny.zimage import COMFY_PREFIX, TINY_TRANSFORMER, diffusers_to_comfy  # noqa: F401
+from tiny.zimage import *  # noqa: F403
