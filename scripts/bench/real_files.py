@@ -249,12 +249,13 @@ FAMILIES = {
 
 
 def file_tensors(state: dict[str, torch.Tensor], fmt: str) -> Iterator[Tensor]:
-    """The tensors of ``state`` (meta) as ``fmt`` stores them."""
+    """The tensors of ``state`` (meta) as ``fmt`` stores them: scaled fp8 quantizes the Linear weights (2-D
+    ``.weight``) and keeps a text model's token embedding in bf16, as ComfyUI's scaled-fp8 files do."""
     if fmt == "comfy_fp8_scaled":
         yield Tensor("scaled_fp8", (0,), torch.float8_e4m3fn)
     for name, tensor in state.items():
         shape = tuple(tensor.shape)
-        if fmt == "comfy_fp8_scaled" and tensor.ndim == 2 and name.endswith(".weight"):
+        if fmt == "comfy_fp8_scaled" and tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name:
             yield Tensor(name, shape, torch.float8_e4m3fn)
             yield Tensor(name[: -len(".weight")] + ".scale_weight", (), torch.float32)
         else:
