@@ -18,7 +18,8 @@ from ..pipelines.core import compile as regional
 from ..pipelines.core import integrity
 from ..pipelines.core import sampling as core
 from ..pipelines.core.errors import EditKitError
-from ..pipelines.core.loading import file_key
+from ..pipelines.core.loading import file_key, stored_float_dtype
+from ..pipelines.core.precision import HALF_TYPES, Precision
 from ..pipelines.flux.conditioning import FluxText, read_conditioning
 from . import comfy_bridge as bridge
 
@@ -150,6 +151,25 @@ def flux_text(conditioning, transformer_config, widget_guidance: float) -> tuple
         log.info("EditKit: using guidance %.2f from the CONDITIONING (widget: %.2f).", text.guidance, widget_guidance)
         guidance = text.guidance
     return text, guidance
+
+
+def model_precision(kind: str, requested: torch.dtype | None, file: Path | None, folder: Path | None = None,
+                    subfolder: str = "transformer", compute: torch.dtype | None = None) -> Precision:
+    """Storage and compute dtype for a loader's model: ComfyUI's rule (``bridge.precision``), except that with
+    ``auto`` a bf16/fp16 file (or folder) stays in its own dtype where the device computes in fp32 (a CPU), cast
+    per layer, instead of being widened to twice its size (issue 17: storage keeps the file's precision).
+
+    ``compute`` replaces the rule's compute dtype (Qwen-Image refuses fp16). An explicit choice on the node is
+    stored as asked. The cost is one cast per layer and call: a few percent of a step at real picture sizes, where
+    the matmuls dominate (measured in docs/precision-and-gguf.md); choose fp32 on the node to avoid it.
+    """
+    chosen = bridge.precision(kind, requested)
+    if compute is not None:
+        chosen = Precision(compute if chosen.storage == chosen.compute else chosen.storage, compute)
+    if requested is not None or chosen.compute != torch.float32 or chosen.storage != torch.float32:
+        return chosen
+    stored = stored_float_dtype(file if file is not None else (folder / subfolder if folder is not None else None))
+    return Precision(stored, torch.float32) if stored in HALF_TYPES else chosen
 
 
 def files_signature(paths) -> str:

@@ -30,6 +30,7 @@ from .common import (
     compile_input,
     convention_input,
     latent_dict,
+    model_precision,
     partial_denoise_input,
     sampler_input,
     seed_input,
@@ -103,8 +104,8 @@ class EditKitFlux2Loader(declared_loader(LOADER)):
         folder = chosen_folder(diffusers_folder)
         dtype = WEIGHT_DTYPES[weight_dtype]
         file = chosen_file(transformer_file, "diffusion_models")
-        transformer = with_compile(transformer_source(folder, file, dtype or bridge.default_dtype("diffusion")),
-                                   compile, file)
+        main = model_precision("diffusion", dtype, file, folder, compute=dtype or bridge.default_dtype("diffusion"))
+        transformer = with_compile(transformer_source(folder, file, main.compute, main.storage), compile, file)
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),

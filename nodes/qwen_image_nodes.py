@@ -30,6 +30,7 @@ from .common import (
     chosen_folder,
     compile_input,
     latent_dict,
+    model_precision,
     sampler_input,
     seed_input,
     steps_input,
@@ -139,7 +140,8 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
         folder = chosen_folder(diffusers_folder)
         file = chosen_file(transformer_file, "diffusion_models")
         chosen = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, file, _model_dtype("diffusion", chosen), variant=variant)
+        main = model_precision("diffusion", chosen, file, folder, compute=_model_dtype("diffusion", chosen))
+        transformer = transformer_source(folder, file, main.compute, main.storage, variant=variant)
         vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),

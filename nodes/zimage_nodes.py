@@ -32,6 +32,7 @@ from .common import (
     compile_input,
     convention_input,
     latent_dict,
+    model_precision,
     partial_denoise_input,
     sampler_input,
     seed_input,
@@ -100,8 +101,9 @@ class EditKitZImageLoader(declared_loader(LOADER)):
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         dtype = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
-                                         dtype or bridge.default_dtype("diffusion"))
+        file = chosen_file(transformer_file, "diffusion_models")
+        main = model_precision("diffusion", dtype, file, folder, compute=dtype or bridge.default_dtype("diffusion"))
+        transformer = transformer_source(folder, file, main.compute, main.storage)
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
