@@ -1,8 +1,8 @@
 """Every EditKit model can be partially loaded by ComfyUI's memory manager and streams the rest (issue 17, fault 2).
 
 For each family (FLUX.1 / Fill / Kontext-inpaint transformers, the FLUX.1 VAE, the Redux prior and SigLIP,
-Qwen-Image-Edit and Qwen-Image-Layered transformers and VAEs, Z-Image, BEN2, and the text encoders CLIP-L,
-T5-XXL, Qwen2.5-VL, Qwen3), wrapped in EditKit's patcher as ``ComfyRuntime`` wraps it:
+Qwen-Image-Edit and Qwen-Image-Layered transformers and VAEs, Z-Image, FLUX.2 [klein] 4B and 9B and its VAE,
+BEN2, and the text encoders CLIP-L, T5-XXL, Qwen2.5-VL, Qwen3-4B and Qwen3-8B), wrapped in EditKit's patcher as ``ComfyRuntime`` wraps it:
 
 * **real size** (built on the meta device from the shipped configs, no memory): ComfyUI's ``LoadedModel``
   loads it with a budget of 30 % of its size. What lands on the device is within the budget, and every
@@ -38,6 +38,7 @@ pytestmark = [
 FLUX = ROOT / "pipelines" / "flux" / "configs"
 QWEN = ROOT / "pipelines" / "qwen_image" / "configs"
 ZIMAGE = ROOT / "pipelines" / "zimage" / "configs"
+FLUX2 = ROOT / "pipelines" / "flux2" / "configs"
 REDUX = ROOT / "pipelines" / "flux" / "redux" / "configs"
 BUDGET = 0.3
 
@@ -149,6 +150,46 @@ def _run_zimage(model, device):
     return torch.stack(out)
 
 
+# FLUX.2 [klein]: the shipped config is klein 4B; 9B differs in width, depth and text width (the published
+# shapes, as tests/test_flux2.py reads them back from BFL keys)
+KLEIN_9B = dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
+
+
+def _flux2(size, **real):
+    """``real``: overrides of the shipped 4B config (9B), for the real-width and real-size models only."""
+    from diffusers import Flux2Transformer2DModel
+
+    if size == "tiny":  # 4B and 9B differ only in sizes: one tiny model covers both layer sets
+        from flux2_models import TINY_TRANSFORMER
+
+        return Flux2Transformer2DModel(**TINY_TRANSFORMER)
+    shallow = dict(num_layers=1, num_single_layers=1) if size == "shallow" else {}
+    return Flux2Transformer2DModel(**_config(FLUX2 / "klein_transformer", **dict(real, **shallow)))
+
+
+def _run_flux2(model, device):
+    """As EditKit's klein sampler calls it: 4 x 4 output tokens plus 2 x 2 tokens of one reference picture."""
+    from editkit.pipelines.flux2 import latent as fl
+
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([fl.positions(0, 4, 4), fl.positions(10, 2, 2)])
+    return model(hidden_states=torch.randn(1, 20, c.in_channels, generator=g).to(device),
+                 encoder_hidden_states=torch.randn(1, 7, c.joint_attention_dim, generator=g).to(device),
+                 timestep=torch.tensor([0.5], device=device), img_ids=ids.unsqueeze(0).to(device),
+                 txt_ids=fl.text_positions(7).unsqueeze(0).to(device), guidance=None, return_dict=False)[0]
+
+
+def _flux2_vae(size):
+    from diffusers import AutoencoderKLFlux2
+
+    if size == "tiny":
+        from flux2_models import TINY_VAE
+
+        return AutoencoderKLFlux2(**TINY_VAE)
+    return AutoencoderKLFlux2(**_config(FLUX2 / "flux2_vae"))
+
+
 def _ben2(size):
     from editkit.pipelines.ben2 import BEN2Base, BEN2Config
 
@@ -193,7 +234,9 @@ def _run_siglip(model, device):
     return model(pixel_values=torch.randn(1, 3, side, side, generator=g).to(device)).last_hidden_state
 
 
-def _text(cls_name, folder, layers_key, tiny):
+def _text(cls_name, folder, layers_key, tiny, real=None):
+    """``real``: overrides of the shipped config (another published size of the same architecture)."""
+
     def build(size):
         import transformers
 
@@ -201,7 +244,7 @@ def _text(cls_name, folder, layers_key, tiny):
         config_cls = cls.config_class
         if size == "tiny":
             return cls(config_cls(**tiny))
-        config = config_cls.from_pretrained(str(folder))
+        config = config_cls.from_pretrained(str(folder), **(real or {}))
         if size == "shallow":
             target = config.text_config if hasattr(config, "text_config") else config
             setattr(target, layers_key, 1)
@@ -247,6 +290,9 @@ FAMILIES = {
     "qwen_layered_vae": Family(lambda s: _qwen_vae(s, input_channels=4), _run_qwen_vae, "vae"),
     "zimage": Family(_zimage, _run_zimage, "diffusion"),
     "ben2": Family(_ben2, _run_ben2, "segmentation"),
+    "flux2_klein_4b": Family(_flux2, _run_flux2, "diffusion"),
+    "flux2_klein_9b": Family(lambda s: _flux2(s, **KLEIN_9B), _run_flux2, "diffusion"),
+    "flux2_vae": Family(_flux2_vae, _run_flux_vae, "vae"),
     "clip_l": Family(_text("CLIPTextModel", FLUX / "clip_l", "num_hidden_layers",
                            dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, projection_dim=32)), _run_text, "text_encoder"),
@@ -258,6 +304,12 @@ FAMILIES = {
     "qwen3": Family(_text("Qwen3Model", ZIMAGE / "qwen3_4b", "num_hidden_layers",
                           dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=2, num_key_value_heads=1, head_dim=16)), _run_text, "text_encoder"),
+    # FLUX.2 [klein] 9B's encoder (klein 4B's is "qwen3", Z-Image's): the published Qwen3-8B shapes
+    "qwen3_8b": Family(_text("Qwen3Model", ZIMAGE / "qwen3_4b", "num_hidden_layers",
+                             dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+                             dict(hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)),
+                       _run_text, "text_encoder"),
 }
 
 
