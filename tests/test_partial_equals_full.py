@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_streaming import BUDGET, FAMILIES, _on_device, _partial_load, _patcher
+from test_streaming import BUDGET, FAMILIES, Family, _on_device, _partial_load, _patcher
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -44,7 +44,26 @@ pytestmark = [
 
 PEAK_LIMIT = 8 * 2**30
 TOLERANCE = 1e-6
-FAST = {"clip_l", "flux_vae", "redux_prior", "siglip"}  # a few seconds each: part of the default run
+FAST = {"clip_l", "redux_prior", "siglip"}  # a few seconds each: part of the default run
+
+
+def _run_qwen_vl_picture(model, device):
+    """Qwen2.5-VL as Qwen-Image-Edit calls it with a picture: the vision tower (Conv3d patches, windowed
+    attention, its rotary embedding, the merger) feeds 4 image tokens into the text model."""
+    c = model.config
+    vision = c.vision_config
+    grid = torch.tensor([[1, 4, 4]])  # 16 patches of 14 x 14, merged 2 x 2 into 4 tokens
+    patches = int(grid.prod())
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(patches, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2, generator=g)
+    image = [c.image_token_id] * (patches // vision.spatial_merge_size**2)
+    ids = torch.tensor([[3, 4, c.vision_start_token_id, *image, c.vision_end_token_id, 5, 6]])
+    return model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                 pixel_values=pixels.to(device), image_grid_thw=grid.to(device)).last_hidden_state
+
+
+CASE_FAMILIES = FAMILIES | {"qwen25_vl_picture": Family(FAMILIES["qwen25_vl"].build, _run_qwen_vl_picture,
+                                                        "text_encoder")}
 # family -> the size its real width is built at ("full": the whole model is small enough)
 REAL_WIDTH = {
     "flux_fill": "shallow",
@@ -62,6 +81,7 @@ REAL_WIDTH = {
     "clip_l": "shallow",
     "t5_xxl": "shallow",
     "qwen25_vl": "shallow",
+    "qwen25_vl_picture": "shallow",
     "qwen3": "shallow",
 }
 CASES = [pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in sorted(REAL_WIDTH)]
@@ -124,7 +144,7 @@ def _max_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", CASES)
 def test_real_width_partial_load_equals_full_load(name, comfyui, bridge, monkeypatch, memory_peak, record_property):
-    family = FAMILIES[name]
+    family = CASE_FAMILIES[name]
     torch.manual_seed(0)
     module = family.build(REAL_WIDTH[name]).eval()
     _random_weights(module)
