@@ -63,7 +63,10 @@ def _run_qwen_vl_picture(model, device):
 
 
 CASE_FAMILIES = FAMILIES | {"qwen25_vl_picture": Family(FAMILIES["qwen25_vl"].build, _run_qwen_vl_picture,
-                                                        "text_encoder")}
+                                                        "text_encoder"),
+                             "qwen_edit_scaled_fp8": FAMILIES["qwen_edit"], "zimage_scaled_fp8": FAMILIES["zimage"]}
+# loaded from ComfyUI's scaled fp8 files, these keep every Linear in fp8 (the loaders' core.precision.restore_fp8)
+SCALED_FP8 = {"qwen_edit_scaled_fp8", "zimage_scaled_fp8"}
 # family -> the size its real width is built at ("full": the whole model is small enough)
 REAL_WIDTH = {
     "flux_fill": "shallow",
@@ -72,6 +75,8 @@ REAL_WIDTH = {
     "qwen_edit": "shallow",
     "qwen_layered": "shallow",
     "zimage": "shallow",
+    "qwen_edit_scaled_fp8": "shallow",
+    "zimage_scaled_fp8": "shallow",
     "flux2_klein_4b": "shallow",
     "ben2": "full",
     "flux_vae": "full",
@@ -136,6 +141,19 @@ def _random_weights(module: torch.nn.Module) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.02)
 
 
+def _keep_scaled_fp8(comfyui, module: torch.nn.Module) -> None:
+    """Every Linear as a ComfyUI scaled-fp8 file holds it (e4m3fn weight, per-tensor scale) and EditKit's
+    Qwen-Image-Edit and Z-Image loaders keep it: fp8 in memory, cast times its scale per call."""
+    precision = comfyui.pack_submodule("pipelines.core.precision")  # the classes the bridge knows
+    kept = {}
+    with torch.no_grad():
+        for name, layer in module.named_modules():
+            if type(layer) is torch.nn.Linear:
+                scale = layer.weight.abs().max().item() / torch.finfo(torch.float8_e4m3fn).max
+                kept[f"{name}.weight"] = ((layer.weight / scale).to(torch.float8_e4m3fn), scale)
+    assert precision.restore_fp8(module, kept, torch.float32) == len(kept) > 0
+
+
 def _max_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert torch.isfinite(expected).all(), "the reference is not finite: the comparison would prove nothing"
@@ -148,6 +166,8 @@ def test_real_width_partial_load_equals_full_load(name, comfyui, bridge, monkeyp
     torch.manual_seed(0)
     module = family.build(REAL_WIDTH[name]).eval()
     _random_weights(module)
+    if name in SCALED_FP8:
+        _keep_scaled_fp8(comfyui, module)
     cpu, alias = torch.device("cpu"), torch.device("cpu", 0)  # another device for ComfyUI, the CPU for torch
     with torch.inference_mode():
         expected = family.run(module, cpu)
