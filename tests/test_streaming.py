@@ -14,7 +14,10 @@ BEN2, and the text encoders CLIP-L, T5-XXL, Qwen2.5-VL, Qwen3-4B and Qwen3-8B), 
 * **same output** (small width, every layer type of the real model, random weights on the CPU): partially
   loaded (30 %) onto an alias of the CPU that ComfyUI treats as another device, so its cast paths run, the
   model gives the output of the fully loaded one. The device movement itself is what the meta run checks;
-  these numbers do not depend on the width, so the small models keep the suite fast.
+  tests/test_partial_equals_full.py repeats this at real width (``-m slow`` for most families).
+
+The Qwen-Image-Edit and Z-Image transformers loaded from scaled fp8 files keep fp8 weights: at real size
+their budget counts fp8 bytes, fp8 layers load as fp8, and at real width the fp8 layers left behind stream.
 """
 
 from __future__ import annotations
@@ -419,3 +422,48 @@ def test_partial_load_gives_the_full_load_output(name, comfyui, bridge, monkeypa
     with torch.inference_mode():
         got = family.run(full, alias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# The Qwen-Image-Edit and Z-Image loaders keep a ComfyUI scaled-fp8 file's Linear weights in fp8 (issue 17,
+# fault 3): those models stream with fp8 weights, each cast (times its scale) per call by EditKit's CastLinear
+SCALED_FP8 = ["qwen_edit", "zimage"]
+
+
+def _scaled_fp8(comfyui, module) -> int:
+    """Every Linear of ``module`` (built on the meta device) stored in e4m3fn as core.precision.restore_fp8
+    leaves it when loading such a file; returns how many."""
+    kept = {f"{name}.weight": (torch.empty(layer.weight.shape, dtype=torch.float8_e4m3fn, device="meta"), 0.5)
+            for name, layer in module.named_modules() if type(layer) is torch.nn.Linear}
+    return comfyui.pack_submodule("pipelines.core.precision").restore_fp8(module, kept, torch.float32)
+
+
+@pytest.mark.parametrize("name", SCALED_FP8)
+def test_scaled_fp8_model_streams_at_real_size(name, comfyui, bridge, monkeypatch):
+    family = FAMILIES[name]
+    meta = torch.device("meta")
+    _on_device(monkeypatch, meta)
+    with meta:
+        module = family.build("full")
+    assert _scaled_fp8(comfyui, module) > 0
+    component, patcher = _patcher(comfyui, bridge, module, family.kind)
+    size = patcher.model_size()
+    assert size == sum(t.numel() * t.element_size() for t in module.state_dict().values())  # fp8: 1 byte each
+    budget = int(BUDGET * size)
+    _partial_load(patcher, budget)
+    on_device = [m for m in module.modules() if getattr(m, "comfy_patched_weights", False)]
+    assert 0 < sum(_tensor_bytes(m) for m in on_device) <= budget
+    assert any(getattr(m, "weight_scale", None) and m.weight.dtype == torch.float8_e4m3fn for m in on_device), (
+        "no fp8 layer was loaded as fp8")
+    _check_streamable(module)
+
+    # one block at real width runs on the meta "GPU", its fp8 Linears left behind cast per call
+    with meta:
+        shallow = family.build("shallow")
+    _scaled_fp8(comfyui, shallow)
+    shallow.to_empty(device="cpu")  # never read
+    component, patcher = _patcher(comfyui, bridge, shallow, family.kind)
+    _partial_load(patcher, int(BUDGET * patcher.model_size()))
+    left = [m for m in shallow.modules() if getattr(m, "comfy_cast_weights", False) and hasattr(m, "weight_scale")]
+    assert left and all(m.weight.device.type == "cpu" for m in left), "no fp8 layer streams"
+    with torch.inference_mode():
+        assert family.run(shallow, meta).device == meta
