@@ -30,6 +30,7 @@ from .common import (
     chosen_folder,
     compile_input,
     latent_dict,
+    sampler_input,
     seed_input,
     steps_input,
     with_compile,
@@ -221,11 +222,8 @@ class EditKitQwenImageEdit:
                     "tooltip": "1.0: a full edit from noise. Lower starts from image 1 noised to that level and keeps "
                                "more of it (0.5-0.8 for small changes). Steps stays the number of transformer calls.",
                 }),
-                "sampler": (list(core.SAMPLERS), {
-                    "default": "euler",
-                    "tooltip": "euler as Qwen's reference; euler_ancestral adds fresh noise each step "
-                               "(seeded from the seed).",
-                }),
+                "sampler": sampler_input("euler as Qwen's reference; euler_ancestral adds fresh noise each step "
+                                         "(seeded from the seed)."),
                 "batch_size": batch_input(),
                 "output_size": (list(sizes.OUTPUT_MODES), {
                     "default": sizes.MATCH_IMAGE_1,

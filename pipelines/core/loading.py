@@ -189,6 +189,12 @@ def keep_fp8(sd: dict[str, torch.Tensor], placeholder_dtype: torch.dtype,
     return kept
 
 
+def count_blocks(keys, prefix: str) -> int:
+    """How many numbered blocks ``<prefix><i>.`` the keys hold (highest index + 1): the depth a file reveals."""
+    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
 def read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
