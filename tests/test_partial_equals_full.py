@@ -65,7 +65,8 @@ def _run_qwen_vl_picture(model, device):
 CASE_FAMILIES = FAMILIES | {"qwen25_vl_picture": Family(FAMILIES["qwen25_vl"].build, _run_qwen_vl_picture,
                                                         "text_encoder"),
                              "qwen_edit_scaled_fp8": FAMILIES["qwen_edit"], "zimage_scaled_fp8": FAMILIES["zimage"]}
-# loaded from ComfyUI's scaled fp8 files, these keep every Linear in fp8 (the loaders' core.precision.restore_fp8)
+# loaded from ComfyUI's scaled fp8 files, transformers keep every Linear in fp8 (two of them at real width here;
+# tests/test_streaming.py streams every family's fp8 layers at real size on the meta device)
 SCALED_FP8 = {"qwen_edit_scaled_fp8", "zimage_scaled_fp8"}
 # family -> the size its real width is built at ("full": the whole model is small enough)
 REAL_WIDTH = {
@@ -143,15 +144,17 @@ def _random_weights(module: torch.nn.Module) -> None:
 
 def _keep_scaled_fp8(comfyui, module: torch.nn.Module) -> None:
     """Every Linear as a ComfyUI scaled-fp8 file holds it (e4m3fn weight, per-tensor scale) and EditKit's
-    Qwen-Image-Edit and Z-Image loaders keep it: fp8 in memory, cast times its scale per call."""
+    single-file loader keeps it (core.single_file → core.precision.keep_fp8_layers): fp8 in memory, cast
+    times its scale per call."""
     precision = comfyui.pack_submodule("pipelines.core.precision")  # the classes the bridge knows
-    kept = {}
+    scales = {}
     with torch.no_grad():
         for name, layer in module.named_modules():
             if type(layer) is torch.nn.Linear:
                 scale = layer.weight.abs().max().item() / torch.finfo(torch.float8_e4m3fn).max
-                kept[f"{name}.weight"] = ((layer.weight / scale).to(torch.float8_e4m3fn), scale)
-    assert precision.restore_fp8(module, kept, torch.float32) == len(kept) > 0
+                layer.weight = torch.nn.Parameter((layer.weight / scale).to(torch.float8_e4m3fn), requires_grad=False)
+                scales[f"{name}.weight"] = scale
+    assert precision.keep_fp8_layers(module, scales, torch.float32) == len(scales) > 0
 
 
 def _max_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
