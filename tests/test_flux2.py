@@ -7,6 +7,8 @@ what EditKit draws), the same prompt and the same steps.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -382,8 +384,9 @@ def test_real_sizes_are_read_from_bfl_keys(size, config):
     with torch.device("meta"):
         model = Flux2Transformer2DModel(**{**fm.TINY_TRANSFORMER, **config})
     bfl = {fm.COMFY_PREFIX + k: v for k, v in fm.diffusers_to_bfl(model.state_dict()).items()}
-    sd = loading._to_diffusers(loading._strip_prefix(bfl))
-    assert loading.transformer_layout(loading._strip_prefix(bfl)) == "bfl"
+    stripped, layout = loading.SINGLE_FILE._recognise(bfl, Path("flux-2-klein.safetensors"))
+    assert layout == "bfl"
+    sd = loading._to_diffusers(stripped)
     inferred = loading.transformer_config_from_state_dict(sd)
     assert {k: inferred[k] for k in config} == config, size
     assert inferred["mlp_ratio"] == 3.0 and inferred["in_channels"] == 128 and not inferred["guidance_embeds"]

@@ -230,7 +230,10 @@ def test_missing_sources_fail_only_when_used():
 
 
 def test_fp8_and_scaled_fp8_transformer_files(folder, tiny_models, tmp_path):
-    """fp8-stored transformers load cast up; ComfyUI's scaled-fp8 files get their per-layer scales applied."""
+    """fp8-stored transformers keep their Linear weights in fp8 (cast per call); ComfyUI's scaled-fp8 files get
+    their per-layer scales applied at that cast."""
+    from editkit.pipelines.core.precision import CastLinear
+
     reference = transformer_source(folder, None, F32).get()
     bfl = load_file(str(tiny_models / "diffusion_models" / "flux1-fill-dev.safetensors"))
     plain, scaled = {}, {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
@@ -247,10 +250,13 @@ def test_fp8_and_scaled_fp8_transformer_files(folder, tiny_models, tmp_path):
     expected = _forward(reference)
     for name in ("fp8", "fp8_scaled"):
         loaded = transformer_source(None, tmp_path / f"{name}.safetensors", F32).get()
-        assert {p.dtype for p in loaded.module.parameters()} == {F32}
+        linears = [m for m in loaded.module.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(type(m) is CastLinear and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+        assert {p.dtype for n, p in loaded.module.named_parameters() if p.dtype != torch.float8_e4m3fn} == {F32}
         error = (_forward(loaded) - expected).abs().max().item()
         assert error < 0.1 * expected.abs().max().item(), name
     # Without its scales the scaled file's weights are far off: the scales really were applied.
-    weight = loaded.module.x_embedder.weight
+    layer = loaded.module.x_embedder
+    weight = layer.weight.float() * layer.weight_scale
     raw = scaled["img_in.weight"].float()
     assert (weight - reference.module.x_embedder.weight).abs().max() < (raw - reference.module.x_embedder.weight).abs().max()

@@ -210,8 +210,20 @@ def test_2511_single_files_are_told_by_comfyuis_marker_whatever_their_name(role,
     loaded = transformer_source(None, renamed, F32).get()
     assert _is_2511(loaded)
     reference = transformer_source(paths["folder"], None, F32).get().module.state_dict()
-    weights = loaded.module.state_dict()  # the marker is not a weight; fp8mixed's scales are applied exactly
+    weights = _effective_weights(loaded.module)  # the marker is not a weight; fp8mixed's scales are applied exactly
     assert set(weights) == set(reference) and all(torch.equal(weights[k], reference[k]) for k in reference)
+    if role == "fp8mixed_2511":  # fp8 stays fp8 in memory, the scale applied at each call
+        assert any(t.dtype == torch.float8_e4m3fn for t in loaded.module.state_dict().values())
+
+
+def _effective_weights(module) -> dict:
+    """The weights a forward computes with: fp8 ones cast up and multiplied by their layer's ``weight_scale``."""
+    out = {}
+    for key, tensor in module.state_dict().items():
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor = tensor.float() * module.get_submodule(key.rsplit(".", 1)[0]).weight_scale
+        out[key] = tensor
+    return out
 
 
 def test_2511_gguf_is_told_by_the_marker_or_else_by_its_name(paths, components, tmp_path):

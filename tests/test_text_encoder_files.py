@@ -25,6 +25,7 @@ from tiny.qwen_image import FAMILY as QWEN
 from tiny.qwen_image import FILES
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 RUNTIME = TorchRuntime("cpu")
 
 
@@ -88,12 +89,37 @@ def test_qwen25vl_from_a_single_file_keeps_fp32_rotary_in_bf16(qwen):
     assert _relative_l2(states, states32) == pytest.approx(_relative_l2(expected, states32))
 
 
-def test_qwen25vl_fp8_scaled_file_loads_in_bf16_with_fp32_rotary(qwen):
+def _fp8_linears(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype in FP8}
+
+
+def _effective(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers as a forward computes with them: fp8 weights times their layer's scale."""
+    out = dict(module.named_parameters()) | dict(module.named_buffers())
+    for name, layer in _fp8_linears(module).items():
+        out[f"{name}.weight"] = layer.weight.to(layer.compute_dtype) * layer.weight_scale
+    return out
+
+
+def test_qwen25vl_fp8_scaled_file_keeps_fp8_in_memory_and_fp32_rotary(qwen):
+    """qwen_2.5_vl_7b_fp8_scaled: the Linear weights stay fp8 (cast per call with their scale), rotary stays fp32,
+    the rest is transformers' bf16 load of the same numbers; the encoder states equal that load's."""
+    from editkit.pipelines.core.precision import CastLinear
+
     folder, file = qwen
     scaled = file.parent / FILES["te_fp8"]
     single = qwen_text.text_encoder_source(folder, scaled, BF16).get()
     reference = qwen_text.text_encoder_source(folder, None, BF16).get()
-    _same_module(single.component.module, reference.component.module)  # fp8 x scale is exact in the tiny weights
+    module = single.component.module
+    kept = _fp8_linears(module)
+    layers = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(kept) == len(layers) and all(type(m) is CastLinear and m.compute_dtype == BF16 for m in kept.values())
+    assert all(b.dtype == F32 for b in _rotary_buffers(module).values())
+    mine, theirs = _effective(module), _effective(reference.component.module)
+    assert sorted(mine) == sorted(theirs)
+    for name, tensor in mine.items():  # fp8 x scale is exact in the tiny weights
+        assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
+    torch.testing.assert_close(_qwen_states(single), _qwen_states(reference), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,3 +160,39 @@ def test_clip_and_t5_from_single_files_equal_transformers_load(tiny_models, dtyp
     states, pooled = single.encode(prompt, RUNTIME, 64)
     ref_states, ref_pooled = reference.encode(prompt, RUNTIME, 64)
     assert torch.equal(states, ref_states) and torch.equal(pooled, ref_pooled)
+
+
+@pytest.mark.parametrize("variant", ["e4m3fn", "scaled"])
+def test_t5_fp8_file_keeps_fp8_in_memory_and_equals_casting_up_front(tiny_models, tmp_path, variant):
+    """t5xxl_fp8_e4m3fn (and a scaled-fp8 T5): Linear weights stay fp8 except ``wo`` (transformers casts its
+    input to its weight's dtype: fp8 there would round the activations) and the embeddings (widened)."""
+    import safetensors.torch
+
+    folder = tiny_models / "diffusers" / "FLUX.1-Fill-dev"
+    clip_file = tiny_models / "text_encoders" / "clip_l.safetensors"
+    sd = safetensors.torch.load_file(str(tiny_models / "text_encoders" / "t5xxl_fp16.safetensors"))
+    scale = 2.0 ** -6 if variant == "scaled" else 1.0
+    file, reference = {}, {}
+    for key, tensor in sd.items():
+        if tensor.ndim == 2 and key.endswith(".weight"):
+            file[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            reference[key] = file[key].float() * scale
+            if variant == "scaled":
+                file[key[: -len(".weight")] + ".scale_weight"] = torch.tensor(scale)
+        else:
+            file[key], reference[key] = tensor, tensor.float()
+    if variant == "scaled":
+        file["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    safetensors.torch.save_file(file, str(tmp_path / "t5_fp8.safetensors"))
+    safetensors.torch.save_file(reference, str(tmp_path / "t5_reference.safetensors"))
+    single = flux_text.text_encoder_source(folder, clip_file, tmp_path / "t5_fp8.safetensors", F32).get()
+    upfront = flux_text.text_encoder_source(folder, clip_file, tmp_path / "t5_reference.safetensors", F32).get()
+    t5 = single.t5.module
+    linears = {n: m for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n for n in linears if n not in _fp8_linears(t5)} == {n for n in linears if n.endswith(".wo")}
+    assert all(p.dtype in (F32, torch.float8_e4m3fn) for p in t5.parameters())
+    assert t5.shared.weight.dtype == F32 and t5.shared.weight is t5.encoder.embed_tokens.weight
+    prompt = ["a bowl of fruit on a wooden table"]
+    states, _pooled = single.encode(prompt, RUNTIME, 64)
+    ref_states, _ref_pooled = upfront.encode(prompt, RUNTIME, 64)
+    torch.testing.assert_close(states, ref_states, rtol=1e-5, atol=1e-5)

@@ -1,12 +1,13 @@
 """A model family's components, declared once: how each loads from a diffusers folder or a single file.
 
 Every family loads its transformer and VAE the same way: from a ComfyUI single file (the family's own
-reader: key layout, config inferred from shapes, GGUF/fp8 handling), or from the ``transformer`` / ``vae``
+:class:`~.single_file.SingleFile` declaration read by the shared reader: key layout, config inferred from
+shapes, GGUF/fp8 handling), or from the ``transformer`` / ``vae``
 sub-folder of a diffusers folder with the diffusers class's ``from_pretrained``; either way lazily, behind a
 :class:`~.loading.LazyModel` whose cache key is the identity of the bytes it reads, with the family's
 precision rule applied. A :class:`ComponentSpec` states what differs (the diffusers class, the single-file
-reader, checks that refuse another model's folder, the messages); the shared code here does the rest, so a
-new family writes a declaration and its single-file reader, not another copy of the folder loader.
+declaration, checks that refuse another model's folder, the messages); the shared code here and in
+:mod:`.single_file` does the rest, so a new family writes declarations, not another copy of a loader.
 
 Identity covers every file of a folder component (config and weight shards, size and modification time),
 so replacing a folder's weights loads them instead of reusing the model already in memory.
@@ -24,6 +25,7 @@ from .errors import ModelFileError
 from .loading import LazyModel, file_key, folder_key, read_json, unavailable
 from .precision import Precision, apply_precision
 from .runtime import Component
+from .single_file import SingleFile
 
 FileReader = Callable[[Path, torch.dtype, "torch.dtype | None"], Component]
 
@@ -39,8 +41,9 @@ class ComponentSpec:
     """One component of a family (a transformer or a VAE) and how it loads.
 
     ``tag`` keys the shared cache; ``what`` names it in messages ("FLUX.1 transformer"); ``subfolder`` and
-    ``model_class`` say where and what it is in a diffusers folder; ``from_file`` reads a single file as
-    ``(path, compute dtype, storage dtype or None)``; ``missing`` is the message when neither a folder nor a
+    ``model_class`` say where and what it is in a diffusers folder; ``single_file`` declares how one file
+    loads (:class:`~.single_file.SingleFile`: the shared reader), or ``from_file`` reads it as ``(path,
+    compute dtype, storage dtype or None)`` where a component needs a reader of its own (VAEs); ``missing`` is the message when neither a folder nor a
     file is chosen. ``check_config(config, sub)`` may refuse a folder's config (another model of the same
     class), ``check_module(module, sub)`` the loaded model. ``casts``: dense weights are stored in the
     storage dtype and cast per layer to the compute dtype (:mod:`.precision`); otherwise the component is
@@ -54,12 +57,18 @@ class ComponentSpec:
     subfolder: str
     model_class: str
     kind: str
-    from_file: FileReader
     missing: str
+    from_file: FileReader | None = None
+    single_file: SingleFile | None = None
     check_config: Callable[[dict, Path], None] | None = None
     check_module: Callable[[torch.nn.Module, Path], None] | None = None
     casts: bool = False
     config_overrides: tuple[tuple[str, object], ...] = ()
+
+    def read_file(self, path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
+        if self.from_file is not None:
+            return self.from_file(path, dtype, storage)
+        return self.single_file.load(path, dtype, storage)
 
     def from_folder(self, folder: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
         sub = folder / self.subfolder
@@ -84,7 +93,7 @@ class ComponentSpec:
             self.check_module(model, sub)
         model.eval().requires_grad_(False)
         if self.casts:
-            apply_precision(model, precision)
+            apply_precision(model, precision, self.single_file.widen if self.single_file else ())
         return Component(model, self.kind, f"{folder.name}/{self.subfolder}", dtype)
 
     def source(self, folder: Path | None, file: Path | None, dtype: torch.dtype,
@@ -99,6 +108,6 @@ class ComponentSpec:
             return unavailable(self.what, self.missing)
         if file is not None:
             return LazyModel((self.tag, file_key(file), dtype, storage),
-                             lambda: self.from_file(file, dtype, storage), f"{self.what} {file.name}")
+                             lambda: self.read_file(file, dtype, storage), f"{self.what} {file.name}")
         return LazyModel((self.tag, folder_key(folder, self.subfolder), dtype, storage),
                          lambda: self.from_folder(folder, dtype, storage), f"{self.what} of {folder.name}")

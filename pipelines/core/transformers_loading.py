@@ -16,6 +16,14 @@ the loader also does what a hand-made load gets wrong:
 Tensors already in the requested dtype are used in place (no copy), so loading costs no more memory than
 the file's tensors. A model built here equals the same weights loaded by ``from_pretrained`` from a
 diffusers folder, bit for bit (tested).
+
+fp8 files (``t5xxl_fp8_e4m3fn``, ``qwen_2.5_vl_7b_fp8_scaled``: e4m3fn, e5m2, ComfyUI's scaled fp8) keep their
+Linear weights in fp8 (issue 17): transformers' loader would cast every tensor to ``torch_dtype``, so those
+weights are set aside before it runs, replaced by zero-stride placeholders already in ``torch_dtype`` (which
+it takes as they are, no memory), and put back into the built model's Linear layers afterwards
+(:func:`~.precision.restore_fp8`: :class:`~.precision.CastLinear` casting per call, times the layer's scale).
+fp8 weights of other layers (embeddings, convolutions) and of the model's ``_keep_in_fp32_modules`` (T5's
+``wo``, whose input transformers casts to its weight's dtype) are widened with their scale.
 """
 
 from __future__ import annotations
@@ -27,14 +35,47 @@ import torch
 from .errors import ModelFileError
 
 
+def _set_fp8_aside(model_cls, config, sd: dict[str, torch.Tensor], dtype: torch.dtype
+                   ) -> dict[str, tuple[torch.Tensor, float]]:
+    """Take the fp8 Linear weights out of ``sd`` (placeholders in their place), widen other fp8 tensors."""
+    from .single_file import is_fp8, take_fp8_scales
+
+    scales = take_fp8_scales(sd)
+    if not any(is_fp8(t) for t in sd.values()):
+        return {}
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    keep32 = set(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
+    linears = {name for name, m in skeleton.named_modules()
+               if type(m) is torch.nn.Linear and not keep32.intersection(name.split("."))}
+    kept, widened = {}, {}
+    for key, tensor in list(sd.items()):
+        if not is_fp8(tensor):
+            continue
+        scale = scales.get(key, 1.0)
+        if key.endswith(".weight") and key[: -len(".weight")] in linears:
+            kept[key] = (tensor, scale)
+            sd[key] = torch.zeros((), dtype=dtype).expand(tensor.shape)
+        else:  # tied copies (T5's shared / encoder.embed_tokens) share one widened tensor
+            if id(tensor) not in widened:
+                widened[id(tensor)] = (tensor.float() * scale if scale != 1.0 else tensor.float()).to(dtype)
+            sd[key] = widened[id(tensor)]
+    return kept
+
+
 def from_state_dict(model_cls, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, path: Path,
                     expected: str):
     """``model_cls`` with ``config``, holding ``state_dict`` (keys as the model names them), in ``dtype``.
 
     Keys the model does not have are ignored; missing tensors or other shapes raise :class:`ModelFileError`
-    naming ``path`` and what was ``expected``. The model is in eval mode without gradients.
+    naming ``path`` and what was ``expected``. The model is in eval mode without gradients. fp8 Linear
+    weights (with ``<layer>.scale_weight`` / ``weight_scale`` keys for scaled files) stay fp8, computing in
+    ``dtype``.
     """
+    from .precision import restore_fp8
+
     what = expected.split(" (")[0]
+    kept = _set_fp8_aside(model_cls, config, state_dict, dtype)
     model, info = model_cls.from_pretrained(None, config=config, state_dict=state_dict, torch_dtype=dtype,
                                             output_loading_info=True, ignore_mismatched_sizes=True)
     missing = sorted(info.get("missing_keys") or ())
@@ -46,4 +87,5 @@ def from_state_dict(model_cls, config, state_dict: dict[str, torch.Tensor], dtyp
         shown = "; ".join(f"{key}: file {tuple(theirs)}, model {tuple(ours)}" for key, theirs, ours in mismatched[:3])
         raise ModelFileError(path, f"Tensor shapes do not match {what} ({len(mismatched)} tensors, e.g. {shown})",
                              expected)
+    restore_fp8(model, kept, dtype)
     return model.eval().requires_grad_(False)

@@ -22,7 +22,6 @@ weak references only, so ComfyUI's "free memory" really frees.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,9 +30,9 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
-from ..core.precision import Precision, apply_precision
+from ..core.loading import LazyModel, read_state_dict
 from ..core.runtime import Component
+from ..core.single_file import SingleFile
 from . import layout as flux_layout
 
 log = logging.getLogger("EditKit")
@@ -51,14 +50,8 @@ CLIP_EXPECTED = "a CLIP-L text encoder (clip_l.safetensors)"
 T5_EXPECTED = "a T5-XXL encoder (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or similar)"
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def count_blocks(keys, prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+_load_json = core_loading.read_json
+count_blocks = core_loading.count_blocks
 
 
 # --------------------------------------------------------------------------------------
@@ -90,59 +83,16 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     return config
 
 
-def _precision(dtype: torch.dtype, storage: torch.dtype | None) -> Precision:
-    return Precision(storage or dtype, dtype)
-
-
-def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    """Load a single-file transformer computing in ``dtype``, dense weights stored in ``storage``.
-
-    GGUF files are mapped and stay quantized whatever ``storage`` says.
-    """
-    from diffusers import FluxTransformer2DModel
-
-    quantized = path.suffix.lower() == ".gguf"
-    precision = _precision(dtype, storage)
-    extras = {}
-    if quantized:
-        from ..core.gguf import MappedFile
-
-        extras["source"] = MappedFile(path)  # before reading: the identity of the bytes that get mapped
-    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
-    if not quantized:
-        cast_stored_weights(sd, precision.storage)
-    sd = flux_layout.strip_comfy_prefix(sd)
-    layout = flux_layout.transformer_layout(sd)
-    if layout is None:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a FLUX.1 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    try:
-        if layout == "bfl":
-            sd = flux_layout.bfl_transformer_to_diffusers(sd)
-        config = transformer_config_from_state_dict(sd)
-    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
-        raise ModelFileError(path, f"Incomplete or foreign FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    kwargs = {}
-    if quantized:
-        from diffusers import GGUFQuantizationConfig
-
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
-    try:
-        model = FluxTransformer2DModel.from_single_file(
-            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype if quantized else precision.storage,
-            local_files_only=True, **config, **kwargs
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelFileError(path, f"Weights do not fit a FLUX.1 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    if not quantized:
-        apply_precision(model, precision)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+SINGLE_FILE = SingleFile(
+    model_class="FluxTransformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="FLUX.1 transformer",
+    expected=TRANSFORMER_EXPECTED, layout=flux_layout.transformer_layout, prefixes=(flux_layout.COMFY_PREFIX,),
+    config_from=transformer_config_from_state_dict, to_diffusers=flux_layout.bfl_transformer_to_diffusers,
+)
 
 
 TRANSFORMER = ComponentSpec(
     tag="transformer", what="FLUX.1 transformer", subfolder="transformer", model_class="FluxTransformer2DModel",
-    kind="diffusion", from_file=_transformer_from_file, casts=True,
+    kind="diffusion", single_file=SINGLE_FILE, casts=True,
     missing="No transformer: pick a diffusers folder or a transformer file in EditKit · Flux Loader.",
 )
 transformer_source = TRANSFORMER.source

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, file_key, folder_key, read_state_dict, unavailable
 from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
@@ -102,7 +102,7 @@ def _tokenizers(folder: Path | None, clip_dir: Path | None, t5_dir: Path | None)
 def _clip_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    raw = cast_stored_weights(read_state_dict(path, CLIP_EXPECTED), dtype)
+    raw = read_state_dict(path, CLIP_EXPECTED)  # fp8 stays fp8: core.transformers_loading
     # ComfyUI's clip_l.safetensors (and transformers 4) prefix keys with "text_model."; transformers 5 does not.
     sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in raw.items()}
     if "embeddings.token_embedding.weight" not in sd or "encoder.layers.0.mlp.fc1.weight" not in sd:
@@ -126,7 +126,7 @@ def _clip_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 def _t5_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel
 
-    sd = cast_stored_weights(read_state_dict(path, T5_EXPECTED), dtype)
+    sd = read_state_dict(path, T5_EXPECTED)  # fp8 stays fp8: core.transformers_loading
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))

@@ -14,14 +14,14 @@ Sources (the files people download):
   batch-norm statistics ``bn.running_mean`` / ``bn.running_var``; or diffusers keys), converted with
   diffusers' ``convert_ldm_vae_checkpoint``;
 * the transformer and VAE are declared as :class:`..core.family.ComponentSpec` s (folder loading, identity,
-  caching and precision are the shared code's); this module adds only the single-file readers;
+  caching and precision are the shared code's); the transformer file is a :class:`..core.single_file.SingleFile`
+  declaration (fp8 kept in fp8, GGUF quantized), the VAE file has its own reader here;
 * the Qwen3 text encoder (``qwen_3_4b.safetensors`` for klein 4B, ``qwen_3_8b*.safetensors`` for 9B) through
   Z-Image's Qwen3 loader (:mod:`..zimage.text`), wrapped in klein's prompt recipe (:mod:`.text`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -30,11 +30,10 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import cast_stored_weights, read_state_dict
-from ..core.precision import Precision, apply_precision
+from ..core.loading import count_blocks, read_state_dict
 from ..core.runtime import Component
+from ..core.single_file import SingleFile
 from ..flux.layout import logical_shape
-from ..flux.loading import count_blocks
 from .latent import LATENT_CHANNELS, MODEL_CHANNELS
 
 log = logging.getLogger("EditKit")
@@ -52,9 +51,7 @@ TRANSFORMER_EXPECTED = (
 VAE_EXPECTED = "the FLUX.2 VAE (flux2-vae.safetensors: 32 latent channels with batch-norm statistics 'bn.running_mean')"
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+_load_json = core_loading.read_json
 
 
 # --------------------------------------------------------------------------------------
@@ -96,13 +93,6 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in COMFY_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    return sd
-
-
 def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BFL keys → diffusers keys with diffusers' own converter (it splits fused qkv and swaps adaLN halves)."""
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
@@ -116,50 +106,12 @@ def _check_channels(config: dict, where: Path) -> None:
                                     f"{MODEL_CHANNELS} (32 latent channels x 2x2 patches)", TRANSFORMER_EXPECTED)
 
 
-def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    from diffusers import Flux2Transformer2DModel
-
-    quantized = path.suffix.lower() == ".gguf"
-    precision = Precision(storage or dtype, dtype)
-    extras = {}
-    if quantized:
-        from ..core.gguf import MappedFile
-
-        extras["source"] = MappedFile(path)
-    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
-    if not quantized:
-        cast_stored_weights(sd, precision.storage)
-    sd = _strip_prefix(sd)
-    layout = transformer_layout(sd)
-    if layout == "flux1":
-        raise ModelFileError(path, "This is a FLUX.1 transformer, not FLUX.2 (load it with EditKit · Flux Loader)",
-                             TRANSFORMER_EXPECTED)
-    if layout is None:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a FLUX.2 transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    try:
-        if layout == "bfl":
-            sd = _to_diffusers(sd)
-        config = transformer_config_from_state_dict(sd)
-    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(path, f"Incomplete FLUX.2 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    _check_channels(config, path)
-    kwargs = {}
-    if quantized:
-        from diffusers import GGUFQuantizationConfig
-
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
-    try:
-        model = Flux2Transformer2DModel.from_single_file(
-            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype if quantized else precision.storage,
-            local_files_only=True, **config, **kwargs
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelFileError(path, f"Weights do not fit a FLUX.2 transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    if not quantized:
-        apply_precision(model, precision)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+SINGLE_FILE = SingleFile(
+    model_class="Flux2Transformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="FLUX.2 transformer",
+    expected=TRANSFORMER_EXPECTED, layout=transformer_layout, prefixes=COMFY_PREFIXES,
+    foreign=(("flux1", "This is a FLUX.1 transformer, not FLUX.2 (load it with EditKit · Flux Loader)"),),
+    config_from=transformer_config_from_state_dict, to_diffusers=_to_diffusers, check=_check_channels,
+)
 
 
 def _check_folder_channels(module: torch.nn.Module, sub: Path) -> None:
@@ -170,7 +122,7 @@ def _check_folder_channels(module: torch.nn.Module, sub: Path) -> None:
 
 TRANSFORMER = ComponentSpec(
     tag="flux2_transformer", what="FLUX.2 transformer", subfolder="transformer",
-    model_class="Flux2Transformer2DModel", kind="diffusion", from_file=_transformer_from_file,
+    model_class="Flux2Transformer2DModel", kind="diffusion", single_file=SINGLE_FILE,
     missing="No transformer: pick a diffusers folder or a transformer file (flux-2-klein-4b.safetensors or a .gguf) "
             "in EditKit · FLUX.2 Loader.",
     check_module=_check_folder_channels, casts=True,

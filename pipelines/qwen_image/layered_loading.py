@@ -31,13 +31,12 @@ import torch
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
 from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
-from ..core.precision import Precision, apply_precision
 from ..core.runtime import Component
-from .loading import (  # noqa: F401 (dequantize_comfy_mixed: re-exported, it was defined here)
+from ..core.single_file import SingleFile
+from .loading import (
     CONFIG_DIR,
     _describe_foreign,
     _load_json,
-    dequantize_comfy_mixed,
     strip_comfy_prefix,
     transformer_config_from_state_dict,
 )
@@ -76,60 +75,23 @@ def not_layered_message(what: str) -> str:
 # Transformer
 
 
-def _dense_embedding(sd: dict, dtype: torch.dtype) -> None:
-    """Dequantize the RGB/RGBA embedding of a GGUF file, in place.
-
-    diffusers' GGUF loading replaces only Linear layers with dequantizing ones; a quantized ``nn.Embedding``
-    weight (a 2-row table GGUF converters may still quantize) would be read as its packed bytes.
-    """
-    weight = sd[ADDITION_T_KEY]
-    if getattr(weight, "quant_type", None) is not None:
-        from ..core.diffusers_compat import dequantize_gguf_tensor
-
-        sd[ADDITION_T_KEY] = dequantize_gguf_tensor(weight).to(dtype)
-
-
-def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None) -> Component:
-    """Load a single-file Layered transformer computing in ``dtype``, dense weights stored in ``storage``."""
-    from diffusers import QwenImageTransformer2DModel
-
-    quantized = path.suffix.lower() == ".gguf"
-    precision = Precision(storage or dtype, dtype)
-    extras = {}
-    if quantized:
-        from ..core.gguf import MappedFile
-
-        extras["source"] = MappedFile(path)
-    sd = strip_comfy_prefix(read_state_dict(path, TRANSFORMER_EXPECTED))
+def _recognise(sd: dict, path: Path) -> tuple[dict, str]:
+    sd = strip_comfy_prefix(sd)
     if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
         raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
     if ADDITION_T_KEY not in sd:
         raise ModelFileError(path, not_layered_message("This file"), TRANSFORMER_EXPECTED)
-    if quantized:
-        _dense_embedding(sd, dtype)
-    else:
-        dequantize_comfy_mixed(sd, precision.storage)
-        cast_stored_weights(sd, precision.storage)
-    try:
-        config = transformer_config_from_state_dict(sd)
-    except (KeyError, IndexError) as exc:
-        raise ModelFileError(path, f"Incomplete Qwen-Image transformer (missing {exc})", TRANSFORMER_EXPECTED) from exc
-    kwargs = {}
-    if quantized:
-        from diffusers import GGUFQuantizationConfig
+    return sd, "diffusers"
 
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
-    try:
-        model = QwenImageTransformer2DModel.from_single_file(
-            sd, config=str(CONFIG_DIR / "transformer"), torch_dtype=dtype if quantized else precision.storage,
-            local_files_only=True, **config, **LAYERED_SWITCHES, **kwargs
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelFileError(path, f"Weights do not fit the Layered transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    if not quantized:
-        apply_precision(model, precision)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+
+# Qwen-Image's transformer with the Layered switches on. The RGB/RGBA embedding is an nn.Embedding: a GGUF
+# converter may quantize it and an fp8 file may store it in fp8; the shared reader widens both (only Linear
+# layers keep quantized or fp8 weights).
+SINGLE_FILE = SingleFile(
+    model_class="QwenImageTransformer2DModel", config_dir=CONFIG_DIR / "transformer",
+    name="Qwen-Image-Layered transformer", expected=TRANSFORMER_EXPECTED, recognise=_recognise,
+    config_from=transformer_config_from_state_dict, options=tuple(LAYERED_SWITCHES.items()),
+)
 
 
 def _refuse_other_transformers(config: dict, sub: Path) -> None:
@@ -139,7 +101,7 @@ def _refuse_other_transformers(config: dict, sub: Path) -> None:
 
 TRANSFORMER = ComponentSpec(
     tag="qwen_layered_transformer", what="Qwen-Image-Layered transformer", subfolder="transformer",
-    model_class="QwenImageTransformer2DModel", kind="diffusion", from_file=_transformer_from_file, casts=True,
+    model_class="QwenImageTransformer2DModel", kind="diffusion", single_file=SINGLE_FILE, casts=True,
     check_config=_refuse_other_transformers,
     missing="No transformer: pick the Qwen-Image-Layered diffusers folder or a transformer file in EditKit · "
             "Qwen-Image-Layered Loader.",

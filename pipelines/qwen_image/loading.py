@@ -29,7 +29,6 @@ of :mod:`..core.loading`, exactly like the Flux loaders.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -39,9 +38,9 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, keep_fp8, read_state_dict
-from ..core.precision import Precision, apply_precision, restore_fp8
+from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
 from ..core.runtime import Component
+from ..core.single_file import SingleFile
 
 log = logging.getLogger("EditKit")
 
@@ -67,14 +66,8 @@ ZERO_COND_MARKER = "__index_timestep_zero__"  # the empty tensor ComfyUI's 2511 
 EDIT_PIPELINES = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")  # model_index.json classes of edit models
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def count_blocks(keys, prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+_load_json = core_loading.read_json
+count_blocks = core_loading.count_blocks
 
 
 # --------------------------------------------------------------------------------------
@@ -257,29 +250,6 @@ def _describe_foreign(sd: dict) -> str:
     return f"not a Qwen-Image transformer (found keys like {sample})"
 
 
-def dequantize_comfy_mixed(sd: dict, dtype: torch.dtype) -> dict:
-    """ComfyUI's mixed-precision files → plain weights in ``dtype``, in place.
-
-    Quantized layers store ``<layer>.weight`` in float8_e4m3fn with a float32 ``<layer>.weight_scale``
-    (``weight = stored * scale``); ``input_scale`` (activation calibration) and per-layer ``comfy_quant``
-    descriptors are not weights. Other formats of that scheme (int8 blocks, fp4) are refused by name.
-    """
-    scales = [k for k in sd if k.endswith(".weight_scale")]
-    for key in scales:
-        layer = key[: -len(".weight_scale")]
-        weight = sd.get(layer + ".weight")
-        scale = sd.pop(key)
-        if weight is None or weight.dtype != torch.float8_e4m3fn or scale.numel() != 1:
-            raise EditKitError(
-                f"'{layer}' is quantized in a format EditKit does not read (only ComfyUI's per-tensor float8_e4m3fn "
-                "layers are). Use the bf16 file or a .gguf."
-            )
-        sd[layer + ".weight"] = (weight.float() * scale.float()).to(dtype)
-    for key in [k for k in sd if k.endswith((".input_scale", ".comfy_quant", ".weight_scale_2"))]:
-        del sd[key]
-    return sd
-
-
 def transformer_config_from_state_dict(sd: dict) -> dict:
     """QwenImageTransformer2DModel settings a (diffusers-key) state dict determines."""
     width, in_channels = _shape(sd["img_in.weight"])
@@ -300,54 +270,26 @@ def transformer_config_from_state_dict(sd: dict) -> dict:
     }
 
 
-def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None = None,
-                          zero_cond_t: bool = False) -> Component:
-    """Load a single-file transformer computing in ``dtype``, dense weights stored in ``storage``.
-
-    GGUF files are mapped and stay quantized whatever ``storage`` says (as the Flux loader). ComfyUI's
-    fp8mixed files (2511's fp8 release) are dequantized with their per-layer scales. ``zero_cond_t``
-    (Qwen-Image-Edit-2511) adds no weights: the same tensors load either way, only the forward differs.
-    """
-    from diffusers import QwenImageTransformer2DModel
-
-    quantized = path.suffix.lower() == ".gguf"
-    precision = Precision(storage or dtype, dtype)
-    extras = {}
-    if quantized:
-        from ..core.gguf import MappedFile
-
-        extras["source"] = MappedFile(path)  # before reading: the identity of the bytes that get mapped
-    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
+def _recognise(sd: dict, path: Path) -> tuple[dict, str]:
     sd = strip_comfy_prefix(sd)
     if "img_in.weight" not in sd or "txt_norm.weight" not in sd:
         raise ModelFileError(path, f"This is {_describe_foreign(sd)}", TRANSFORMER_EXPECTED)
     sd.pop(ZERO_COND_MARKER, None)  # a flag, not a weight (read by detect_variant)
-    kept = {}
-    if not quantized:
-        dequantize_comfy_mixed(sd, precision.storage)  # Comfy-Org's fp8mixed files (per-layer scales)
-        kept = keep_fp8(sd, precision.storage)  # fp8 weights stay fp8 in memory (core.loading.keep_fp8)
-        cast_stored_weights(sd, precision.storage)
-    try:
-        config = transformer_config_from_state_dict(sd)
-    except (KeyError, IndexError) as exc:
-        raise ModelFileError(path, f"Incomplete Qwen-Image transformer (missing {exc})", TRANSFORMER_EXPECTED) from exc
-    kwargs = {}
-    if quantized:
-        from diffusers import GGUFQuantizationConfig
+    return sd, "diffusers"
 
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
-    try:
-        model = QwenImageTransformer2DModel.from_single_file(
-            sd, config=str(CONFIG_DIR / "transformer"), torch_dtype=dtype if quantized else precision.storage,
-            local_files_only=True, **config, zero_cond_t=zero_cond_t, **kwargs
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelFileError(path, f"Weights do not fit a Qwen-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    if not quantized:
-        apply_precision(model, precision)
-        restore_fp8(model, kept, dtype)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized, extras=extras)
+
+# Qwen-Image, -Edit, -2509 and -2511 files (ComfyUI's keys are diffusers' with a prefix). ComfyUI's fp8 files,
+# scaled fp8 and Comfy-Org's fp8mixed (2511's fp8 release: a float32 ``weight_scale`` per fp8 layer) keep their
+# fp8 weights; ``zero_cond_t`` (Qwen-Image-Edit-2511) adds no weights: the same tensors load either way.
+SINGLE_FILE = SingleFile(
+    model_class="QwenImageTransformer2DModel", config_dir=CONFIG_DIR / "transformer", name="Qwen-Image transformer",
+    expected=TRANSFORMER_EXPECTED, recognise=_recognise, config_from=transformer_config_from_state_dict,
+)
+
+
+def _transformer_from_file(path: Path, dtype: torch.dtype, storage: torch.dtype | None, zero_cond_t: bool
+                           ) -> Component:
+    return SINGLE_FILE.with_options(zero_cond_t=zero_cond_t).load(path, dtype, storage)
 
 
 def _log_variant(component: Component, source: str) -> Component:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
 from .loading import CONFIG_DIR, EDIT, EDIT_2509, count_blocks
@@ -182,8 +182,8 @@ def _text_encoder_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         raise ModelFileError(path, f"This is {_describe_foreign(raw)}", TEXT_ENCODER_EXPECTED)
     del raw
     # Qwen2_5_VLModel's own names: language_model.* and visual.*
-    sd = cast_stored_weights({("language_model." if r == "text" else "visual.") + k: v
-                              for (r, k), v in by_role.items()}, dtype)
+    # fp8 weights (and scaled fp8's scale_weight) as they are: core.transformers_loading keeps them in fp8
+    sd = {("language_model." if r == "text" else "visual.") + k: v for (r, k), v in by_role.items()}
     t = lambda name: sd[f"language_model.{name}"].shape  # noqa: E731
     v = lambda name: sd[f"visual.{name}"].shape  # noqa: E731
     config = Qwen2_5_VLConfig.from_pretrained(str(CONFIG_DIR / "text_encoder"))

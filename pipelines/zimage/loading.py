@@ -17,18 +17,16 @@ config shipped in ``configs/zimage_transformer``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from ..core import loading as core_loading
-from ..core.errors import EditKitError, ModelFileError
+from ..core.errors import EditKitError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, keep_fp8, read_state_dict, unavailable
-from ..core.precision import restore_fp8
-from ..core.runtime import Component
+from ..core.loading import LazyModel, unavailable
+from ..core.single_file import SingleFile
 from ..flux import loading as flux_loading
 
 log = logging.getLogger("EditKit")
@@ -45,9 +43,7 @@ TRANSFORMER_EXPECTED = (
 )
 
 
-def _load_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+_load_json = core_loading.read_json
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -85,88 +81,41 @@ def transformer_config_from_state_dict(sd: dict[str, torch.Tensor], layout: str)
     return {
         "dim": dim,
         "in_channels": features // (PATCH * PATCH),
-        "n_layers": flux_loading.count_blocks(sd, "layers."),
-        "n_refiner_layers": flux_loading.count_blocks(sd, "noise_refiner."),
+        "n_layers": core_loading.count_blocks(sd, "layers."),
+        "n_refiner_layers": core_loading.count_blocks(sd, "noise_refiner."),
         "n_heads": dim // head_dim,
         "n_kv_heads": kv_rows // head_dim,
         "cap_feat_dim": _shape(sd["cap_embedder.1.weight"])[1],
     }
 
 
-def _dequantize_parameters(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Dequantize GGUF tensors that are plain parameters, not linear weights (``x_pad_token``, ``cap_pad_token``).
+def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original keys → diffusers' by diffusers' own converter (the one ``from_single_file`` runs): it splits
+    the fused ``qkv`` and renames the embedders."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
 
-    GGUF converters quantize every large 2-D tensor; diffusers keeps quantized bytes only for
-    linear layers (``GGUFLinear``), so a quantized pad token would reach the model as raw bytes.
-    """
-    from ..core.diffusers_compat import dequantize_gguf_tensor
-
-    for key in [k for k, v in sd.items() if hasattr(v, "quant_type") and not k.endswith(".weight")]:
-        sd[key] = dequantize_gguf_tensor(sd[key]).to(dtype)
+    return convert_z_image_transformer_checkpoint_to_diffusers(sd)
 
 
-def _transformer_from_file(path: Path, dtype: torch.dtype) -> Component:
-    from diffusers import ZImageTransformer2DModel
-
-    quantized = path.suffix.lower() == ".gguf"
-    sd = read_state_dict(path, TRANSFORMER_EXPECTED)
-    for key in [k for k in sd if k.startswith(COMFY_PREFIX)]:
-        sd[key[len(COMFY_PREFIX):]] = sd.pop(key)
-    kept = {}
-    if not quantized:
-        # fp8 weights stay fp8 in memory (core.loading.keep_fp8), except the timestep embedder's: diffusers
-        # casts the timestep features to its first weight's dtype
-        kept = keep_fp8(sd, dtype, widen=("t_embedder.",))
-        cast_stored_weights(sd, dtype)
-    if quantized:
-        _dequantize_parameters(sd, dtype)
-    layout = transformer_layout(sd)
-    if layout == "flux":
-        raise ModelFileError(path, "This is a FLUX.1 transformer, not Z-Image (load it with EditKit · Flux Loader)",
-                             TRANSFORMER_EXPECTED)
-    if layout is None:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a Z-Image transformer (found keys like {sample})", TRANSFORMER_EXPECTED)
-    try:
-        config = transformer_config_from_state_dict(sd, layout)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ModelFileError(path, f"Incomplete Z-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    kwargs = {}
-    if quantized:
-        from diffusers import GGUFQuantizationConfig
-
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
-    if kept and layout == "original":
-        sd, kept = _fp8_to_diffusers_names(sd, kept)
-    try:
-        model = ZImageTransformer2DModel.from_single_file(
-            sd, config=str(TRANSFORMER_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **config, **kwargs
-        )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelFileError(path, f"Weights do not fit a Z-Image transformer ({exc})", TRANSFORMER_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    restore_fp8(model, kept, dtype)
-    return Component(model, "diffusion", path.name, dtype, quantized=quantized)
+def _config_from(sd: dict[str, torch.Tensor]) -> dict:
+    return transformer_config_from_state_dict(sd, "diffusers")
 
 
-def _fp8_to_diffusers_names(sd: dict, kept: dict) -> tuple[dict, dict]:
-    """The original-layout state dict and its fp8 weights set aside, both in diffusers' names.
-
-    Converted with diffusers' own Z-Image converter (the one ``from_single_file`` would run), so the fused
-    ``qkv`` weights are split the same way; each part keeps the fused layer's ``scale_weight``.
-    """
-    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers as convert
-
-    sd = convert(sd)
-    tensors = convert({k: t for k, (t, _s) in kept.items()})
-    scales = convert({k: torch.full((3,), s) for k, (_t, s) in kept.items()})  # qkv: 3 chunks, one scale each
-    return sd, {k: (tensors[k], float(scales[k][0])) for k in tensors}
+# fp8 weights stay fp8 except the timestep embedder's: diffusers casts the timestep features to its first weight's
+# dtype, so fp8 there would round them to fp8.
+SINGLE_FILE = SingleFile(
+    model_class="ZImageTransformer2DModel", config_dir=TRANSFORMER_CONFIG_DIR, name="Z-Image transformer",
+    expected=TRANSFORMER_EXPECTED, layout=transformer_layout, prefixes=(COMFY_PREFIX,),
+    foreign=(("flux", "This is a FLUX.1 transformer, not Z-Image (load it with EditKit · Flux Loader)"),),
+    config_from=_config_from, to_diffusers=_to_diffusers,
+    widen=("t_embedder.",),
+)
 
 
 TRANSFORMER = ComponentSpec(
     tag="zimage_transformer", what="Z-Image transformer", subfolder="transformer",
     model_class="ZImageTransformer2DModel", kind="diffusion",
-    from_file=lambda path, dtype, _storage: _transformer_from_file(path, dtype),
+    single_file=SINGLE_FILE, casts=True,
     missing="No transformer: pick a diffusers folder or a transformer file (z_image_turbo_bf16.safetensors) in "
             "EditKit · Z-Image Loader.",
 )

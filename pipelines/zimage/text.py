@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import EditKitError, ModelFileError
-from ..core.loading import LazyModel, cast_stored_weights, file_key, folder_key, read_state_dict, unavailable
+from ..core.loading import LazyModel, file_key, folder_key, read_state_dict, unavailable
 from ..core.runtime import Component, Runtime
 from ..core.transformers_loading import from_state_dict
 from ..flux.loading import count_blocks
@@ -190,7 +190,6 @@ def _qwen3_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     foreign = _foreign_encoder(raw)
     if foreign is not None:
         raise ModelFileError(path, f"This is {foreign}; Z-Image needs Qwen3-4B", QWEN3_EXPECTED)
-    raw = cast_stored_weights(raw, dtype)
     sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in raw.items() if not k.startswith("lm_head.")}
     if "embed_tokens.weight" not in sd or "layers.0.self_attn.q_norm.weight" not in sd:
         sample = ", ".join(list(raw)[:3]) or "no tensors"
