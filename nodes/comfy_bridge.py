@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..pipelines.core.errors import EditKitError, ModelFileError
-from ..pipelines.core.precision import Precision, auto_precision, resolve
+from ..pipelines.core.precision import Precision, auto_precision, resolve, set_fp8_matmul
 from ..pipelines.core.runtime import Component, Progress, Runtime, TorchRuntime, default_device
 
 log = logging.getLogger("EditKit")
@@ -420,8 +420,23 @@ def runtime() -> Runtime:
     """The process-wide runtime: ComfyUI's when running inside it, plain torch otherwise."""
     global _RUNTIME
     if _RUNTIME is None:
+        if HAVE_COMFY and "EDITKIT_FP8_MATMUL" not in os.environ:  # the variable, when set, wins
+            set_fp8_matmul(fp8_matmul_from_flags())
         _RUNTIME = ComfyRuntime() if HAVE_COMFY else TorchRuntime()
     return _RUNTIME
+
+
+def fp8_matmul_from_flags() -> bool:
+    """Whether fp8-stored Linear weights multiply in fp8 (``core.precision.fp8_linear``), as ComfyUI decides for
+    its own fp8 layers: ``--fast`` (all features) or ``--fast fp8_matrix_mult``, on a device ComfyUI says computes
+    in fp8 (``supports_fp8_compute``: NVIDIA Ada/Hopper and newer)."""
+    try:
+        from comfy.cli_args import PerformanceFeature, args
+    except ImportError:
+        return False
+    if PerformanceFeature.Fp8MatrixMultiplication not in (args.fast or ()):
+        return False
+    return bool(_mm.supports_fp8_compute(_mm.get_torch_device()))
 
 
 def set_runtime(rt: Runtime | None) -> None:

@@ -16,8 +16,10 @@ import torch
 
 from ..pipelines.core import compile as regional
 from ..pipelines.core import integrity
+from ..pipelines.core import sampling as core
 from ..pipelines.core.errors import EditKitError
-from ..pipelines.core.loading import file_key
+from ..pipelines.core.loading import file_key, stored_float_dtype
+from ..pipelines.core.precision import HALF_TYPES, Precision
 from ..pipelines.flux.conditioning import FluxText, read_conditioning
 from . import comfy_bridge as bridge
 
@@ -55,6 +57,85 @@ def denoise_input() -> tuple:
                                  "image noised to that level (img2img). Steps stays the number of transformer calls."})
 
 
+SAMPLER_TOOLTIP = (
+    "euler: deterministic, as the reference pipelines. euler_ancestral: adds fresh noise every step (ComfyUI's "
+    "rectified-flow form), drawn from the seed, so results stay reproducible."
+)
+CONVENTION_TOOLTIPS = {
+    "denoise": "How denoise < 1 is read. denoise: ComfyUI KSampler's ('steps' model calls taken from the end of a "
+               "schedule for steps / denoise steps). strength: diffusers img2img's (the last int(steps x denoise) "
+               "steps of the 'steps' schedule, as diffusers' get_timesteps).",
+    "strength": "How denoise < 1 is read. strength: diffusers' (the reference pipeline's 'strength': the last "
+                "int(steps x denoise) steps of the schedule). denoise: ComfyUI KSampler's (steps = model calls).",
+}
+
+
+def sampler_input(tooltip: str = SAMPLER_TOOLTIP) -> tuple:
+    """The ``sampler`` widget of every EditKit sampler (the shared core's samplers, euler first)."""
+    return (list(core.SAMPLERS), {"default": "euler", "tooltip": tooltip})
+
+
+def convention_input(default: str = "denoise") -> tuple:
+    """The ``denoise_convention`` widget: how a partial denoise is read (pipelines/core/sampling.py)."""
+    return (list(core.CONVENTIONS), {"default": default, "tooltip": CONVENTION_TOOLTIPS[default]})
+
+
+def cfg_input(tooltip: str, default: float = 1.0) -> tuple:
+    """A KSampler-style ``cfg`` widget (1.0 = off) for the families that run true classifier-free guidance."""
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": tooltip})
+
+
+def partial_denoise_input(tooltip: str) -> tuple:
+    """A ``denoise`` widget whose meaning a ``denoise_convention`` widget next to it decides."""
+    return ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+
+
+class PromptPairEncode:
+    """Base of the two-prompt Text Encode nodes (FLUX.2 [klein], Z-Image): prompt and negative to CONDITIONING.
+
+    A family's node sets ``TEXT_TYPE``, the tooltips, ``EMPTY_PROMPT`` (the message for an empty prompt) and
+    ``conditioning`` (its family's ``make_conditioning``, as a staticmethod), and implements
+    :meth:`encode_pair`; the widgets, the empty-prompt check and the move to ComfyUI's intermediate device are
+    the same for every family, so they live here once.
+    """
+
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    TEXT_TYPE = ""
+    TEXT_TOOLTIP = ""
+    PROMPT_TOOLTIP = ""
+    NEGATIVE_TOOLTIP = ""
+    EMPTY_PROMPT = "The prompt is empty. Describe the picture to make."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": (cls.TEXT_TYPE, {"tooltip": cls.TEXT_TOOLTIP}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                      "tooltip": cls.PROMPT_TOOLTIP}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": cls.NEGATIVE_TOOLTIP}),
+            }
+        }
+
+    def encode(self, text_encoder, prompt, negative_prompt=""):
+        if not prompt.strip():
+            raise EditKitError(self.EMPTY_PROMPT)
+        runtime = bridge.runtime()
+        positive, negative = self.encode_pair(text_encoder, prompt, negative_prompt, runtime)
+        device = runtime.intermediate_device
+        return self.conditioning(positive.to(device)), self.conditioning(negative.to(device))
+
+    def encode_pair(self, text_encoder, prompt: str, negative_prompt: str, runtime):
+        """The two prompts' feature tensors ``(positive, negative)``; see the subclasses."""
+        raise NotImplementedError
+
+    @staticmethod
+    def conditioning(features):
+        raise NotImplementedError
+
+
 def batch_input() -> tuple:
     return ("INT", {"default": 1, "min": 1, "max": 64,
                     "tooltip": "Results per input image (each with different noise from the same seed)."})
@@ -70,6 +151,25 @@ def flux_text(conditioning, transformer_config, widget_guidance: float) -> tuple
         log.info("EditKit: using guidance %.2f from the CONDITIONING (widget: %.2f).", text.guidance, widget_guidance)
         guidance = text.guidance
     return text, guidance
+
+
+def model_precision(kind: str, requested: torch.dtype | None, file: Path | None, folder: Path | None = None,
+                    subfolder: str = "transformer", compute: torch.dtype | None = None) -> Precision:
+    """Storage and compute dtype for a loader's model: ComfyUI's rule (``bridge.precision``), except that with
+    ``auto`` a bf16/fp16 file (or folder) stays in its own dtype where the device computes in fp32 (a CPU), cast
+    per layer, instead of being widened to twice its size (issue 17: storage keeps the file's precision).
+
+    ``compute`` replaces the rule's compute dtype (Qwen-Image refuses fp16). An explicit choice on the node is
+    stored as asked. The cost is one cast per layer and call: a few percent of a step at real picture sizes, where
+    the matmuls dominate (measured in docs/precision-and-gguf.md); choose fp32 on the node to avoid it.
+    """
+    chosen = bridge.precision(kind, requested)
+    if compute is not None:
+        chosen = Precision(compute if chosen.storage == chosen.compute else chosen.storage, compute)
+    if requested is not None or chosen.compute != torch.float32 or chosen.storage != torch.float32:
+        return chosen
+    stored = stored_float_dtype(file if file is not None else (folder / subfolder if folder is not None else None))
+    return Precision(stored, torch.float32) if stored in HALF_TYPES else chosen
 
 
 def files_signature(paths) -> str:

@@ -21,7 +21,22 @@ from ..pipelines.flux2.text import Flux2TextEncoder, make_conditioning, read_con
 from ..pipelines.flux2.vae import decode_raw
 from ..pipelines.zimage.text import text_encoder_source
 from . import comfy_bridge as bridge
-from .common import batch_input, chosen_file, chosen_folder, latent_dict, seed_input, steps_input
+from .common import (
+    PromptPairEncode,
+    batch_input,
+    cfg_input,
+    chosen_file,
+    chosen_folder,
+    compile_input,
+    convention_input,
+    latent_dict,
+    model_precision,
+    partial_denoise_input,
+    sampler_input,
+    seed_input,
+    steps_input,
+    with_compile,
+)
 from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
@@ -62,6 +77,7 @@ LOADER = LoaderDeclaration(
     options={"weight_dtype": dtype_input(
         "Compute dtype of the transformer and text encoder. auto: bf16 on CUDA GPUs that support it (else fp16), "
         "fp32 on the CPU; ComfyUI's precision flags apply. GGUF weights stay quantized whatever this says.")},
+    optional={"compile": compile_input()},
 )
 FILES = LOADER.checks
 
@@ -84,11 +100,12 @@ class EditKitFlux2Loader(declared_loader(LOADER)):
         "The FLUX.2 VAE (32 latent channels), for the FLUX.2 samplers.",
     )
 
-    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto"):
+    def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         dtype = WEIGHT_DTYPES[weight_dtype]
-        transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
-                                         dtype or bridge.default_dtype("diffusion"))
+        file = chosen_file(transformer_file, "diffusion_models")
+        main = model_precision("diffusion", dtype, file, folder, compute=dtype or bridge.default_dtype("diffusion"))
+        transformer = with_compile(transformer_source(folder, file, main.compute, main.storage), compile, file)
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
@@ -97,55 +114,33 @@ class EditKitFlux2Loader(declared_loader(LOADER)):
         return (Flux2Model(transformer, scheduler_config(folder), is_distilled(folder)), text, vae)
 
 
-class EditKitFlux2TextEncode:
+class EditKitFlux2TextEncode(PromptPairEncode):
     DISPLAY_NAME = "EditKit · FLUX.2 Text Encode"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Encodes a prompt (and a negative prompt) with Qwen3 the way FLUX.2 [klein] reads it: 512 tokens, three "
         "hidden layers stacked, as diffusers' Flux2KleinPipeline does. Encodings are cached per prompt."
     )
-    FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
     OUTPUT_TOOLTIPS = ("The prompt's features.",
                        "The negative prompt's features (used only when the sampler's cfg is not 1).")
+    TEXT_TYPE = TEXT_TYPE
+    TEXT_TOOLTIP = "From EditKit · FLUX.2 Loader."
+    PROMPT_TOOLTIP = ("What to make or how to change the reference pictures ('put the cat from image 2 on the sofa "
+                      "of image 1').")
+    NEGATIVE_TOOLTIP = "For the base (non-distilled) models with cfg above 1. Empty is what diffusers uses."
+    EMPTY_PROMPT = "The prompt is empty. Describe the picture to make or the edit to do."
+    conditioning = staticmethod(make_conditioning)
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "text_encoder": (TEXT_TYPE, {"tooltip": "From EditKit · FLUX.2 Loader."}),
-                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
-                                      "tooltip": "What to make or how to change the reference pictures ('put the "
-                                                 "cat from image 2 on the sofa of image 1')."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "For the base (non-distilled) models with cfg above 1. "
-                                                          "Empty is what diffusers uses."}),
-            }
-        }
-
-    def encode(self, text_encoder, prompt, negative_prompt=""):
-        if not prompt.strip():
-            raise EditKitError("The prompt is empty. Describe the picture to make or the edit to do.")
-        runtime = bridge.runtime()
+    def encode_pair(self, text_encoder, prompt, negative_prompt, runtime):
         encoder = text_encoder.get()
-        device = runtime.intermediate_device
-        positive = encoder.encode(prompt, runtime)
-        negative = encoder.encode(negative_prompt, runtime)
-        return make_conditioning(positive.to(device)), make_conditioning(negative.to(device))
+        return encoder.encode(prompt, runtime), encoder.encode(negative_prompt, runtime)
 
 
-def _cfg_input() -> tuple:
-    return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                      "tooltip": "Classifier-free guidance (diffusers' guidance_scale). 1.0 = off: the published "
-                                 "klein 4B/9B are step-distilled and need none (4 steps). The base models use about "
-                                 "4 with ~50 steps and a negative prompt (two model calls per step)."})
-
-
-def _sampler_input() -> tuple:
-    return (list(core.SAMPLERS), {"default": "euler",
-                                  "tooltip": "euler: deterministic, as the reference. euler_ancestral: fresh noise "
-                                             "every step (drawn from the seed), ComfyUI's rectified-flow form."})
+CFG_TOOLTIP = (
+    "Classifier-free guidance (diffusers' guidance_scale). 1.0 = off: the published klein 4B/9B are step-distilled "
+    "and need none (4 steps). The base models use about 4 with ~50 steps and a negative prompt (two model calls per "
+    "step)."
+)
 
 
 def _reference_inputs() -> dict:
@@ -226,14 +221,10 @@ class EditKitFlux2Sampler:
                                    "tooltip": "Result height (multiple of 16) when size says so or no image_1."}),
                 "seed": seed_input(),
                 "steps": steps_input(4),
-                "cfg": _cfg_input(),
-                "sampler": _sampler_input(),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Below 1 needs a 'latent' to start from (img2img); 1 = from noise."}),
-                "denoise_convention": (list(core.CONVENTIONS), {
-                    "default": "denoise",
-                    "tooltip": "denoise: ComfyUI KSampler's (steps = model calls). strength: diffusers img2img's.",
-                }),
+                "cfg": cfg_input(CFG_TOOLTIP),
+                "sampler": sampler_input(),
+                "denoise": partial_denoise_input("Below 1 needs a 'latent' to start from (img2img); 1 = from noise."),
+                "denoise_convention": convention_input(),
                 "batch_size": batch_input(),
                 "max_reference_megapixels": ("FLOAT", {
                     "default": 1.0, "min": 0.05, "max": 4.0, "step": 0.05,
@@ -300,16 +291,11 @@ class EditKitFlux2Inpaint:
                                              "edges blend."}),
                 "seed": seed_input(),
                 "steps": steps_input(4),
-                "cfg": _cfg_input(),
-                "sampler": _sampler_input(),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "1: the masked area starts from noise; lower keeps more of the "
-                                                 "picture's own content there."}),
-                "denoise_convention": (list(core.CONVENTIONS), {
-                    "default": "strength",
-                    "tooltip": "strength: diffusers' (the reference pipeline's 'strength'). denoise: ComfyUI "
-                               "KSampler's (steps = model calls).",
-                }),
+                "cfg": cfg_input(CFG_TOOLTIP),
+                "sampler": sampler_input(),
+                "denoise": partial_denoise_input("1: the masked area starts from noise; lower keeps more of the "
+                                                 "picture's own content there."),
+                "denoise_convention": convention_input("strength"),
                 "batch_size": batch_input(),
                 "max_reference_megapixels": ("FLOAT", {
                     "default": 1.0, "min": 0.05, "max": 4.0, "step": 0.05,

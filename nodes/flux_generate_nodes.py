@@ -9,27 +9,19 @@ from ..pipelines.flux import generate as gen
 from ..pipelines.flux import vae as vae_ops
 from ..pipelines.flux.conditioning import read_conditioning
 from . import comfy_bridge as bridge
-from .common import batch_input, denoise_input, flux_text, latent_dict, seed_input, steps_input
+from .common import (
+    batch_input,
+    convention_input,
+    denoise_input,
+    flux_text,
+    latent_dict,
+    sampler_input,
+    seed_input,
+    steps_input,
+)
 
 CATEGORY = "EditKit/flux"
 
-
-
-def sampler_input() -> tuple:
-    return (list(core.SAMPLERS), {
-        "default": "euler",
-        "tooltip": "euler: deterministic. euler_ancestral: adds fresh noise each step (ComfyUI's rectified-flow "
-                   "form), drawn from the seed, so results stay reproducible.",
-    })
-
-
-def convention_input() -> tuple:
-    return (list(core.CONVENTIONS), {
-        "default": "denoise",
-        "tooltip": "How denoise < 1 is read. denoise: ComfyUI KSampler's ('steps' model calls taken from the end "
-                   "of a schedule for steps / denoise steps). strength: diffusers img2img's (the last "
-                   "int(steps x denoise) steps of the 'steps' schedule, as diffusers' get_timesteps).",
-    })
 
 
 class EditKitFluxSampler:

@@ -21,6 +21,7 @@ from .common import (
     flux_text,
     guidance_input,
     latent_dict,
+    model_precision,
     seed_input,
     steps_input,
     with_compile,
@@ -89,9 +90,9 @@ class EditKitFluxLoader(declared_loader(LOADER)):
         folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
         dtype = DTYPES[weight_dtype]
         # Storage and compute dtypes: auto follows ComfyUI's flags and per-device rules (docs/precision-and-gguf.md).
-        main = bridge.precision("diffusion", dtype)
-        transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"), main.compute,
-                                         storage=main.storage)
+        file = chosen_file(transformer_file, "diffusion_models")
+        main = model_precision("diffusion", dtype, file, folder)  # auto: a bf16 file stays bf16 on a CPU
+        transformer = transformer_source(folder, file, main.compute, storage=main.storage)
         # The VAE follows its own policy (never fp16, which turns FLUX.1 pictures black) unless fp32 is asked for.
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)

@@ -30,6 +30,8 @@ from .common import (
     chosen_folder,
     compile_input,
     latent_dict,
+    model_precision,
+    sampler_input,
     seed_input,
     steps_input,
     with_compile,
@@ -138,7 +140,8 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
         folder = chosen_folder(diffusers_folder)
         file = chosen_file(transformer_file, "diffusion_models")
         chosen = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, file, _model_dtype("diffusion", chosen), variant=variant)
+        main = model_precision("diffusion", chosen, file, folder, compute=_model_dtype("diffusion", chosen))
+        transformer = transformer_source(folder, file, main.compute, main.storage, variant=variant)
         vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
@@ -221,11 +224,8 @@ class EditKitQwenImageEdit:
                     "tooltip": "1.0: a full edit from noise. Lower starts from image 1 noised to that level and keeps "
                                "more of it (0.5-0.8 for small changes). Steps stays the number of transformer calls.",
                 }),
-                "sampler": (list(core.SAMPLERS), {
-                    "default": "euler",
-                    "tooltip": "euler as Qwen's reference; euler_ancestral adds fresh noise each step "
-                               "(seeded from the seed).",
-                }),
+                "sampler": sampler_input("euler as Qwen's reference; euler_ancestral adds fresh noise each step "
+                                         "(seeded from the seed)."),
                 "batch_size": batch_input(),
                 "output_size": (list(sizes.OUTPUT_MODES), {
                     "default": sizes.MATCH_IMAGE_1,

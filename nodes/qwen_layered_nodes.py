@@ -18,6 +18,7 @@ from .common import (
     chosen_file,
     chosen_folder,
     compile_input,
+    model_precision,
     seed_input,
     steps_input,
     with_compile,
@@ -93,8 +94,9 @@ class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         chosen = DTYPES[weight_dtype]
-        transformer = loading.transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
-                                                 _model_dtype("diffusion", chosen))
+        file = chosen_file(transformer_file, "diffusion_models")
+        main = model_precision("diffusion", chosen, file, folder, compute=_model_dtype("diffusion", chosen))
+        transformer = loading.transformer_source(folder, file, main.compute, main.storage)
         vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
         vae = loading.vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text_file = chosen_file(text_encoder_file, "text_encoders")

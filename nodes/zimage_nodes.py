@@ -24,11 +24,17 @@ from ..pipelines.zimage.sampler import check_size
 from ..pipelines.zimage.text import make_conditioning, read_conditioning, text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
+    PromptPairEncode,
     batch_input,
+    cfg_input,
     chosen_file,
     chosen_folder,
     compile_input,
+    convention_input,
     latent_dict,
+    model_precision,
+    partial_denoise_input,
+    sampler_input,
     seed_input,
     steps_input,
     with_compile,
@@ -95,8 +101,9 @@ class EditKitZImageLoader(declared_loader(LOADER)):
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         folder = chosen_folder(diffusers_folder)
         dtype = DTYPES[weight_dtype]
-        transformer = transformer_source(folder, chosen_file(transformer_file, "diffusion_models"),
-                                         dtype or bridge.default_dtype("diffusion"))
+        file = chosen_file(transformer_file, "diffusion_models")
+        main = model_precision("diffusion", dtype, file, folder, compute=dtype or bridge.default_dtype("diffusion"))
+        transformer = transformer_source(folder, file, main.compute, main.storage)
         vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
         vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
         text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
@@ -105,47 +112,32 @@ class EditKitZImageLoader(declared_loader(LOADER)):
         return (ZImageModel(transformer, scheduler_config(folder)), text, vae)
 
 
-class EditKitZImageTextEncode:
+class EditKitZImageTextEncode(PromptPairEncode):
     DISPLAY_NAME = "EditKit · Z-Image Text Encode"
     CATEGORY = CATEGORY
     DESCRIPTION = (
         "Encodes a prompt and a negative prompt with Qwen3-4B in Z-Image's chat format (as diffusers' "
         "ZImagePipeline does) into CONDITIONING for the Z-Image samplers. Encodings are cached per prompt."
     )
-    FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
     OUTPUT_TOOLTIPS = ("The prompt's Qwen3 features.",
                        "The negative prompt's features (used only when the sampler's cfg is not 1).")
+    TEXT_TYPE = TEXT_TYPE
+    TEXT_TOOLTIP = "From EditKit · Z-Image Loader."
+    PROMPT_TOOLTIP = "What the picture should show (any language Qwen3 reads)."
+    NEGATIVE_TOOLTIP = "What to steer away from when cfg is above 1. Empty is what diffusers uses."
+    EMPTY_PROMPT = "The prompt is empty. Describe the picture to generate."
+    conditioning = staticmethod(make_conditioning)
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "text_encoder": (TEXT_TYPE, {"tooltip": "From EditKit · Z-Image Loader."}),
-                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
-                                      "tooltip": "What the picture should show (any language Qwen3 reads)."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "What to steer away from when cfg is above 1. Empty is "
-                                                          "what diffusers uses."}),
-            }
-        }
-
-    def encode(self, text_encoder, prompt, negative_prompt=""):
-        if not prompt.strip():
-            raise EditKitError("The prompt is empty. Describe the picture to generate.")
-        runtime = bridge.runtime()
+    def encode_pair(self, text_encoder, prompt, negative_prompt, runtime):
         captions, negative = encode_prompts(text_encoder, prompt, negative_prompt, runtime)
-        device = runtime.intermediate_device
-        return make_conditioning(captions[0].to(device)), make_conditioning(negative[0].to(device))
+        return captions[0], negative[0]
 
 
-def _cfg_input(default: float = 1.0) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1,
-                      "tooltip": "Classifier-free guidance as KSampler's cfg: 1.0 = off (Z-Image-Turbo is distilled "
-                                 "and needs none; each step then costs one model call), above 1 follows the prompt "
-                                 "more and away from the negative at two model calls per step. (diffusers' "
-                                 "guidance_scale g is cfg g + 1.)"})
+CFG_TOOLTIP = (
+    "Classifier-free guidance as KSampler's cfg: 1.0 = off (Z-Image-Turbo is distilled and needs none; each step "
+    "then costs one model call), above 1 follows the prompt more and away from the negative at two model calls "
+    "per step. (diffusers' guidance_scale g is cfg g + 1.)"
+)
 
 
 def _shift_input() -> tuple:
@@ -190,22 +182,12 @@ class EditKitZImageSampler:
                                    "tooltip": "Picture height (multiple of 16). Ignored when a latent is connected."}),
                 "seed": seed_input(),
                 "steps": steps_input(9),
-                "cfg": _cfg_input(),
-                "sampler": (list(core.SAMPLERS), {
-                    "default": "euler",
-                    "tooltip": "euler: deterministic. euler_ancestral: adds fresh noise every step (drawn from the "
-                               "seed, so still reproducible), ComfyUI's rectified-flow form.",
-                }),
+                "cfg": cfg_input(CFG_TOOLTIP),
+                "sampler": sampler_input(),
                 "shift": _shift_input(),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                      "tooltip": "How much of the latent to repaint (img2img); 1.0 = from pure noise. "
-                                                 "Read as 'denoise_convention' says."}),
-                "denoise_convention": (list(core.CONVENTIONS), {
-                    "default": "denoise",
-                    "tooltip": "denoise: ComfyUI KSampler's (steps = model calls, from a schedule of steps/denoise). "
-                               "strength: diffusers img2img's (runs int(steps x denoise) of the steps-long "
-                               "schedule).",
-                }),
+                "denoise": partial_denoise_input("How much of the latent to repaint (img2img); 1.0 = from pure "
+                                                 "noise. Read as 'denoise_convention' says."),
+                "denoise_convention": convention_input(),
                 "batch_size": batch_input(),
                 "decode": ("BOOLEAN", {"default": True,
                                        "tooltip": "Decode the result to the 'image' output. Off between progressive "

@@ -150,18 +150,24 @@ def _start_comfy(root: str, python: str, models: Path, work: Path, threads: int)
     raise RuntimeError(f"ComfyUI at {url} did not start with EditKit within 300 s")
 
 
+def ben2_batch_setup(root: str, python: str, models: Path, work: Path, count: int):
+    """The real-server benchmarks' job: ``count`` small pictures, BEN2 at 128 px, two ComfyUI servers sharing the
+    CPU cores. Returns (picture folder, workflow, [(process, url), ...])."""
+    folder = work / "pictures"
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (64, 64), (20 * i % 256, 90, 160)).save(folder / f"p{i}.png")
+    workflow = load_workflow("ben2_remove_background")
+    workflow["3"]["inputs"]["resolution"] = 128
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    return folder, workflow, [_start_comfy(root, python, models, work, threads) for _ in range(2)]
+
+
 def real_servers(root: str, python: str, models: Path, count: int) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = work / "pictures"
-        folder.mkdir()
-        for i in range(count):
-            Image.new("RGB", (64, 64), (20 * i % 256, 90, 160)).save(folder / f"p{i}.png")
-        workflow = load_workflow("ben2_remove_background")
-        workflow["3"]["inputs"]["resolution"] = 128
-        threads = max(1, (os.cpu_count() or 2) // 2)
-        servers = [_start_comfy(root, python, models, work, threads) for _ in range(2)]
+        folder, workflow, servers = ben2_batch_setup(root, python, models, work, count)
         try:
             for n in (1, 2):
                 urls = [url for _, url in servers[:n]]

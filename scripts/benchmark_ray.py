@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "client"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark_client import _start_comfy  # noqa: E402
+from benchmark_client import ben2_batch_setup  # noqa: E402
 from fake_comfy import FakeComfy, minimal_object_info  # noqa: E402
 
 from client import console  # noqa: E402
@@ -44,7 +44,6 @@ from client.batch import BatchRunner, Item, picture_items  # noqa: E402
 from client.comfy import Timeouts  # noqa: E402
 from client.ray_workers import RayPool, connect, pool_spec  # noqa: E402
 from client.workers import ComfyWorker, Job  # noqa: E402
-from client.workflow import load_workflow  # noqa: E402
 
 PROMPT = {"1": {"class_type": "LoadImage", "inputs": {"image": "bench.png"}},
           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench/out"}}}
@@ -100,14 +99,7 @@ def _items_per_min(workflow: dict, folder: Path, out: Path, workers=None, urls=N
 
 
 def throughput(root: str, python: str, models: Path, count: int, rounds: int, work: Path) -> dict:
-    folder = work / "pictures"
-    folder.mkdir()
-    for i in range(count):
-        Image.new("RGB", (64, 64), (20 * i % 256, 90, 160)).save(folder / f"p{i}.png")
-    workflow = load_workflow("ben2_remove_background")
-    workflow["3"]["inputs"]["resolution"] = 128
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    servers = [_start_comfy(root, python, models, work, threads) for _ in range(2)]
+    folder, workflow, servers = ben2_batch_setup(root, python, models, work, count)
     results: dict = {}
     try:
         urls = [url for _, url in servers]
@@ -132,7 +124,7 @@ def throughput(root: str, python: str, models: Path, count: int, rounds: int, wo
     results["ray_vs_plain_2_servers"] = round(results["2_server_ray_items_per_min"] /
                                               results["2_server_items_per_min"], 2)
     results["2_vs_1_servers_plain"] = round(results["2_server_items_per_min"] / results["1_server_items_per_min"], 2)
-    results.update(items=count, rounds=rounds, cpu_cores=os.cpu_count(), torch_threads_per_server=threads)
+    results.update(items=count, rounds=rounds, cpu_cores=os.cpu_count(), torch_threads_per_server=max(1, (os.cpu_count() or 2) // 2))
     return results
 
 

@@ -10,8 +10,16 @@ Z-Image-Turbo, the FLUX.1 and Qwen-Image VAEs, BEN2, T5-XXL, Qwen2.5-VL) and eac
 
 a fresh process builds the model with random weights (bf16), hands it to EditKit's ``ComfyRuntime`` (the patcher
 that ComfyUI's ``load_models_gpu`` partially loads and streams), runs ``--steps`` forward passes at 1024² and
-prints peak VRAM (``torch.cuda.max_memory_allocated``), seconds per step and how much ComfyUI loaded. A
+prints peak VRAM (``torch.cuda.max_memory_allocated``), seconds per step, how much ComfyUI loaded, and the MFU:
+the step's FLOPs (counted once by ``torch.utils.flop_counter.FlopCounterMode``: matmuls and attention) over
+seconds per step times the card's dense bf16 peak (``--peak-tflops``, else a table of data-centre cards). A
 family that does not finish prints its error (e.g. out of memory). Qwen-Image-Edit must finish under both caps.
+
+Mode ``native`` (issue 23) is the peer on the same weights: ComfyUI's own model of that family built from the
+same random state dict (converted to ComfyUI's key layout) by ``comfy.sd.load_diffusion_model_state_dict``,
+loaded by ComfyUI and run on the same inputs, for the families ComfyUI 0.3.64 has a model for (FLUX.1-Fill,
+FLUX.1-dev, Qwen-Image-Edit; not Kontext-inpaint's widened Fill, Layered, Z-Image or FLUX.2). Its row follows the
+family's ``normal`` row, with the ratio of their s/step (EditKit / native) in the last column.
 
 One command (needs ``COMFYUI_ROOT`` = a ComfyUI 0.3.64 checkout and a CUDA GPU)::
 
@@ -36,7 +44,10 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
 FAMILIES = ("flux_fill", "flux_dev", "kontext_inpaint", "qwen_edit", "qwen_layered", "zimage", "flux_vae", "qwen_vae",
             "ben2", "t5_xxl", "qwen25_vl")
-MODES = ("normal", "lowvram", "cap24", "cap12")
+MODES = ("normal", "lowvram", "cap24", "cap12", "native")
+NATIVE = ("flux_fill", "flux_dev", "qwen_edit")
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "B200": 2250.0}
 SIDE = 1024
 
 
@@ -52,6 +63,8 @@ def _comfy(mode: str):
         argv.append("--cpu")
     if mode == "lowvram":
         argv.append("--lowvram")
+    if mode == "native":
+        argv.append("--use-pytorch-cross-attention")  # the best native configuration measured (README)
     if mode.startswith("cap") and torch.cuda.is_available():
         cap = int(mode[3:]) * 2**30
         total = torch.cuda.get_device_properties(0).total_memory
@@ -125,7 +138,50 @@ def _inputs(family: str, module, device):
     return lambda: module(input_ids=ids).last_hidden_state
 
 
-def run_one(family: str, mode: str, steps: int, layers: int | None) -> dict:
+def _native_step(family: str, module, device):
+    """ComfyUI's own model of ``family`` holding ``module``'s weights, loaded by ComfyUI, and one step of it on the
+    inputs :func:`_inputs` gives EditKit (ComfyUI's latent layout: Flux ``[B, C, H/8, W/8]`` with Fill's mask and
+    picture as ``c_concat`` channels; Qwen ``[B, 16, 1, H/8, W/8]`` with the 2 pictures as ``ref_latents``)."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import torch
+
+    from editkit.pipelines.flux.layout import diffusers_transformer_to_bfl
+
+    bf16 = torch.bfloat16
+    sd = module.state_dict()
+    sd = diffusers_transformer_to_bfl(sd) if family.startswith("flux") else dict(sd)
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": bf16})
+    del sd
+    mm.load_models_gpu([patcher])
+    native = patcher.model.diffusion_model
+    side = SIDE // 8
+    t = torch.tensor([0.5], device=device, dtype=bf16)
+    if family.startswith("flux"):
+        channels = module.config.in_channels // 4
+        x = torch.randn(1, channels, side, side, device=device, dtype=bf16)
+        context = torch.randn(1, 512, 4096, device=device, dtype=bf16)
+        y = torch.randn(1, 768, device=device, dtype=bf16)
+        guidance = torch.tensor([3.5], device=device, dtype=bf16)
+        return patcher, lambda: native(x, t, context, y=y, guidance=guidance)
+    x = torch.randn(1, 16, 1, side, side, device=device, dtype=bf16)
+    refs = [torch.randn(1, 16, 1, side, side, device=device, dtype=bf16) for _ in range(2)]
+    context = torch.randn(1, 300, module.config.joint_attention_dim, device=device, dtype=bf16)
+    return patcher, lambda: native(x, t, context, ref_latents=refs)
+
+
+def _peak_tflops(override: float | None) -> float:
+    import torch
+
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return float("nan")
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+
+
+def run_one(family: str, mode: str, steps: int, layers: int | None, peak_tflops: float | None = None) -> dict:
     _comfy(mode)
     import comfy.model_management as mm
     import torch
@@ -134,30 +190,43 @@ def run_one(family: str, mode: str, steps: int, layers: int | None) -> dict:
 
     offline()
     load_pack()
+    from torch.utils.flop_counter import FlopCounterMode
+
     from editkit.nodes import comfy_bridge
     from editkit.pipelines.core.runtime import Component
 
     module, kind = _build(family, layers)
-    component = Component(module, kind, family, torch.bfloat16)
-    runtime = comfy_bridge.ComfyRuntime()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    device = runtime.acquire(component, memory_required=2 * 2**30)
-    patcher = runtime.patcher(component)
-    step = _inputs(family, module, device)
+    if mode == "native":
+        if family not in NATIVE:
+            raise SystemExit(f"ComfyUI 0.3.64 has no native model for {family}")
+        patcher, step = _native_step(family, module, mm.get_torch_device())
+        del module  # ComfyUI's model holds the weights now
+    else:
+        component = Component(module, kind, family, torch.bfloat16)
+        runtime = comfy_bridge.ComfyRuntime()
+        device = runtime.acquire(component, memory_required=2 * 2**30)
+        patcher = runtime.patcher(component)
+        step = _inputs(family, module, device)
     times = []
     with torch.inference_mode():
-        for _ in range(steps + 1):  # the first step warms up
+        counter = FlopCounterMode(display=False)
+        with counter:  # the first step warms up and counts the FLOPs
+            step()
+        for _ in range(steps):
             start = time.perf_counter()
             step()
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    times = sorted(times[1:])
+    per_step = sorted(times)[len(times) // 2]
+    flops = counter.get_total_flops()
     return {"family": family, "mode": mode, "model_GB": patcher.model_size() / 1e9,
             "loaded_GB": patcher.loaded_size() / 1e9, "peak_vram_GB": torch.cuda.max_memory_allocated() / 1e9
-            if cuda else float("nan"), "s_per_step": times[len(times) // 2], "vram_state": mm.vram_state.name}
+            if cuda else float("nan"), "s_per_step": per_step, "tflop_per_step": flops / 1e12,
+            "mfu": flops / per_step / (_peak_tflops(peak_tflops) * 1e12), "vram_state": mm.vram_state.name}
 
 
 def main(argv=None) -> int:
@@ -170,19 +239,27 @@ def main(argv=None) -> int:
     parser.add_argument("--side", type=int, default=SIDE, help="picture side (1024; smaller for a quick check)")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per family and mode")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the card's dense bf16 peak for the MFU column (default: looked up by name)")
     args = parser.parse_args(argv)
     SIDE = args.side
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.layers)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.layers, args.peak_tflops)))
         return 0
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    print(f"{'family':16} {'mode':8} {'model GB':>8} {'loaded GB':>9} {'peak VRAM GB':>12} {'s/step':>7}")
+    print(f"{'family':16} {'mode':8} {'model GB':>8} {'loaded GB':>9} {'peak VRAM GB':>12} {'s/step':>7} "
+          f"{'TFLOP/step':>10} {'MFU':>6} {'/native':>7}")
+    normal: dict[str, float] = {}
     failed = 0
     for family in args.families:
         for mode in args.modes:
+            if mode == "native" and family not in NATIVE:
+                continue
             cmd = [sys.executable, __file__, "--one", family, mode, "--steps", str(args.steps), "--side", str(SIDE)]
             if args.layers is not None:
                 cmd += ["--layers", str(args.layers)]
+            if args.peak_tflops:
+                cmd += ["--peak-tflops", str(args.peak_tflops)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
             except subprocess.TimeoutExpired:
@@ -195,8 +272,11 @@ def main(argv=None) -> int:
                 failed += 1
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            if mode == "normal":
+                normal[family] = r["s_per_step"]
+            ratio = f"{normal[family] / r['s_per_step']:7.3f}" if mode == "native" and family in normal else ""
             print(f"{family:16} {mode:8} {r['model_GB']:8.1f} {r['loaded_GB']:9.1f} {r['peak_vram_GB']:12.1f} "
-                  f"{r['s_per_step']:7.2f}", flush=True)
+                  f"{r['s_per_step']:7.2f} {r['tflop_per_step']:10.1f} {r['mfu']:6.1%} {ratio:>7}", flush=True)
     return 1 if failed else 0
 
 

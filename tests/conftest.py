@@ -20,10 +20,10 @@ load_pack()
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """A ComfyUI-style models tree with every tiny model, generated once per test session."""
-    from make_tiny_models import make_tiny_models
+    from tiny import make_tree
 
     out = tmp_path_factory.mktemp("models")
-    make_tiny_models(out)
+    make_tree(out)
     return out
 
 

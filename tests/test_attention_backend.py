@@ -41,15 +41,14 @@ def test_flux_transformer_calls_sdpa_once_per_block(tiny_models, monkeypatch):
 
 
 def test_every_family_attention_processor_uses_sdpa(tiny_models):
-    from qwen_image_models import tiny_components
-    from zimage_models import tiny_transformer
+    from tiny import qwen_image, zimage
 
     folder = tiny_models / "diffusers" / "FLUX.1-Fill-dev"
-    qwen = tiny_components()
+    qwen = qwen_image.FAMILY.components()
     modules = {"FLUX.1 transformer": transformer_source(folder, None, torch.float32).get().module,
                "FLUX.1 VAE": vae_source(folder, None, torch.float32).get().module,
                "Qwen-Image transformer": qwen["transformer"], "Qwen-Image VAE": qwen["vae"],
-               "Z-Image transformer": tiny_transformer()}
+               "Z-Image transformer": zimage.FAMILY.build("transformer")}
     for name, module in modules.items():
         processors = _processors(module)
         # The Qwen-Image (Wan) VAE's attention block has no processor: its forward calls SDPA itself.

@@ -354,3 +354,19 @@ def test_dequant_cache_survives_reacquiring_a_loaded_model(comfyui, tiny_models,
         assert cache.layers == 0 and cache.used == 0 and all(m._dense is None for m in layers)
     finally:
         _untrack(mm, runtime, component)
+
+
+def test_fp8_matmul_follows_comfyui_fast_flag(comfyui, monkeypatch):
+    """``--fast fp8_matrix_mult`` (or bare ``--fast``) on a device ComfyUI says computes in fp8 switches EditKit's fp8
+    layers to fp8 matmul, as ComfyUI's own; without the flag, or on a device without fp8 compute, they cast."""
+    import comfy.model_management as mm
+    from comfy.cli_args import PerformanceFeature, args
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+    monkeypatch.setattr(args, "fast", set())
+    assert bridge.fp8_matmul_from_flags() is False
+    monkeypatch.setattr(args, "fast", {PerformanceFeature.Fp8MatrixMultiplication})
+    assert bridge.fp8_matmul_from_flags() is True
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: False)
+    assert bridge.fp8_matmul_from_flags() is False

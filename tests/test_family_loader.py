@@ -34,7 +34,8 @@ ORDER = {
     EditKitReduxLoader: ["diffusers_folder", "style_model_file", "clip_vision_file", "weight_dtype"],
     EditKitZImageLoader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype",
                           "compile"],
-    EditKitFlux2Loader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype"],
+    EditKitFlux2Loader: ["diffusers_folder", "transformer_file", "text_encoder_file", "vae_file", "weight_dtype",
+                         "compile"],
 }
 
 

@@ -7,7 +7,8 @@ what EditKit draws), the same prompt and the same steps.
 
 from __future__ import annotations
 
-import flux2_models as fm
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from editkit.pipelines.flux2 import latent as fl
 from editkit.pipelines.flux2 import loading, sampler, text
 from editkit.pipelines.flux2.lora import FLUX2_LORA
 from editkit.pipelines.zimage.text import text_encoder_source
+from tiny import flux2 as fm
 
 F32 = torch.float32
 PROMPT = "a red fox in the snow"
@@ -30,7 +32,7 @@ LAYERS = (1, 2, 3)  # the tiny encoder's 4 layers: klein's quarter points
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     out = tmp_path_factory.mktemp("flux2_models")
-    paths = fm.make_flux2_models(out)
+    paths = fm.FAMILY.tree(out)["paths"]  # shared with test_tiny_models in one process
     return out, paths
 
 
@@ -382,8 +384,9 @@ def test_real_sizes_are_read_from_bfl_keys(size, config):
     with torch.device("meta"):
         model = Flux2Transformer2DModel(**{**fm.TINY_TRANSFORMER, **config})
     bfl = {fm.COMFY_PREFIX + k: v for k, v in fm.diffusers_to_bfl(model.state_dict()).items()}
-    sd = loading._to_diffusers(loading._strip_prefix(bfl))
-    assert loading.transformer_layout(loading._strip_prefix(bfl)) == "bfl"
+    stripped, layout = loading.SINGLE_FILE._recognise(bfl, Path("flux-2-klein.safetensors"))
+    assert layout == "bfl"
+    sd = loading._to_diffusers(stripped)
     inferred = loading.transformer_config_from_state_dict(sd)
     assert {k: inferred[k] for k in config} == config, size
     assert inferred["mlp_ratio"] == 3.0 and inferred["in_channels"] == 128 and not inferred["guidance_embeds"]

@@ -87,7 +87,7 @@ def test_gguf_stays_quantized_and_matches_within_q8_tolerance(folder, tiny_model
 
 @pytest.mark.parametrize("quant, tolerance", [("Q5_1", 0.08), ("Q4_0", 0.15)])
 def test_other_gguf_quantizations_load(folder, tiny_models, tmp_path, quant, tolerance):
-    from make_tiny_models import write_gguf
+    from tiny.core import write_gguf
 
     write_gguf(load_file(str(tiny_models / "diffusion_models" / "flux1-fill-dev.safetensors")),
                tmp_path / f"fill-{quant}.gguf", quant)

@@ -26,9 +26,14 @@ pytestmark = [
     pytest.mark.skipif(not os.environ.get("COMFYUI_ROOT"), reason="set COMFYUI_ROOT to a ComfyUI checkout"),
 ]
 
-# One workflow per family (with their text encoders, VAEs, BEN2, the Redux prior, SigLIP).
+# One workflow per family (with their text encoders, VAEs, BEN2, the Redux prior, SigLIP; FLUX.2 [klein] with a
+# reference picture, so its VAE encodes and decodes).
 FAMILY_WORKFLOWS = ["flux_fill_inpaint", "kontext_inpaint_edit", "flux_redux_variations", "ben2_remove_background",
-                    "qwen_edit_text", "qwen_image_layered_decompose", "zimage_turbo_text_to_image"]
+                    "qwen_edit_text", "qwen_image_layered_decompose", "zimage_turbo_text_to_image",
+                    "flux2_klein_edit"]
+# The kinds of model (Component.kind) each of those runs must load, so the check covers all of them
+ALL_KINDS = {"diffusion", "vae", "text_encoder"}
+EXPECTED_KINDS = dict.fromkeys(FAMILY_WORKFLOWS, ALL_KINDS) | {"ben2_remove_background": {"segmentation"}}
 
 
 def _components(comfyui) -> list:
@@ -71,6 +76,8 @@ def test_free_collects_every_model(name, comfyui, small_inputs):
     _run(comfyui, small_inputs, fast(load(name)))
     created = [c for c in _components(comfyui) if id(c) not in before]
     assert created, f"{name} loaded no EditKit model: the check would test nothing"
+    kinds = {c.kind for c in created}
+    assert kinds >= EXPECTED_KINDS[name], f"{name} loaded only {sorted(kinds)}: the check would miss some models"
     assert _editkit_patchers(comfyui), "the run's models never reached ComfyUI's memory manager"
     refs = [(c.name, weakref.ref(c), weakref.ref(c.module)) for c in created]
     del created
@@ -99,18 +106,42 @@ def _medium_fill_file(tiny_models):
     return path, sum(v.numel() for v in sd.values()) * 4
 
 
-def test_load_run_free_cycles_do_not_grow_memory(comfyui, tiny_models, small_inputs):
+def _medium_klein_file(tiny_models):
+    """A FLUX.2 [klein] transformer of ~26M parameters (4 heads of 128, 2 + 2 blocks; 105 MB in fp32) in
+    ComfyUI's BFL layout with the tiny tree's text width, so it runs with the tiny Qwen3 encoder and VAE."""
+    import flux2_models
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(**dict(flux2_models.TINY_TRANSFORMER, num_attention_heads=4, num_layers=2,
+                                           num_single_layers=2))
+    sd = {flux2_models.COMFY_PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in
+          flux2_models.diffusers_to_bfl(model.state_dict()).items()}
+    path = tiny_models / "diffusion_models" / "editkit-test-medium-klein.safetensors"
+    save_file(sd, str(path))
+    return path, sum(v.numel() for v in sd.values()) * 4
+
+
+@pytest.mark.parametrize("workflow,medium_file", [
+    ("flux_fill_inpaint", _medium_fill_file),
+    # ~95 s on 2 busy cores (the run above proves FLUX.2's models are collected in the default run)
+    pytest.param("flux2_klein_edit", _medium_klein_file, marks=pytest.mark.slow),
+])
+def test_load_run_free_cycles_do_not_grow_memory(workflow, medium_file, comfyui, tiny_models, small_inputs):
     """Every cycle gives the file a new modification time, so the loader must read it again: a model kept
-    alive by anything would add its 108 MB to the resident memory at every cycle."""
-    path, model_bytes = _medium_fill_file(tiny_models)
-    prompt = fast(load("flux_fill_inpaint"))
-    prompt["1"]["inputs"]["transformer_file"] = path.name
+    alive by anything would add its ~105 MB to the resident memory at every cycle."""
+    path, model_bytes = medium_file(tiny_models)
+    prompt = fast(load(workflow))
+    loader, sampler = prompt["1"]["inputs"], prompt["4"]["inputs"]
+    assert "transformer_file" in loader and "seed" in sampler, f"{workflow}: the loader or sampler moved"
+    loader["transformer_file"] = path.name
     process = psutil.Process()
     try:
         rss = []
         for cycle in range(6):
             os.utime(path, ns=(cycle * 10**9 + 10**18, cycle * 10**9 + 10**18))
-            prompt["4"]["inputs"]["seed"] = cycle  # a new cache key: the sampler really runs
+            sampler["seed"] = cycle  # a new cache key: the sampler really runs
             _run(comfyui, small_inputs, prompt)
             _free(comfyui)
             rss.append(process.memory_info().rss)

@@ -128,7 +128,7 @@ def test_mapped_load_gives_todays_copied_load_outputs(tiny_models, tmp_path, qty
     EditKit's exact fp32 dequantization does not have); the quantized bytes stay quantized and mapped."""
     from diffusers.quantizers.gguf.utils import GGUFLinear as DiffusersGGUFLinear
 
-    from make_tiny_models import write_gguf
+    from tiny.core import write_gguf
 
     path = tmp_path / f"fill-{qtype}.gguf"
     write_gguf(load_file(str(tiny_models / "diffusion_models" / "flux1-fill-dev.safetensors")), path, qtype)
@@ -181,7 +181,7 @@ def test_cache_budget_setting(monkeypatch, setting, free, budget):
 
 
 def test_file_replaced_by_a_new_one_keeps_the_loaded_model(gguf_path, tiny_models, tmp_path):
-    from make_tiny_models import write_gguf
+    from tiny.core import write_gguf
 
     path = tmp_path / "fill.gguf"
     shutil.copyfile(gguf_path, path)

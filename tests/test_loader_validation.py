@@ -46,7 +46,7 @@ def _safetensors(path: Path, shapes=((64, 32), (16,))) -> Path:
 
 
 def _gguf(path: Path) -> Path:
-    from make_tiny_models import write_gguf
+    from tiny.core import write_gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_gguf({"double_blocks.0.img_attn.qkv.weight": torch.ones(96, 64), "img_in.bias": torch.ones(40)}, path)

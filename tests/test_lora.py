@@ -451,7 +451,7 @@ def test_lora_node_in_comfyuis_executor(comfyui, tiny_models):
     """Loader → LoRA → Fill inpaint in ComfyUI's real executor; removing the node gives the base result exactly."""
     from diffusers import FluxTransformer2DModel
 
-    from make_tiny_models import TINY_TRANSFORMER
+    from tiny.flux1 import TINY_TRANSFORMER
 
     comfyui.folder_paths.add_model_folder_path("loras", str(tiny_models / "loras"), is_default=True)
     comfyui.folder_paths.filename_list_cache.pop("loras", None)

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import zimage_models as zm
-from qwen_image_models import TINY_TRANSFORMER as QWEN_TINY
 from safetensors.torch import save_file
 
 from editkit.pipelines.core import lora as core_lora
@@ -42,7 +40,9 @@ from editkit.pipelines.flux.kontext_inpaint import widen_fill_transformer
 from editkit.pipelines.flux.lora import FLUX_LORA
 from editkit.pipelines.qwen_image.lora import QWEN_IMAGE_LORA
 from editkit.pipelines.zimage.lora import ZIMAGE_LORA
-from make_tiny_models import TINY_TRANSFORMER as FLUX_TINY
+from tiny import zimage as zm
+from tiny.flux1 import TINY_TRANSFORMER as FLUX_TINY
+from tiny.qwen_image import TINY_TRANSFORMER as QWEN_TINY
 
 F32, F64 = torch.float32, torch.float64
 RANK = 4
@@ -110,7 +110,7 @@ def _zimage() -> Family:
         return convert_z_image_transformer_checkpoint_to_diffusers({zm.COMFY_PREFIX + k: v for k, v in sd.items()})
 
     return Family(
-        ZIMAGE_LORA, zm.tiny_transformer(),
+        ZIMAGE_LORA, zm.FAMILY.build("transformer"),
         original=["layers.0.attention.qkv", "layers.1.attention.out", "layers.0.feed_forward.w2",
                   "noise_refiner.0.adaLN_modulation.0", "context_refiner.0.feed_forward.w1", "final_layer.linear"],
         diffusers=["layers.0.attention.to_q", "layers.0.attention.to_v", "layers.1.attention.to_out.0",

@@ -17,9 +17,11 @@ Pictures are 32x32 and samplers run 1-2 steps to keep the real-width VAEs quick.
 from __future__ import annotations
 
 import pytest
-import qwen_image_models as qm
 import torch
-import zimage_models as zm
+
+from tiny import qwen_image as qm
+from tiny import zimage as zm
+from tiny.core import save
 
 pytestmark = pytest.mark.comfyui
 
@@ -34,7 +36,7 @@ def native(comfyui, tiny_models):
     """The executor, with the real-width Qwen-Image VAE written into the tiny models tree."""
     path = tiny_models / "vae" / QWEN_VAE
     if not path.is_file():
-        qm._save(qm.full_width_vae_wan(), path)
+        save(qm.full_width_vae_wan(), path)
     comfyui.folder_paths.filename_list_cache.pop("vae", None)
     return comfyui
 

@@ -160,11 +160,10 @@ def _zimage_forward(module):
 
 
 def _fp8_family(family):
-    from qwen_image_models import FILES
-    from zimage_models import TRANSFORMER_FILE
-
     from editkit.pipelines.qwen_image import loading as qwen_loading
     from editkit.pipelines.zimage import loading as zimage_loading
+    from tiny.qwen_image import FILES
+    from tiny.zimage import TRANSFORMER_FILE
 
     if family == "qwen":
         return FILES["bf16"], qwen_loading.transformer_source, _qwen_forward
@@ -195,9 +194,8 @@ def test_fp8_files_stay_fp8_and_equal_casting_up_front(family, variant, tiny_mod
 
 
 def test_bf16_file_stays_bf16_with_fp32_compute(tiny_models):
-    from qwen_image_models import FILES
-
     from editkit.pipelines.qwen_image import loading as qwen_loading
+    from tiny.qwen_image import FILES
 
     component = qwen_loading.transformer_source(None, tiny_models / "diffusion_models" / FILES["bf16"], F32, BF16).get()
     linears = [m for m in component.module.modules() if isinstance(m, torch.nn.Linear)]

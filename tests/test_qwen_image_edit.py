@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_image_models import qwen_tree, reference_pipeline, transformer_2511
 
 from editkit.pipelines.core.errors import EditKitError
 from editkit.pipelines.core.runtime import Component, TorchRuntime
@@ -29,6 +28,8 @@ from editkit.pipelines.qwen_image.loading import (
     vae_source,
 )
 from editkit.pipelines.qwen_image.text import text_encoder_source
+from tiny.qwen_image import FAMILY as QWEN
+from tiny.qwen_image import reference_pipeline, transformer_2511
 
 F32 = torch.float32
 VL_AREA = 56 * 56  # patched CONDITION_IMAGE_SIZE
@@ -47,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    return qwen_tree(tmp_path_factory.mktemp("qwen_models"))
+    return QWEN.tree(tmp_path_factory.mktemp("qwen_models"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from qwen_image_models import qwen_tree, transformer_2511, write_gguf
 from safetensors.torch import load_file, save_file
 
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
@@ -27,6 +26,9 @@ from editkit.pipelines.qwen_image.loading import (
     vae_source,
 )
 from editkit.pipelines.qwen_image.text import text_encoder_source
+from tiny.core import write_gguf
+from tiny.qwen_image import FAMILY as QWEN
+from tiny.qwen_image import transformer_2511
 
 F32 = torch.float32
 COMFY_TOKENIZER = [Path(os.environ.get("COMFYUI_ROOT", "/nonexistent")) / "comfy/text_encoders/qwen25_tokenizer",
@@ -43,12 +45,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return qwen_tree(tmp_path_factory.mktemp("qwen_models"))["paths"]
+    return QWEN.tree(tmp_path_factory.mktemp("qwen_models"))["paths"]
 
 
 @pytest.fixture(scope="module")
 def components(paths):
-    return qwen_tree(paths["folder"].parents[1])["components"]
+    return QWEN.tree(paths["folder"].parents[1])["components"]
 
 
 def _forward(component, seed=0):
@@ -231,7 +233,7 @@ def test_2511_gguf_is_told_by_the_marker_or_else_by_its_name(paths, components, 
     assert component.quantized and _is_2511(component)
     marked = tmp_path / "edit-Q8_0.gguf"  # a converter that kept ComfyUI's marker
     write_gguf({**components["transformer"].state_dict(), "__index_timestep_zero__": torch.zeros(0)}, marked,
-               name=None)
+               arch="qwen_image")
     assert loading.detect_variant(None, marked) == (EDIT_2511, "the file's __index_timestep_zero__ tensor")
     component = transformer_source(None, marked, F32).get()
     assert component.quantized and _is_2511(component)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from qwen_image_models import TINY_TRANSFORMER, qwen_tree
 from safetensors.torch import save_file
 
 from editkit.nodes import comfy_bridge
@@ -14,6 +13,8 @@ from editkit.pipelines.core.errors import EditKitError
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.qwen_image.loading import lightning_scheduler_config, scheduler_config
 from node_calls import call_node
+from tiny.qwen_image import FAMILY as QWEN
+from tiny.qwen_image import TINY_TRANSFORMER
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,7 +27,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    paths = qwen_tree(tmp_path_factory.mktemp("qwen_models"))["paths"]
+    paths = QWEN.tree(tmp_path_factory.mktemp("qwen_models"))["paths"]
     root = paths["folder"].parents[1]
     loras = root / "loras"
     loras.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """Qwen-Image-Layered decomposition equals diffusers' reference pipeline, loads every file form, and refuses bad input.
 
-Parity runs diffusers' ``QwenImageLayeredPipeline`` on the same tiny weights (tests/qwen_layered_models.py)
+Parity runs diffusers' ``QwenImageLayeredPipeline`` on the same tiny weights (tests/tiny/qwen_layered.py)
 with its resolution bucket patched from 640² to 64² pixels for speed (EditKit runs ``resolution=64``, the
 same rule); the noise is the CPU ``torch.randn`` of the unpacked latent shape ``[1, layers+1, 16, h, w]``
 from the seed in both.
@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from qwen_image_models import qwen_tree
-from qwen_layered_models import FILES, layered_tree, reference_pipeline
 
 from editkit.nodes import qwen_layered_nodes
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
@@ -26,6 +24,9 @@ from editkit.pipelines.qwen_image.loading import scheduler_config
 from editkit.pipelines.qwen_image.loading import transformer_source as edit_transformer_source
 from editkit.pipelines.qwen_image.loading import vae_source as edit_vae_source
 from editkit.pipelines.qwen_image.text import text_encoder_source
+from tiny.qwen_image import FAMILY as QWEN
+from tiny.qwen_layered import FAMILY as LAYERED
+from tiny.qwen_layered import FILES, reference_pipeline
 
 F32 = torch.float32
 SMALL = 64  # the test bucket: 64² pixels instead of 640²
@@ -52,7 +53,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    return layered_tree(tmp_path_factory.mktemp("layered_models"))
+    return LAYERED.tree(tmp_path_factory.mktemp("layered_models"))
 
 
 def _text(folder, file=None):
@@ -234,7 +235,7 @@ def test_layers_below_one_is_refused(models):
 
 
 def test_edit_transformer_is_refused(tmp_path_factory, models):
-    edit_paths = qwen_tree(tmp_path_factory.mktemp("qwen_edit_models"))["paths"]
+    edit_paths = QWEN.tree(tmp_path_factory.mktemp("qwen_edit_models"))["paths"]
     with pytest.raises(ModelFileError, match="not Qwen-Image-Layered"):
         loading.transformer_source(None, edit_paths["bf16"], F32).get()
     with pytest.raises(ModelFileError, match="not Qwen-Image-Layered"):

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_redux_models import dev_transformer, redux_embedder, tiny_processor, tiny_siglip
 
 from editkit.nodes.redux_nodes import EditKitReduxEncode
 from editkit.pipelines.core.errors import EditKitError
@@ -28,6 +27,9 @@ from editkit.pipelines.flux.redux import preprocess
 from editkit.pipelines.flux.redux import prior as redux_prior
 from editkit.pipelines.flux.redux.loading import ReduxPrior, load_prior
 from node_calls import call_node
+from tiny.flux1 import FAMILY as FLUX1
+from tiny.redux import FAMILY as REDUX
+from tiny.redux import tiny_processor
 
 F32 = torch.float32
 SMALL_GRID = dict(image_size=24, patch_size=4)  # 6x6 tokens: keeps the 4096-wide embedder fast
@@ -42,13 +44,13 @@ def real_width():
     """Tiny SigLIP + a Redux embedder at FLUX.1's real T5 width, and diffusers' pipeline over them."""
     from diffusers import FluxPriorReduxPipeline
 
-    encoder, processor = tiny_siglip(**SMALL_GRID), tiny_processor(SMALL_GRID["image_size"])
-    embedder = redux_embedder(width=4096)
+    encoder, processor = REDUX.build("image_encoder", **SMALL_GRID), tiny_processor(SMALL_GRID["image_size"])
+    embedder = REDUX.build("image_embedder", txt_in_features=4096)
     pipe = FluxPriorReduxPipeline(image_encoder=encoder, feature_extractor=processor, image_embedder=embedder)
     pipe.set_progress_bar_config(disable=True)
     prior = ReduxPrior(Component(encoder, "text_encoder", "siglip", F32), Component(embedder, "text_encoder", "redux",
                                                                                       F32), processor)
-    transformer = dev_transformer(joint_attention_dim=4096, pooled_projection_dim=768)
+    transformer = FLUX1.build("dev", joint_attention_dim=4096, pooled_projection_dim=768)
     model = FluxModel(_handle(Component(transformer, "diffusion", "dev-4096", F32), "dev"), scheduler_config(None))
     return types.SimpleNamespace(pipe=pipe, redux=types.SimpleNamespace(prior=_handle(prior, "prior")), model=model,
                                  transformer=transformer)
@@ -359,7 +361,7 @@ def test_foreign_model_files_are_named(tree, tmp_path):
         "vision_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(4304, 1152)})
     with pytest.raises(EditKitError, match="so400m-patch16-512 .*trained on so400m-patch14-384"):
         load_prior(None, siglip_512, style, F32)
-    wide = _write(tmp_path / "redux_wide.safetensors", dict(redux_embedder(redux_dim=72, width=32).state_dict()))
+    wide = _write(tmp_path / "redux_wide.safetensors", dict(REDUX.build("image_embedder", redux_dim=72).state_dict()))
     with pytest.raises(EditKitError, match="outputs 144-wide tokens but the Redux embedder reads 72"):
         load_prior(None, siglip, wide, F32)
     with pytest.raises(EditKitError, match="holds FluxFillPipeline, not the Redux prior"):

@@ -1,8 +1,8 @@
 """Every EditKit model can be partially loaded by ComfyUI's memory manager and streams the rest (issue 17, fault 2).
 
 For each family (FLUX.1 / Fill / Kontext-inpaint transformers, the FLUX.1 VAE, the Redux prior and SigLIP,
-Qwen-Image-Edit and Qwen-Image-Layered transformers and VAEs, Z-Image, BEN2, and the text encoders CLIP-L,
-T5-XXL, Qwen2.5-VL, Qwen3), wrapped in EditKit's patcher as ``ComfyRuntime`` wraps it:
+Qwen-Image-Edit and Qwen-Image-Layered transformers and VAEs, Z-Image, FLUX.2 [klein] 4B and 9B and its VAE,
+BEN2, and the text encoders CLIP-L, T5-XXL, Qwen2.5-VL, Qwen3-4B and Qwen3-8B), wrapped in EditKit's patcher as ``ComfyRuntime`` wraps it:
 
 * **real size** (built on the meta device from the shipped configs, no memory): ComfyUI's ``LoadedModel``
   loads it with a budget of 30 % of its size. What lands on the device is within the budget, and every
@@ -14,7 +14,10 @@ T5-XXL, Qwen2.5-VL, Qwen3), wrapped in EditKit's patcher as ``ComfyRuntime`` wra
 * **same output** (small width, every layer type of the real model, random weights on the CPU): partially
   loaded (30 %) onto an alias of the CPU that ComfyUI treats as another device, so its cast paths run, the
   model gives the output of the fully loaded one. The device movement itself is what the meta run checks;
-  these numbers do not depend on the width, so the small models keep the suite fast.
+  tests/test_partial_equals_full.py repeats this at real width (``-m slow`` for most families).
+
+Transformers and text encoders loaded from fp8 files keep fp8 Linear weights: at real size their budget
+counts fp8 bytes, fp8 layers load as fp8, and at real width the fp8 layers left behind stream.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ pytestmark = [
 FLUX = ROOT / "pipelines" / "flux" / "configs"
 QWEN = ROOT / "pipelines" / "qwen_image" / "configs"
 ZIMAGE = ROOT / "pipelines" / "zimage" / "configs"
+FLUX2 = ROOT / "pipelines" / "flux2" / "configs"
 REDUX = ROOT / "pipelines" / "flux" / "redux" / "configs"
 BUDGET = 0.3
 
@@ -149,6 +153,46 @@ def _run_zimage(model, device):
     return torch.stack(out)
 
 
+# FLUX.2 [klein]: the shipped config is klein 4B; 9B differs in width, depth and text width (the published
+# shapes, as tests/test_flux2.py reads them back from BFL keys)
+KLEIN_9B = dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
+
+
+def _flux2(size, **real):
+    """``real``: overrides of the shipped 4B config (9B), for the real-width and real-size models only."""
+    from diffusers import Flux2Transformer2DModel
+
+    if size == "tiny":  # 4B and 9B differ only in sizes: one tiny model covers both layer sets
+        from flux2_models import TINY_TRANSFORMER
+
+        return Flux2Transformer2DModel(**TINY_TRANSFORMER)
+    shallow = dict(num_layers=1, num_single_layers=1) if size == "shallow" else {}
+    return Flux2Transformer2DModel(**_config(FLUX2 / "klein_transformer", **dict(real, **shallow)))
+
+
+def _run_flux2(model, device):
+    """As EditKit's klein sampler calls it: 4 x 4 output tokens plus 2 x 2 tokens of one reference picture."""
+    from editkit.pipelines.flux2 import latent as fl
+
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([fl.positions(0, 4, 4), fl.positions(10, 2, 2)])
+    return model(hidden_states=torch.randn(1, 20, c.in_channels, generator=g).to(device),
+                 encoder_hidden_states=torch.randn(1, 7, c.joint_attention_dim, generator=g).to(device),
+                 timestep=torch.tensor([0.5], device=device), img_ids=ids.unsqueeze(0).to(device),
+                 txt_ids=fl.text_positions(7).unsqueeze(0).to(device), guidance=None, return_dict=False)[0]
+
+
+def _flux2_vae(size):
+    from diffusers import AutoencoderKLFlux2
+
+    if size == "tiny":
+        from flux2_models import TINY_VAE
+
+        return AutoencoderKLFlux2(**TINY_VAE)
+    return AutoencoderKLFlux2(**_config(FLUX2 / "flux2_vae"))
+
+
 def _ben2(size):
     from editkit.pipelines.ben2 import BEN2Base, BEN2Config
 
@@ -193,7 +237,9 @@ def _run_siglip(model, device):
     return model(pixel_values=torch.randn(1, 3, side, side, generator=g).to(device)).last_hidden_state
 
 
-def _text(cls_name, folder, layers_key, tiny):
+def _text(cls_name, folder, layers_key, tiny, real=None):
+    """``real``: overrides of the shipped config (another published size of the same architecture)."""
+
     def build(size):
         import transformers
 
@@ -201,7 +247,7 @@ def _text(cls_name, folder, layers_key, tiny):
         config_cls = cls.config_class
         if size == "tiny":
             return cls(config_cls(**tiny))
-        config = config_cls.from_pretrained(str(folder))
+        config = config_cls.from_pretrained(str(folder), **(real or {}))
         if size == "shallow":
             target = config.text_config if hasattr(config, "text_config") else config
             setattr(target, layers_key, 1)
@@ -247,6 +293,9 @@ FAMILIES = {
     "qwen_layered_vae": Family(lambda s: _qwen_vae(s, input_channels=4), _run_qwen_vae, "vae"),
     "zimage": Family(_zimage, _run_zimage, "diffusion"),
     "ben2": Family(_ben2, _run_ben2, "segmentation"),
+    "flux2_klein_4b": Family(_flux2, _run_flux2, "diffusion"),
+    "flux2_klein_9b": Family(lambda s: _flux2(s, **KLEIN_9B), _run_flux2, "diffusion"),
+    "flux2_vae": Family(_flux2_vae, _run_flux_vae, "vae"),
     "clip_l": Family(_text("CLIPTextModel", FLUX / "clip_l", "num_hidden_layers",
                            dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, projection_dim=32)), _run_text, "text_encoder"),
@@ -258,6 +307,12 @@ FAMILIES = {
     "qwen3": Family(_text("Qwen3Model", ZIMAGE / "qwen3_4b", "num_hidden_layers",
                           dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=2, num_key_value_heads=1, head_dim=16)), _run_text, "text_encoder"),
+    # FLUX.2 [klein] 9B's encoder (klein 4B's is "qwen3", Z-Image's): the published Qwen3-8B shapes
+    "qwen3_8b": Family(_text("Qwen3Model", ZIMAGE / "qwen3_4b", "num_hidden_layers",
+                             dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+                             dict(hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)),
+                       _run_text, "text_encoder"),
 }
 
 
@@ -367,3 +422,53 @@ def test_partial_load_gives_the_full_load_output(name, comfyui, bridge, monkeypa
     with torch.inference_mode():
         got = family.run(full, alias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# Every loader keeps an fp8 file's Linear weights in fp8 (issue 17, fault 3; e4m3fn, e5m2, ComfyUI's scaled
+# fp8): those models stream with fp8 weights, each cast (times its scale) per call by EditKit's CastLinear
+SCALED_FP8 = ["flux_fill", "flux2_klein_4b", "flux2_klein_9b", "qwen25_vl", "qwen3", "qwen_edit", "qwen_layered",
+              "t5_xxl", "zimage"]
+
+
+def _scaled_fp8(comfyui, module) -> int:
+    """Every Linear of ``module`` (built on the meta device) stored in e4m3fn with a scale, as the loaders
+    leave an fp8 file's layers (core.precision's CastLinear; transformers' ``_keep_in_fp32_modules``, T5's
+    ``wo``, are widened instead); returns how many."""
+    keep32 = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    kept = {f"{name}.weight": (torch.empty(layer.weight.shape, dtype=torch.float8_e4m3fn, device="meta"), 0.5)
+            for name, layer in module.named_modules()
+            if type(layer) is torch.nn.Linear and not keep32.intersection(name.split("."))}
+    return comfyui.pack_submodule("pipelines.core.precision").restore_fp8(module, kept, torch.float32)
+
+
+@pytest.mark.parametrize("name", SCALED_FP8)
+def test_scaled_fp8_model_streams_at_real_size(name, comfyui, bridge, monkeypatch):
+    family = FAMILIES[name]
+    meta = torch.device("meta")
+    _on_device(monkeypatch, meta)
+    with meta:
+        module = family.build("full")
+    assert _scaled_fp8(comfyui, module) > 0
+    component, patcher = _patcher(comfyui, bridge, module, family.kind)
+    size = patcher.model_size()
+    assert size == sum(t.numel() * t.element_size() for t in module.state_dict().values())  # fp8: 1 byte each
+    budget = int(BUDGET * size)
+    _partial_load(patcher, budget)
+    on_device = [m for m in module.modules() if getattr(m, "comfy_patched_weights", False)]
+    assert 0 < sum(_tensor_bytes(m) for m in on_device) <= budget
+    fp8 = [m for m in module.modules() if hasattr(m, "weight_scale")]
+    assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8), "loading cast fp8 weights up"
+    _check_streamable(module)
+
+    # one block at real width runs on the meta "GPU" with nothing loaded (as --novram; with 30 % a text
+    # encoder's embedding alone fills the budget and its small fp8 layers all load): every fp8 Linear streams
+    with meta:
+        shallow = family.build("shallow")
+    fp8_layers = _scaled_fp8(comfyui, shallow)
+    shallow.to_empty(device="cpu")  # never read
+    component, patcher = _patcher(comfyui, bridge, shallow, family.kind)
+    _partial_load(patcher, 1)
+    left = [m for m in shallow.modules() if getattr(m, "comfy_cast_weights", False) and hasattr(m, "weight_scale")]
+    assert len(left) == fp8_layers and all(m.weight.device.type == "cpu" for m in left), "an fp8 layer is stuck"
+    with torch.inference_mode():
+        assert family.run(shallow, meta).device == meta

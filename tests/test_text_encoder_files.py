@@ -13,15 +13,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import zimage_models as zm
 from PIL import Image
-from qwen_image_models import FILES, qwen_tree
 
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.flux import text as flux_text
 from editkit.pipelines.qwen_image import text as qwen_text
 from editkit.pipelines.qwen_image.loading import EDIT_2509
 from editkit.pipelines.zimage import text as zimage_text
+from tiny import zimage as zm
+from tiny.qwen_image import FAMILY as QWEN
+from tiny.qwen_image import FILES
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -52,7 +53,7 @@ def _rotary_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    paths = qwen_tree(tmp_path_factory.mktemp("qwen_text"))["paths"]
+    paths = QWEN.tree(tmp_path_factory.mktemp("qwen_text"))["paths"]
     return paths["folder"], paths["folder"].parents[1] / "text_encoders" / FILES["te_bf16"]
 
 

@@ -21,15 +21,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import flux2_models
 import numpy as np
 import pytest
-import qwen_layered_models
-import zimage_models
 from PIL import Image
 
 import editkit
 from packload import ROOT
+from tiny import flux2, qwen_layered, zimage
 from workflow_runner import NATIVE_STANDINS, WorkflowError, WorkflowRunner, small_size
 
 API_DIR = ROOT / "workflows" / "api"
@@ -88,14 +86,14 @@ def fast(prompt: dict) -> dict:
             inputs["resolution"] = BEN2_RESOLUTION
         if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
             inputs["width"], inputs["height"] = small_size(inputs["width"], inputs["height"])
-        if node["class_type"] in qwen_layered_models.TINY_TREE_INPUTS:  # Qwen-Image-Layered: 64² bucket
-            inputs.update(qwen_layered_models.TINY_TREE_INPUTS[node["class_type"]])
-        if node["class_type"] in flux2_models.TINY_TREE_INPUTS:  # FLUX.2: the folder's tokenizer and encoder
-            inputs.update(flux2_models.TINY_TREE_INPUTS[node["class_type"]])
-        if node["class_type"] in zimage_models.TINY_TREE_INPUTS:  # Z-Image: tiny-tree files, shrunk stages
-            inputs.update(zimage_models.TINY_TREE_INPUTS[node["class_type"]])
+        if node["class_type"] in qwen_layered.TINY_TREE_INPUTS:  # Qwen-Image-Layered: 64² bucket
+            inputs.update(qwen_layered.TINY_TREE_INPUTS[node["class_type"]])
+        if node["class_type"] in flux2.TINY_TREE_INPUTS:  # FLUX.2: the folder's tokenizer and encoder
+            inputs.update(flux2.TINY_TREE_INPUTS[node["class_type"]])
+        if node["class_type"] in zimage.TINY_TREE_INPUTS:  # Z-Image: tiny-tree files, shrunk stages
+            inputs.update(zimage.TINY_TREE_INPUTS[node["class_type"]])
         if node["class_type"] == "EditKitZImageProgressive" and isinstance(inputs.get("stages"), str):
-            inputs["stages"] = zimage_models.small_stages(inputs["stages"], small_size, FAST["steps"])
+            inputs["stages"] = zimage.small_stages(inputs["stages"], small_size, FAST["steps"])
     return prompt
 
 

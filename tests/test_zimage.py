@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import zimage_models as zm
 from safetensors.torch import save_file
 
 from editkit.pipelines.core import sampling as core
@@ -20,6 +19,7 @@ from editkit.pipelines.core.errors import EditKitError, ModelFileError
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.zimage import loading, sampler, text
 from editkit.pipelines.zimage.progressive import sample_stage
+from tiny import zimage as zm
 
 F32 = torch.float32
 VENDOR_COMFY = Path(__file__).resolve().parents[2] / "shared" / "vendor" / "ComfyUI"

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import zimage_models as zm
 from safetensors.torch import save_file
 
 from editkit.nodes import zimage_nodes as zn
@@ -22,6 +21,7 @@ from editkit.pipelines.core.runtime import Component, TorchRuntime
 from editkit.pipelines.zimage import loading, sampler
 from editkit.pipelines.zimage.lora import ZIMAGE_LORA
 from node_calls import call_node
+from tiny import zimage as zm
 
 F32 = torch.float32
 RANK = 4

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import zimage_models as zm
 from PIL import Image
 
 from editkit.nodes import zimage_nodes as zn
@@ -22,6 +21,7 @@ from editkit.pipelines.zimage import cli
 from editkit.pipelines.zimage.latents import upscale_raw
 from node_calls import call_node
 from packload import ROOT
+from tiny import zimage as zm
 
 STAGES = """
 sampler: euler_ancestral

@@ -93,7 +93,7 @@ class ComponentSpec:
             self.check_module(model, sub)
         model.eval().requires_grad_(False)
         if self.casts:
-            apply_precision(model, precision)
+            apply_precision(model, precision, self.single_file.widen if self.single_file else ())
         return Component(model, self.kind, f"{folder.name}/{self.subfolder}", dtype)
 
     def source(self, folder: Path | None, file: Path | None, dtype: torch.dtype,

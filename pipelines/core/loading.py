@@ -172,6 +172,42 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict
     return sd
 
 
+_HEADER_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def stored_float_dtype(source: Path | None) -> torch.dtype | None:
+    """The dtype most of a ``.safetensors`` file's (or a folder's first shard's) floating bytes are stored in.
+
+    Read from the header only (no weights). None for GGUF, fp8-mostly files, anything unreadable: callers then
+    keep their own choice. Used for ``auto`` precision: a bf16 file stays bf16 in memory on a device that
+    computes in fp32 (issue 17: storage keeps the file's precision).
+    """
+    if source is None:
+        return None
+    if source.is_dir():
+        shards = sorted(source.glob("*.safetensors"))
+        if not shards:
+            return None
+        source = shards[0]
+    if source.suffix.lower() not in (".safetensors", ".sft") or not source.is_file():
+        return None
+    try:
+        with safetensors.safe_open(str(source), framework="pt") as handle:
+            totals: dict[str, int] = {}
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                count = 1
+                for side in piece.get_shape():
+                    count *= side
+                name = piece.get_dtype()
+                totals[name] = totals.get(name, 0) + count
+    except Exception:  # damaged files are reported by the loader that reads them
+        return None
+    if not totals:
+        return None
+    return _HEADER_DTYPES.get(max(totals, key=totals.get))
+
+
 def count_blocks(keys, prefix: str) -> int:
     """How many numbered blocks ``<prefix><i>.`` the keys hold (highest index + 1): the depth a file reveals."""
     indices = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}

@@ -300,7 +300,7 @@ CAST_CLASSES: dict[type, type] = {torch.nn.Linear: CastLinear, torch.nn.Conv2d: 
                                   torch.nn.Embedding: CastEmbedding}
 
 
-def apply_precision(module: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+def apply_precision(module: torch.nn.Module, precision: Precision, keep_prefixes: tuple[str, ...] = ()) -> torch.nn.Module:
     """Store ``module``'s Linear/Conv2d/Embedding weights in ``precision.storage``, the rest in its compute dtype.
 
     With equal dtypes this is ``module.to(dtype)``. Otherwise exact ``torch.nn`` Linear, Conv2d and
@@ -312,7 +312,8 @@ def apply_precision(module: torch.nn.Module, precision: Precision) -> torch.nn.M
 
     Layers a transformers model lists in ``_keep_in_fp32_modules`` (T5's ``wo``) stay in the compute
     dtype: transformers casts their *input* to their weight's dtype, so a narrower stored weight would
-    round the activations.
+    round the activations. So do modules named with one of ``keep_prefixes`` (a family's layers whose model code
+    picks its activations' dtype from the weight's, such as Z-Image's timestep embedder).
     """
     if not precision.casts:
         for tensor_owner in module.modules():
@@ -327,7 +328,7 @@ def apply_precision(module: torch.nn.Module, precision: Precision) -> torch.nn.M
                 layer.bias.data = layer.bias.data.to(precision.compute)
             continue
         target = CAST_CLASSES.get(type(layer))
-        if target is None or keep.intersection(name.split(".")):
+        if target is None or keep.intersection(name.split(".")) or (keep_prefixes and name.startswith(keep_prefixes)):
             _convert_direct(layer, precision.compute)
             continue
         layer.__class__ = target

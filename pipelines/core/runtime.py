@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import Interrupted
+from .heap import trim_when_collected
 
 PreviewFn = Callable[[], torch.Tensor]
 
@@ -41,6 +42,7 @@ class Component:
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        trim_when_collected(self.module)  # freed weights go back to the OS, not only to the heap (core.heap)
         if self.quantized and "dequant_cache" not in self.extras:
             from .gguf import adopt_gguf_layers  # GGUF layers: EditKit's fast, streamable ones (core.gguf)
 

@@ -255,7 +255,7 @@ class SingleFile:
         model.load_state_dict({k: sd.pop(k) for k in wanted}, strict=True, assign=True)
         sd.clear()  # the model holds the tensors now; dropping these lets a widened copy free its source
         keep_fp8_layers(model, scales, precision.compute)
-        return apply_precision(model, precision)
+        return apply_precision(model, precision, self.widen)
 
     def _from_gguf(self, sd: dict, config: dict, dtype: torch.dtype):
         from diffusers import GGUFQuantizationConfig

@@ -6,6 +6,10 @@ Reading BFL files uses diffusers' own converter. Two gaps are filled here:
   fused ``linear1`` into q, k, v and the MLP input. EditKit splits ``linear1`` itself at the
   width the file has, so narrower test models and any future width load through the same code
   as the real 3072-wide files.
+* diffusers' converter splits a double block's fused ``qkv`` with ``torch.cat([chunk])``, which copies:
+  for a mapped GGUF file that is 1.1 GB of FLUX.1-dev's 12.7 GB Q8_0 copied into the heap instead of
+  staying views of the file (``scripts/bench/memory.py``: resident 1.09x the file). EditKit splits them into
+  views itself, as for ``linear1``.
 * diffusers has no way back. Kontext-inpaint checkpoints are saved for ComfyUI users as one
   BFL-layout file and the tiny test models are written as BFL files, so the inverse mappings
   (transformer and VAE) live here.
@@ -63,17 +67,13 @@ def bfl_transformer_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[st
         single_parts[f"{prefix}proj_mlp.{kind}"] = mlp
         # An empty stand-in of the shape diffusers expects; its split results are replaced below.
         checkpoint[key] = torch.empty((fused_rows, 0) if kind == "weight" else (fused_rows,))
-    # The double blocks' fused qkv: diffusers' converter splits them and then copies each part (``torch.cat`` of
-    # one tensor), which would leave a copy of every attention weight while the fused originals wait for the
-    # allocator (measured: resident 1.10x the file). Split here into views instead, as for linear1 above.
-    for key in [k for k in checkpoint if k.startswith("double_blocks.") and k.endswith(("_attn.qkv.weight",
-                                                                                       "_attn.qkv.bias"))]:
-        block, stream = key.split(".")[1], key.split(".")[2]  # img_attn | txt_attn
+    for key in [k for k in checkpoint if k.startswith("double_blocks.") and "_attn.qkv." in k]:
+        block, stream = key.split(".")[1:3]  # stream: img_attn | txt_attn
         kind = key.rsplit(".", 1)[1]
         names = ("to_q", "to_k", "to_v") if stream == "img_attn" else ("add_q_proj", "add_k_proj", "add_v_proj")
-        for name, part in zip(names, torch.chunk(checkpoint[key], 3, dim=0), strict=True):
+        for name, part in zip(names, torch.chunk(checkpoint[key], 3, dim=0)):  # views, not copies
             single_parts[f"transformer_blocks.{block}.attn.{name}.{kind}"] = part
-        checkpoint[key] = torch.empty((3, 0) if kind == "weight" else (3,))
+        checkpoint[key] = torch.empty((3, 0) if kind == "weight" else (3,))  # diffusers' copies of nothing
     converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
     converted.update(single_parts)
     return converted

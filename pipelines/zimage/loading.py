@@ -109,7 +109,7 @@ SINGLE_FILE = SingleFile(
 TRANSFORMER = ComponentSpec(
     tag="zimage_transformer", what="Z-Image transformer", subfolder="transformer",
     model_class="ZImageTransformer2DModel", kind="diffusion",
-    single_file=SINGLE_FILE,
+    single_file=SINGLE_FILE, casts=True,
     missing="No transformer: pick a diffusers folder or a transformer file (z_image_turbo_bf16.safetensors) in "
             "EditKit · Z-Image Loader.",
 )
