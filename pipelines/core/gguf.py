@@ -66,7 +66,7 @@ _Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
 _DECODE_CHUNK_ELEMENTS = 1 << 18  # weights decoded per step on a CPU (the byte temporaries stay in L2)
 _BIT_SHIFTS = torch.arange(8, dtype=torch.int32)
 _CRUMB_SHIFTS = torch.arange(0, 8, 2, dtype=torch.int32)
-_WORD_SHIFTS = torch.arange(32, dtype=torch.int32)
+_LANE_BITS = 0x8040201008040201 - (1 << 64)  # lane k (byte k of a 64-bit word) keeps bit k; as a signed int64
 _CHUNKED_MAX_ROWS = 64  # above this, one full dequantization then one large matmul is faster on a CPU
 
 
@@ -158,16 +158,20 @@ def _words(packed: torch.Tensor) -> torch.Tensor:
 def _nibbles(packed: torch.Tensor, work: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
     """``packed`` ``[n, k, w]`` bytes → ``work`` ``[n, k, 2, w]`` fp32: low nibbles, then high nibbles (GGML's
     order), each ORed with ``high`` (``[n, k, 2, w]`` bytes, the fifth/sixth bits already in place) when given.
-    The bit work runs on bytes with contiguous outputs (vectorised); the conversion to fp32 happens once."""
-    words = _words(packed)  # four bytes per operation; the masks keep every bit in its byte
-    low = torch.bitwise_and(words, 0x0F0F0F0F).view(torch.uint8)
-    top = torch.bitwise_right_shift(words, 4).bitwise_and_(0x0F0F0F0F).view(torch.uint8)
+
+    The bit work runs on 32-bit words (four bytes per operation; the masks keep every bit in its byte) and
+    writes both halves into one byte buffer in the elements' order, so one contiguous conversion fills ``work``.
+    """
+    n, k, w = packed.shape
+    words = _words(packed)  # [n, k, w / 4]
+    both = torch.empty(n, k, 2, w // 4, dtype=torch.int32, device=packed.device)
+    torch.bitwise_and(words, 0x0F0F0F0F, out=both[:, :, 0])
+    torch.bitwise_right_shift(words, 4, out=both[:, :, 1])
+    both[:, :, 1].bitwise_and_(0x0F0F0F0F)
+    values = both.view(torch.uint8)  # [n, k, 2, w]
     if high is not None:
-        low.bitwise_or_(high[:, :, 0])
-        top.bitwise_or_(high[:, :, 1])
-    work[:, :, 0].copy_(low)
-    work[:, :, 1].copy_(top)
-    return work
+        values.bitwise_or_(high)
+    return work.copy_(values)
 
 
 def _bit_planes(packed: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
@@ -198,13 +202,13 @@ def _decode_q8_0(blocks, work):
 def _decode_q4_0(blocks, work):
     n = blocks.shape[0]
     _nibbles(blocks[:, 2:].unsqueeze(1), work.view(n, 1, 2, 16))
-    work.sub_(8).mul_(_f16(blocks, 0))
+    work.sub_(8).mul_(_f16(blocks, 0))  # (two in-place passes beat one broadcasting addcmul here)
 
 
 def _decode_q4_1(blocks, work):
     n = blocks.shape[0]
     _nibbles(blocks[:, 4:].unsqueeze(1), work.view(n, 1, 2, 16))
-    work.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
+    work.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))  # q d (exact) + m, rounded once
 
 
 def _decode_q5_0(blocks, work):
@@ -220,10 +224,16 @@ def _decode_q5_1(blocks, work):
 
 
 def _q5_high(qh: torch.Tensor) -> torch.Tensor:
-    """Q5_0/Q5_1's 32-bit field (bit j: fifth bit of element j) → ``[n, 1, 2, 16]`` bytes of 0 or 16."""
-    word = _words(qh)  # [n, 1], little-endian like the format
-    bits = torch.bitwise_right_shift(word, _WORD_SHIFTS.to(qh.device)).bitwise_and_(1).bitwise_left_shift_(4)
-    return bits.to(torch.uint8).view(qh.shape[0], 1, 2, 16)
+    """Q5_0/Q5_1's 32-bit field (bit j: fifth bit of element j) → ``[n, 1, 2, 16]`` bytes of 0 or 16.
+
+    Each byte is spread over the 8 bytes of a 64-bit word without leaving the word's lanes: the byte
+    repeated in every lane, lane k keeps bit k, a nonzero lane becomes 16 (adding 0x7F sets a lane's top
+    bit exactly when it is nonzero, and never carries into the next lane). So the bits come out in the
+    elements' order, 8 at a time.
+    """
+    lanes = qh.to(torch.int64).mul_(0x0101010101010101).bitwise_and_(_LANE_BITS)
+    lanes.add_(0x7F7F7F7F7F7F7F7F).bitwise_right_shift_(3).bitwise_and_(0x1010101010101010)
+    return lanes.view(torch.uint8).view(qh.shape[0], 1, 2, 16)
 
 
 def _decode_k(blocks, work, high: bool):
@@ -235,7 +245,7 @@ def _decode_k(blocks, work, high: bool):
     # Q5_K: bit s of qh byte j is the fifth bit of element j of sub-block s
     fifth = _bit_planes(blocks[:, 16:48], _BIT_SHIFTS, 1).view(n, 4, 2, 32) if high else None
     _nibbles((blocks[:, 48:] if high else blocks[:, 16:]).reshape(n, 4, 32), work.view(n, 4, 2, 32), fifth)
-    work.view(n, 8, 32).mul_(scale).sub_(low)
+    work.view(n, 8, 32).mul_(scale).sub_(low)  # q (d sc) (exact) - dmin m, rounded once
 
 
 def _decode_q6_k(blocks, work):
