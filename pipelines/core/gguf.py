@@ -64,6 +64,7 @@ _CHUNK_ELEMENTS = 1 << 20  # dequantized elements per CPU chunk (4 MiB in fp32: 
 _CACHE_MIN_ROWS = 16  # activations with fewer rows are cheaper through the chunked path than cached weights
 _Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
 _DECODE_CHUNK_ELEMENTS = 1 << 18  # weights decoded per step on a CPU (the byte temporaries stay in L2)
+_DEVICE_CHUNK_ELEMENTS = 1 << 22  # and on a GPU
 _BIT_SHIFTS = torch.arange(8, dtype=torch.int32)
 _CRUMB_SHIFTS = torch.arange(0, 8, 2, dtype=torch.int32)
 _LANE_BITS = 0x8040201008040201 - (1 << 64)  # lane k (byte k of a 64-bit word) keeps bit k; as a signed int64
@@ -287,9 +288,12 @@ def dequantize(raw: torch.Tensor, quant_type, shape: tuple[int, int], dtype: tor
     flat = out.view(-1, block_size)
     decoder = _DECODERS.get(int(quant_type))
     n = blocks.shape[0]
-    step = n if raw.device.type != "cpu" else max(1, _DECODE_CHUNK_ELEMENTS // block_size)  # GPUs: one pass
+    # CPUs: chunks that stay in the core's cache; GPUs: larger ones (fewer launches), still far below a
+    # large layer, so the fp32 temporary is at most 16 MiB there too
+    chunk = _DECODE_CHUNK_ELEMENTS if raw.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    step = max(1, chunk // block_size)
     if decoder is not None and blocks.storage_offset() % 2 == 0:  # (fp16 fields at odd offsets: generic path)
-        work = torch.empty(min(step, n), block_size, device=raw.device)  # fp32, reused: stays in the cache
+        work = torch.empty(min(step, n), block_size, device=raw.device)  # fp32, reused for every chunk
         for start in range(0, n, step):
             target = flat[start:start + step]
             chunk = work[:target.shape[0]]
