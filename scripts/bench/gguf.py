@@ -18,6 +18,9 @@ rows it sees in a 512² Fill step with 512 text tokens (image stream 1024, text 
 at every call: the worst case, what a layer outside a 10 % cache pays). Seconds are the process's CPU
 time (so the other jobs of a shared machine do not enter them; run it with ``--threads 1``), per block
 pair, alternating rounds.
+
+``decode``: nanoseconds per weight to decode one 3072 x 3072 weight of each type into the compute dtype
+(CPU time, a reused output, alternating rounds; ``--threads 1`` for the per-core figure).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 from . import models
 from .harness import Settings, alternate, pack_module, print_table, timing_table
 
-PARTS = ("calls", "layers")
+PARTS = ("calls", "layers", "decode")
+DECODE_TYPES = ("Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # (out, in, rows) of the linear layers of one FLUX.1 double block and one single block, 512² Fill, 512 text tokens
 FLUX_BLOCK_LAYERS = ([(18432, 3072, 1)] * 2 + [(3072, 3072, 1024)] * 4 + [(3072, 3072, 512)] * 4
                      + [(12288, 3072, 1024), (3072, 12288, 1024), (12288, 3072, 512), (3072, 12288, 512)]
@@ -202,6 +206,31 @@ def layers_part(settings: Settings) -> None:
                  f"no dequantized-layer cache, CPU seconds, {settings.describe()}", timings, unit="CPU s/block pair")
 
 
+def decode_part(settings: Settings) -> None:
+    import time
+
+    import gguf
+
+    core_gguf = pack_module("pipelines.core.gguf")
+    rows = cols = 3072
+    rng = np.random.default_rng(0)
+    out = torch.empty(rows, cols, dtype=settings.dtype)
+
+    def case(quant):
+        kind, packed = getattr(gguf.GGMLQuantizationType, quant), _random_packed(quant, rows, cols, rng)
+
+        def timed():
+            started = time.process_time()
+            core_gguf.dequantize(packed, kind, (rows, cols), settings.dtype, out=out)
+            return (time.process_time() - started) / (rows * cols) * 1e9
+
+        return timed
+
+    timings = alternate({quant: case(quant) for quant in DECODE_TYPES}, settings.rounds)
+    timing_table(f"Decoding a {rows}x{cols} GGUF weight into {str(settings.dtype).removeprefix('torch.')}, CPU time, "
+                 f"{settings.describe()}", timings, unit="ns per weight")
+
+
 def run(settings: Settings, parts=PARTS) -> None:
     for part in parts:
-        {"calls": calls_part, "layers": layers_part}[part](settings)
+        {"calls": calls_part, "layers": layers_part, "decode": decode_part}[part](settings)
