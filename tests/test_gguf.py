@@ -63,6 +63,76 @@ def test_dequantization_is_exact_in_fp32_and_rounds_once_to_half(qtype):
     assert torch.equal(core_gguf.dequantize_parameter(weight, torch.bfloat16), reference.to(torch.bfloat16))
 
 
+# Byte offsets of each block type's fp16 fields (scales, minimums): set to finite values, the rest random.
+HALF_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int = 0):
+    """Random packed rows of ``qtype`` (every bit pattern of the quantized values, fp16 fields finite),
+    and gguf-py's reference dequantization of them (fp32)."""
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    packed = rng.integers(0, 256, (rows, blocks_per_row, size), dtype=np.uint8)
+    for offset in HALF_FIELDS[qtype]:
+        packed[..., offset:offset + 2] = (rng.standard_normal((rows, blocks_per_row, 1)) * 0.01).astype(
+            np.float16).view(np.uint8)
+    packed = packed.reshape(rows, -1)
+    return kind, packed, torch.from_numpy(gguf.quants.dequantize(packed, kind)), block
+
+
+@pytest.mark.parametrize("qtype", list(HALF_FIELDS))
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16, torch.float16])
+def test_every_decoder_equals_gguf_py_reference_rounded_once(qtype, dtype, monkeypatch):
+    """EditKit's decoders against the library's reference, bit for bit, across chunk boundaries (a chunk of
+    3 blocks forced, the last one partial) and in one chunk."""
+    kind, packed, reference, block = _random_blocks(qtype, 37, 5, seed=len(qtype))
+    shape = (37, 5 * block)
+    assert torch.equal(core_gguf.dequantize(torch.from_numpy(packed), kind, shape, dtype), reference.to(dtype))
+    monkeypatch.setattr(core_gguf, "_DECODE_CHUNK_ELEMENTS", 3 * block)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    got = core_gguf.dequantize(torch.from_numpy(packed), kind, shape, dtype, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, reference.to(dtype))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_1", "Q4_0", "Q4_K"])
+def test_decoding_to_bf16_makes_no_fp32_copy_of_the_weight(qtype):
+    """On a CPU the weight is decoded a cache-sized chunk at a time: no temporary anywhere near the fp32
+    size of the weight exists (the former decoders built the whole weight in fp32, then converted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kind, packed, reference, block = _random_blocks(qtype, 512, 4096 // gguf.GGML_QUANT_SIZES[
+        getattr(gguf.GGMLQuantizationType, qtype)][0])
+    out = torch.empty(512, 4096, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        core_gguf.dequantize(torch.from_numpy(packed), kind, (512, 4096), torch.bfloat16, out=out)
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert largest <= 4 * core_gguf._DECODE_CHUNK_ELEMENTS < 512 * 4096 * 4 // 4
+    assert torch.equal(out, reference.to(torch.bfloat16))
+
+
+def test_uncached_layers_share_one_reused_buffer_and_stay_exact():
+    """Layers that are not cached decode into one reused CPU buffer; each call still gives its own layer's
+    F.linear (a later layer's decode does not change an earlier result)."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    layers, references = [], []
+    for seed, (rows, cols) in enumerate([(96, 256), (160, 512), (64, 256)]):
+        kind, packed, reference = _packed("Q4_0", rows, cols, seed=seed)
+        layer = core_gguf.GGUFLinear(cols, rows, bias=False, compute_dtype=F32)
+        layer.weight = GGUFParameter(torch.from_numpy(packed), quant_type=kind)
+        layers.append(layer)
+        references.append(reference)
+    x = [torch.randn(200, layer.in_features) for layer in layers]  # 200 rows: the full-decode path
+    with torch.inference_mode():
+        outputs = [layer(v) for layer, v in zip(layers, x)]
+    for out, v, reference in zip(outputs, x, references):
+        torch.testing.assert_close(out, F.linear(v, reference), rtol=1e-5, atol=1e-5)
+    buffer = core_gguf._scratch(1, F32)
+    assert buffer.untyped_storage().nbytes() >= 160 * 512 * 4  # grown to the largest weight, then reused
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 300])
 def test_cpu_chunked_layer_equals_dense_linear(qtype, rows, monkeypatch):

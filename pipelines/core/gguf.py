@@ -24,9 +24,11 @@ Computing (:class:`GGUFLinear`)
     full FLUX.1 pass took 2.3-2.6 s per step on the benchmark CPU, +30 % per step), and its layer
     cannot be streamed by ComfyUI under ``--lowvram``. This layer
 
-    * dequantizes straight into the compute dtype: Q8_0 is one int8→float conversion into the output
-      buffer plus one in-place scale multiply (bit-identical to gguf-py's reference dequantization in
-      fp32); the other types use diffusers' block decoders in fp32;
+    * dequantizes straight into the compute dtype, bit-identical to gguf-py's reference rounded once
+      (:func:`dequantize`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K decoded a cache-sized chunk at a
+      time, about 1-2 ns per weight on one core of the benchmark CPU against 10-25 ns for diffusers' block
+      decoders, which remain for the rarer types); a weight that is not kept is decoded into a reused
+      CPU buffer instead of fresh memory;
     * on a CPU, for activations of a few rows (modulation layers, which see one vector per image),
       multiplies chunk by chunk (a few hundred output rows at a time, dequantized into a cache-sized
       buffer and consumed at once by the matmul), so the dense weight never travels through main
@@ -61,6 +63,11 @@ log = logging.getLogger("EditKit")
 _CHUNK_ELEMENTS = 1 << 20  # dequantized elements per CPU chunk (4 MiB in fp32: fits the L2/L3 caches)
 _CACHE_MIN_ROWS = 16  # activations with fewer rows are cheaper through the chunked path than cached weights
 _Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
+_DECODE_CHUNK_ELEMENTS = 1 << 18  # weights decoded per step on a CPU (the byte temporaries stay in L2)
+_DEVICE_CHUNK_ELEMENTS = 1 << 22  # and on a GPU
+_BIT_SHIFTS = torch.arange(8, dtype=torch.int32)
+_CRUMB_SHIFTS = torch.arange(0, 8, 2, dtype=torch.int32)
+_LANE_BITS = 0x8040201008040201 - (1 << 64)  # lane k (byte k of a 64-bit word) keeps bit k; as a signed int64
 _CHUNKED_MAX_ROWS = 64  # above this, one full dequantization then one large matmul is faster on a CPU
 
 
@@ -136,46 +143,168 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return torch.Tensor._make_subclass(torch.Tensor, tensor, False)
 
 
-def _q8_0(raw: torch.Tensor, rows: int, cols: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-    """Q8_0 blocks (fp16 scale + 32 int8) → ``[rows, cols]``: one conversion into ``out``, one in-place scale."""
-    blocks = raw.reshape(rows, cols // 32, 34)
-    values = blocks[..., 2:].view(torch.int8)
-    scales = blocks[..., :2].view(torch.float16).float()
-    work = out if out is not None and dtype == torch.float32 else torch.empty(
-        (rows, cols // 32, 32), dtype=torch.float32, device=raw.device)
-    work = work.view(rows, cols // 32, 32)
-    work.copy_(values)
-    work.mul_(scales)
-    if dtype != torch.float32:
-        if out is not None:
-            return out.view(rows, cols // 32, 32).copy_(work).view(rows, cols)
-        return work.to(dtype).view(rows, cols)
-    return work.view(rows, cols)
+def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 at byte ``offset`` of every block, as an ``[n, 1]`` fp32 column (exact)."""
+    return blocks[:, offset:offset + 2].view(torch.float16).float()
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """Contiguous bytes ``[..., 4 k]`` viewed as ``[..., k]`` int32 words (copied when not 4-byte aligned)."""
+    packed = packed.contiguous()
+    if packed.storage_offset() % 4:
+        packed = packed.clone()
+    return packed.view(torch.int32)
+
+
+def _nibbles(packed: torch.Tensor, work: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
+    """``packed`` ``[n, k, w]`` bytes → ``work`` ``[n, k, 2, w]`` fp32: low nibbles, then high nibbles (GGML's
+    order), each ORed with ``high`` (``[n, k, 2, w]`` bytes, the fifth/sixth bits already in place) when given.
+
+    The bit work runs on 32-bit words (four bytes per operation; the masks keep every bit in its byte) and
+    writes both halves into one byte buffer in the elements' order, so one contiguous conversion fills ``work``.
+    """
+    n, k, w = packed.shape
+    words = _words(packed)  # [n, k, w / 4]
+    both = torch.empty(n, k, 2, w // 4, dtype=torch.int32, device=packed.device)
+    torch.bitwise_and(words, 0x0F0F0F0F, out=both[:, :, 0])
+    torch.bitwise_right_shift(words, 4, out=both[:, :, 1])
+    both[:, :, 1].bitwise_and_(0x0F0F0F0F)
+    values = both.view(torch.uint8)  # [n, k, 2, w]
+    if high is not None:
+        values.bitwise_or_(high)
+    return work.copy_(values)
+
+
+def _bit_planes(packed: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
+    """Bit fields of every byte of ``packed`` ``[n, b]`` (b a multiple of 4), moved to bits 4 and up.
+
+    Result ``[n, len(shifts), b]`` bytes: entry ``[i, j]`` is ``(byte j >> shifts[i]) & mask``, shifted left
+    by 4. Computed on 32-bit words (four bytes per operation; ``mask`` is repeated in each byte, so no bit
+    crosses into the next byte), a quarter of the operations of byte-wise shifts.
+    """
+    words = _words(packed).unsqueeze(1)  # [n, 1, b / 4]
+    planes = torch.bitwise_right_shift(words, shifts.to(packed.device).view(1, -1, 1))
+    planes.bitwise_and_(mask * 0x01010101).bitwise_left_shift_(4)
+    return planes.view(torch.uint8)
+
+
+def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 packed bytes → 8 six-bit scales and 8 six-bit minimums per super-block (GGML's layout)."""
+    d, m, m_d = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _decode_q8_0(blocks, work):
+    work.copy_(blocks[:, 2:].view(torch.int8)).mul_(_f16(blocks, 0))
+
+
+def _decode_q4_0(blocks, work):
+    n = blocks.shape[0]
+    _nibbles(blocks[:, 2:].unsqueeze(1), work.view(n, 1, 2, 16))
+    work.sub_(8).mul_(_f16(blocks, 0))  # (two in-place passes beat one broadcasting addcmul here)
+
+
+def _decode_q4_1(blocks, work):
+    n = blocks.shape[0]
+    _nibbles(blocks[:, 4:].unsqueeze(1), work.view(n, 1, 2, 16))
+    work.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))  # q d (exact) + m, rounded once
+
+
+def _decode_q5_0(blocks, work):
+    n = blocks.shape[0]
+    _nibbles(blocks[:, 6:].unsqueeze(1), work.view(n, 1, 2, 16), _q5_high(blocks[:, 2:6]))
+    work.sub_(16).mul_(_f16(blocks, 0))
+
+
+def _decode_q5_1(blocks, work):
+    n = blocks.shape[0]
+    _nibbles(blocks[:, 8:].unsqueeze(1), work.view(n, 1, 2, 16), _q5_high(blocks[:, 4:8]))
+    work.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
+
+
+def _q5_high(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1's 32-bit field (bit j: fifth bit of element j) → ``[n, 1, 2, 16]`` bytes of 0 or 16.
+
+    Each byte is spread over the 8 bytes of a 64-bit word without leaving the word's lanes: the byte
+    repeated in every lane, lane k keeps bit k, a nonzero lane becomes 16 (adding 0x7F sets a lane's top
+    bit exactly when it is nonzero, and never carries into the next lane). So the bits come out in the
+    elements' order, 8 at a time.
+    """
+    lanes = qh.to(torch.int64).mul_(0x0101010101010101).bitwise_and_(_LANE_BITS)
+    lanes.add_(0x7F7F7F7F7F7F7F7F).bitwise_right_shift_(3).bitwise_and_(0x1010101010101010)
+    return lanes.view(torch.uint8).view(qh.shape[0], 1, 2, 16)
+
+
+def _decode_k(blocks, work, high: bool):
+    """Q4_K (``high`` False) and Q5_K: 8 sub-blocks of 32 with six-bit scales and minimums."""
+    n = blocks.shape[0]
+    sc, mn = _k_scales(blocks[:, 4:16])
+    scale = (_f16(blocks, 0) * sc).unsqueeze(-1)  # the reference's rounding order: (d * sc) * q - dmin * m
+    low = (_f16(blocks, 2) * mn).unsqueeze(-1)
+    # Q5_K: bit s of qh byte j is the fifth bit of element j of sub-block s
+    fifth = _bit_planes(blocks[:, 16:48], _BIT_SHIFTS, 1).view(n, 4, 2, 32) if high else None
+    _nibbles((blocks[:, 48:] if high else blocks[:, 16:]).reshape(n, 4, 32), work.view(n, 4, 2, 32), fifth)
+    work.view(n, 8, 32).mul_(scale).sub_(low)  # q (d sc) (exact) - dmin m, rounded once
+
+
+def _decode_q6_k(blocks, work):
+    n = blocks.shape[0]
+    scale = (_f16(blocks, 208) * blocks[:, 192:208].view(torch.int8)).unsqueeze(-1)  # [n, 16, 1]
+    crumbs = _bit_planes(blocks[:, 128:192].reshape(n * 2, 32), _CRUMB_SHIFTS, 3)  # [2n, 4, 32]: bits 4-5
+    _nibbles(blocks[:, :128].reshape(n, 2, 64), work.view(n, 2, 2, 64), crumbs.view(n, 2, 2, 64))
+    work.sub_(32).view(n, 16, 16).mul_(scale)
+
+
+_DECODERS = {  # gguf.GGMLQuantizationType values → decoders writing one chunk of blocks into ``out``
+    8: _decode_q8_0, 2: _decode_q4_0, 3: _decode_q4_1, 6: _decode_q5_0, 7: _decode_q5_1,
+    12: lambda blocks, out: _decode_k(blocks, out, high=False), 13: lambda blocks, out: _decode_k(blocks, out, high=True),
+    14: _decode_q6_k,
+}
 
 
 def dequantize(raw: torch.Tensor, quant_type, shape: tuple[int, int], dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed GGUF bytes ``raw`` (rows of blocks) → a ``shape`` tensor in ``dtype`` on ``raw``'s device.
 
-    Computed in fp32 and rounded once to ``dtype`` (never through fp16 intermediates), so fp32 results
-    equal gguf-py's reference dequantization.
+    Equal to gguf-py's reference dequantization (``gguf.quants.dequantize``) rounded once to ``dtype``:
+    every value is computed in fp32 in the reference's order of operations and rounded as it is stored.
+    Why not diffusers' block decoders (still used for the rarer types): they make about ten full-size
+    temporaries (int32 bit fields, fp32 products) and then convert, 25 ns per weight for Q5_1 or Q4_K
+    on the benchmark CPU, more than a 1,500-token matmul's share per weight. Here the blocks are
+    decoded a cache-sized chunk at a time; the bit work runs on bytes and the scale is applied by one
+    mixed-dtype multiply (or multiply-add) that writes the result straight into ``out`` in ``dtype``,
+    so no fp32 copy of the weight exists when ``dtype`` is bf16 (measured: docs/precision-and-gguf.md).
     """
     import gguf
 
     rows, cols = shape
     raw = _plain(raw)
-    if quant_type == gguf.GGMLQuantizationType.Q8_0:
-        try:
-            return _q8_0(raw, rows, cols, dtype, out)
-        except RuntimeError:  # scale bytes at an odd offset cannot be viewed as fp16: use the generic decoder
-            pass
     block_size, type_size = gguf.GGML_QUANT_SIZES[quant_type]
     blocks = raw.reshape(-1, type_size)
-    values = dequantize_functions[quant_type](blocks, block_size, type_size, dtype=torch.float32)
-    values = values.reshape(rows, cols)
-    if out is not None:
-        return out.view(rows, cols).copy_(values)
-    return values.to(dtype)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype, device=raw.device)
+    flat = out.view(-1, block_size)
+    decoder = _DECODERS.get(int(quant_type))
+    n = blocks.shape[0]
+    # CPUs: chunks that stay in the core's cache; GPUs: larger ones (fewer launches), still far below a
+    # large layer, so the fp32 temporary is at most 16 MiB there too
+    chunk = _DECODE_CHUNK_ELEMENTS if raw.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    step = max(1, chunk // block_size)
+    if decoder is not None and blocks.storage_offset() % 2 == 0:  # (fp16 fields at odd offsets: generic path)
+        work = torch.empty(min(step, n), block_size, device=raw.device)  # fp32, reused for every chunk
+        for start in range(0, n, step):
+            target = flat[start:start + step]
+            chunk = work[:target.shape[0]]
+            decoder(blocks[start:start + step], chunk)
+            target.copy_(chunk)
+        return out.view(rows, cols)
+    for start in range(0, blocks.shape[0], step):
+        values = dequantize_functions[quant_type](blocks[start:start + step], block_size, type_size,
+                                                  dtype=torch.float32)
+        flat[start:start + step].copy_(values.reshape(-1, block_size))
+    return out.view(rows, cols)
 
 
 def dequantize_parameter(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -275,6 +404,23 @@ def free_memory(device: torch.device) -> int:
 # The layer
 
 
+_scratch_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU buffer of at least ``numel`` elements of ``dtype``, reused by every uncached layer of this
+    thread (each weight decoded into it is consumed by its matmul before the next layer runs). It holds
+    the largest such weight seen, for as long as the thread lives."""
+    buffers = getattr(_scratch_buffers, "by_dtype", None)
+    if buffers is None:
+        buffers = _scratch_buffers.by_dtype = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
 def _apply(tensor: torch.Tensor, functions) -> torch.Tensor:
     for function in functions:
         tensor = function(tensor)
@@ -312,12 +458,20 @@ class GGUFLinear(_DiffusersGGUFLinear):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         cache = self.dequant_cache
         min_rows = _CACHE_MIN_ROWS if self.weight.quant_type == _Q8_0 else 1  # slower decoders: cache all
+        size = self.out_features * self.in_features * dtype.itemsize
         wants_cache = (cache is not None and not weight_functions and rows >= min_rows
-                       and cache.used < cache.budget)
+                       and cache.used + size <= cache.budget)
         chunkable = not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
         if (x.device.type == "cpu" and chunkable and not weight_functions and not wants_cache
                 and rows <= _CHUNKED_MAX_ROWS):
             return self._chunked(x, dtype, bias)
+        if x.device.type == "cpu" and chunkable and not weight_functions and not wants_cache:
+            # consumed at once and never kept: decode into a reused buffer (a fresh one of this size comes
+            # from mmap and pays a page fault per 4 KiB, as much as decoding Q8_0)
+            raw = _plain(self.weight).to(x.device)
+            weight = dequantize(raw, self.weight.quant_type, (self.out_features, self.in_features), dtype,
+                                out=_scratch(self.out_features * self.in_features, dtype))
+            return F.linear(x, weight, bias)
         weight = _apply(self.dense_weight(dtype, x.device), weight_functions)
         if wants_cache:
             cache.offer(self, weight, rows)

@@ -1,6 +1,6 @@
 """Run EditKit's benchmarks: ``python -m scripts.bench [options] FAMILY[:PART,PART] ... | all``.
 
-Families: fill, flux_sampler, qwen_image, zimage, gguf, lora, redux, kontext, ben2 (each file's docstring
+Families: fill, flux_sampler, qwen_image, zimage, flux2, gguf, lora, redux, kontext, ben2 (each file's docstring
 says what it measures). ``all`` runs every family and part: the figures README "Benchmarks" quotes.
 ``--quick`` is a smoke run (1-block models, 128², 2 rounds) to check the harness, not for figures.
 """
@@ -16,7 +16,7 @@ import torch
 
 from .harness import add_arguments, settings_from
 
-FAMILIES = ("fill", "flux_sampler", "qwen_image", "zimage", "gguf", "lora", "redux", "kontext", "ben2")
+FAMILIES = ("fill", "flux_sampler", "qwen_image", "zimage", "flux2", "gguf", "lora", "redux", "kontext", "ben2")
 
 
 def main(argv=None) -> int:

@@ -81,15 +81,23 @@ def steps_part(settings: Settings) -> None:
     pipe.set_progress_bar_config(disable=True)
     cases = {"diffusers FluxFillPipeline": _sampler_case(component, vae, settings, pipe),
              "EditKit Fill": _sampler_case(component, vae, settings)}
+    compiled = None
     if settings.extra.get("compile", True):
-        compiled_module = models.flux_transformer("fill", settings.flux_depth, dtype, settings.device)
-        compiled = models.component(compiled_module, "bench-fill-compiled", dtype)
+        compiled = models.component(models.twin(module), "bench-fill-compiled", dtype)  # same weights
         compile_mod.apply(compiled, "on", settings.device)
         cases["EditKit Fill, compile=on"] = _sampler_case(compiled, vae, settings)
     timings = alternate(cases, settings.rounds, device=settings.device)
     d, s = settings.flux_depth
-    timing_table(f"FLUX.1-Fill, real width, {d}+{s} blocks, {settings.text_tokens} text tokens, "
-                 f"{settings.describe()}", timings)
+    title = (f"FLUX.1-Fill, real width, {d}+{s} blocks, {settings.size}², {settings.text_tokens} text tokens, "
+             f"{settings.describe()}")
+    if compiled is not None:  # the compiled blocks against the eager ones, one transformer call on the same inputs
+        from .gguf import _inputs
+
+        inputs = _inputs(module.config, settings)
+        with torch.inference_mode():
+            eager, fast = module(**inputs)[0].float(), compiled.module(**inputs)[0].float()
+        title += f"; compiled vs eager transformer output: max |diff| / max |eager| {(fast - eager).abs().max() / eager.abs().max():.1e}"
+    timing_table(title, timings)
 
 
 def comfyui_part(settings: Settings) -> None:

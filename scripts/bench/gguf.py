@@ -11,6 +11,16 @@ bytes with valid scales, which cost the same to decode) runs with the dequantize
 
 Configurations alternate round by round in one process; the first call of each (it fills the cache)
 is the "first call" column. Also loading peak memory, through ``scripts.bench.fill``'s ``load`` part.
+
+``layers``: the linear layers of one FLUX.1 double block and one single block at real size, each fed the
+rows it sees in a 512² Fill step with 512 text tokens (image stream 1024, text stream 512, single blocks
+1536, modulation 1), dense ``F.linear`` against EditKit's GGUF layer with no cache (every weight decoded
+at every call: the worst case, what a layer outside a 10 % cache pays). Seconds are the process's CPU
+time (so the other jobs of a shared machine do not enter them; run it with ``--threads 1``), per block
+pair, alternating rounds.
+
+``decode``: nanoseconds per weight to decode one 3072 x 3072 weight of each type into the compute dtype
+(CPU time, a reused output, alternating rounds; ``--threads 1`` for the per-core figure).
 """
 
 from __future__ import annotations
@@ -25,7 +35,12 @@ import torch
 from . import models
 from .harness import Settings, alternate, pack_module, print_table, timing_table
 
-PARTS = ("calls",)
+PARTS = ("calls", "layers", "decode")
+DECODE_TYPES = ("Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# (out, in, rows) of the linear layers of one FLUX.1 double block and one single block, 512² Fill, 512 text tokens
+FLUX_BLOCK_LAYERS = ([(18432, 3072, 1)] * 2 + [(3072, 3072, 1024)] * 4 + [(3072, 3072, 512)] * 4
+                     + [(12288, 3072, 1024), (3072, 12288, 1024), (12288, 3072, 512), (3072, 12288, 512)]
+                     + [(9216, 3072, 1)] + [(3072, 3072, 1536)] * 3 + [(12288, 3072, 1536), (3072, 15360, 1536)])
 QUANTS = ("Q8_0", "Q5_1", "Q4_0", "Q4_K")
 CACHES = ("full", "10%", "off")
 
@@ -132,6 +147,91 @@ def calls_part(settings: Settings) -> None:
     print_table("GGUF files", ["type", "MiB"], [[q, b / 2**20] for q, b in sizes.items()])
 
 
+def _random_packed(quant: str, rows: int, cols: int, rng) -> torch.Tensor:
+    """Random blocks of ``quant`` with small finite fp16 scale fields (decoding costs the same for any bytes)."""
+    import gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, quant)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    packed = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    halves = {"Q8_0": (0,), "Q4_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (size - 2,)}
+    for offset in halves[quant]:
+        packed[..., offset:offset + 2] = np.frombuffer(np.float16(0.0005).tobytes(), dtype=np.uint8)
+    return torch.from_numpy(packed.reshape(rows, -1))
+
+
+def layers_part(settings: Settings) -> None:
+    import time
+
+    import torch.nn.functional as F
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    core_gguf = pack_module("pipelines.core.gguf")
+    quants = settings.extra.get("quants", QUANTS)
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    dtype = settings.dtype
+    shapes = FLUX_BLOCK_LAYERS if not settings.quick else [(o, i, min(r, 64)) for o, i, r in FLUX_BLOCK_LAYERS[1:4]]
+    dense = [(torch.randn(o, i, generator=g) * 0.02).to(dtype) for o, i, _ in shapes]
+    inputs = [torch.randn(r, i, generator=g).to(dtype) for _, i, r in shapes]
+    layers = {}
+    for quant in quants:
+        import gguf
+
+        kind = getattr(gguf.GGMLQuantizationType, quant)
+        built = []
+        for out_features, in_features, _ in shapes:
+            layer = core_gguf.GGUFLinear(in_features, out_features, bias=False, compute_dtype=dtype)
+            layer.weight = GGUFParameter(_random_packed(quant, out_features, in_features, rng), quant_type=kind)
+            built.append(layer)
+        layers[quant] = built
+
+    def case(run):
+        def timed():
+            started = time.process_time()
+            with torch.inference_mode():
+                run()
+            return time.process_time() - started
+
+        return timed
+
+    cases = {"dense F.linear (reference)": case(lambda: [F.linear(x, w) for x, w in zip(inputs, dense)])}
+    for quant, built in layers.items():
+        cases[f"{quant}, every weight decoded"] = case(
+            lambda built=built: [layer(x) for layer, x in zip(built, inputs)])
+    timings = alternate(cases, settings.rounds)
+    params = sum(o * i for o, i, _ in shapes)
+    few = sum(o * i for o, i, r in shapes if r == 1)
+    timing_table(f"Linear layers of one FLUX.1 double + one single block ({params / 1e6:.0f} M weights, "
+                 f"{few / params:.0%} in 1-row modulation layers), rows of a 512² Fill step with 512 text tokens, "
+                 f"no dequantized-layer cache, CPU seconds, {settings.describe()}", timings, unit="CPU s/block pair")
+
+
+def decode_part(settings: Settings) -> None:
+    import time
+
+    import gguf
+
+    core_gguf = pack_module("pipelines.core.gguf")
+    rows = cols = 3072
+    rng = np.random.default_rng(0)
+    out = torch.empty(rows, cols, dtype=settings.dtype)
+
+    def case(quant):
+        kind, packed = getattr(gguf.GGMLQuantizationType, quant), _random_packed(quant, rows, cols, rng)
+
+        def timed():
+            started = time.process_time()
+            core_gguf.dequantize(packed, kind, (rows, cols), settings.dtype, out=out)
+            return (time.process_time() - started) / (rows * cols) * 1e9
+
+        return timed
+
+    timings = alternate({quant: case(quant) for quant in DECODE_TYPES}, settings.rounds)
+    timing_table(f"Decoding a {rows}x{cols} GGUF weight into {str(settings.dtype).removeprefix('torch.')}, CPU time, "
+                 f"{settings.describe()}", timings, unit="ns per weight")
+
+
 def run(settings: Settings, parts=PARTS) -> None:
     for part in parts:
-        {"calls": calls_part}[part](settings)
+        {"calls": calls_part, "layers": layers_part, "decode": decode_part}[part](settings)

@@ -48,6 +48,7 @@ class Settings:
     flux_depth: tuple[int, int] = (4, 8)  # double, single blocks (FLUX.1: 19 + 38)
     qwen_depth: int = 8  # Qwen-Image: 60
     zimage_depth: int = 8  # Z-Image: 30
+    flux2_depth: tuple[int, int] = (2, 8)  # FLUX.2 [klein] 4B: 5 + 20
     text_tokens: int = 512
     quick: bool = False
     extra: dict = field(default_factory=dict)
@@ -67,10 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flux-depth", default="4,8", help="FLUX.1 double,single blocks (real: 19,38)")
     parser.add_argument("--qwen-depth", type=int, default=8, help="Qwen-Image blocks (real: 60)")
     parser.add_argument("--zimage-depth", type=int, default=8, help="Z-Image main blocks (real: 30)")
+    parser.add_argument("--flux2-depth", default="2,8", help="FLUX.2 [klein] 4B double,single blocks (real: 5,20)")
     parser.add_argument("--text-tokens", type=int, default=512, help="prompt tokens the transformers see")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1+1 Flux / 1 Qwen / 1 Z-Image blocks, 128², 2 steps, 2 rounds")
+                        help="smoke run: 1+1 Flux and klein / 1 Qwen / 1 Z-Image blocks, 128², 2 steps, 2 rounds")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -81,10 +83,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         torch.set_num_threads(args.threads)
     double, single = (int(v) for v in str(args.flux_depth).split(","))
     settings = Settings(device, dtype, args.size, args.steps, args.rounds, (double, single), args.qwen_depth,
-                        args.zimage_depth, args.text_tokens, args.quick)
+                        args.zimage_depth, tuple(int(v) for v in str(args.flux2_depth).split(",")), args.text_tokens,
+                        args.quick)
     if args.quick:
         settings.size, settings.steps, settings.rounds = 128, 2, 2
         settings.flux_depth, settings.qwen_depth, settings.zimage_depth = (1, 1), 1, 1
+        settings.flux2_depth = (1, 1)
         settings.text_tokens = min(settings.text_tokens, 64)
     return settings
 

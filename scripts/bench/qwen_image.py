@@ -5,6 +5,11 @@ EditKit batched into one call per step, and unbatched), prompt encoding with pic
            ``size``² everywhere (diffusers' ``VAE_IMAGE_SIZE`` set to it), so the transformer sees the
            same tokens; the tests' tiny VAE (only steps are timed, between step callbacks). The negative
            is shorter than the prompt (EditKit pads and masks it when batching).
+``2511``   Qwen-Image-Edit-2511 against 2509: the same transformer weights with diffusers' ``zero_cond_t``
+           off (2509) and on (2511, a second timestep-0 modulation for the reference tokens), EditKit
+           2509, EditKit 2511 and diffusers' 2511 ``QwenImageEditPlusPipeline``, true CFG 4 as two calls
+           per step on all three (same inputs as ``steps``); also the largest difference between
+           EditKit's and diffusers' 2511 pictures (tiny VAE).
 ``encode`` The tests' tiny Qwen2.5-VL encodes an instruction with 1 and 3 pictures, then again (cached).
 ``load``   ComfyUI-layout bf16 ``.safetensors`` and GGUF Q8_0 loaded by EditKit in a fresh process.
 """
@@ -20,7 +25,7 @@ import torch
 from . import models, procs
 from .harness import Settings, StepClock, alternate, pack_module, print_table, timing_table
 
-PARTS = ("steps", "encode", "load")
+PARTS = ("steps", "2511", "encode", "load")
 SEED = 1234
 
 
@@ -32,6 +37,78 @@ class _Prompts:
 
     def encode(self, prompt, pictures, variant, runtime):
         return self.states[prompt]
+
+
+def _inputs(settings: Settings):
+    import numpy as np
+
+    g = torch.Generator().manual_seed(SEED)
+    cond = torch.randn(1, settings.text_tokens, 3584, generator=g)
+    uncond = torch.randn(1, max(8, settings.text_tokens // 8), 3584, generator=g)
+    array = np.random.default_rng(SEED).integers(0, 256, (settings.size, settings.size, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    return cond, uncond, array, pixels
+
+
+def compare_2511_part(settings: Settings) -> None:
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+    from diffusers import QwenImageEditPlusPipeline
+    from PIL import Image
+    from qwen_image_models import tiny_components
+
+    core = pack_module("pipelines.core.runtime")
+    loading = pack_module("pipelines.qwen_image.loading")
+    sizes = pack_module("pipelines.qwen_image.sizes")
+    edit = pack_module("pipelines.qwen_image.edit")
+    size, device, steps = settings.size, settings.device, settings.steps + 1
+    tiny = tiny_components()
+    base = models.qwen_transformer(settings.qwen_depth, settings.dtype, device)
+    zero = models.qwen_transformer_2511(settings.qwen_depth, settings.dtype, device)
+    vae = core.Component(tiny["vae"], "vae", "tiny", torch.float32)
+    cond, uncond, array, pixels = _inputs(settings)
+    prompts = _Prompts({"edit": cond, " ": uncond})
+    pipe = QwenImageEditPlusPipeline(scheduler=tiny["scheduler"], vae=tiny["vae"], text_encoder=None, tokenizer=None,
+                                     processor=None, transformer=zero)
+    pipe.set_progress_bar_config(disable=True)
+    pictures = {}
+
+    def editkit_run(module, variant):
+        component = core.Component(module, "diffusion", f"bench-{variant}", settings.dtype)
+
+        def run():
+            clock = StepClock(device)
+            runtime = core.TorchRuntime(device, on_progress=clock.tick)
+            clock.start()
+            result = edit.edit(component, prompts, vae, [pixels], "edit", runtime, variant=variant,
+                               scheduler_config=loading.scheduler_config(None), negative_prompt=" ",
+                               true_cfg_scale=4.0, steps=steps, seed=SEED, cfg_batched=False,
+                               output=sizes.OutputSize(sizes.EXPLICIT, size, size, 64.0),
+                               references=sizes.ReferenceSizes(sizes.CUSTOM, 384 * 384, size * size))
+            pictures[variant] = result.images
+            return clock.per_step()
+
+        return run
+
+    def diffusers_run():
+        plus.VAE_IMAGE_SIZE = size * size
+        clock = StepClock(device)
+        clock.start()
+        with torch.inference_mode():
+            out = pipe(image=[Image.fromarray(array)], prompt_embeds=cond, negative_prompt_embeds=uncond,
+                       true_cfg_scale=4.0, height=size, width=size, num_inference_steps=steps,
+                       generator=torch.Generator().manual_seed(SEED), output_type="pt", callback_on_step_end=clock.tick)
+        pictures["diffusers"] = out.images
+        return clock.per_step()
+
+    timings = alternate({"EditKit 2509 (zero_cond_t off)": editkit_run(base, loading.EDIT_2509),
+                         "EditKit 2511 (zero_cond_t on)": editkit_run(zero, loading.EDIT_2511),
+                         "diffusers 2511 QwenImageEditPlusPipeline": diffusers_run}, settings.rounds, device=device)
+    ours, theirs = pictures[loading.EDIT_2511].float().cpu(), pictures["diffusers"].float().cpu()
+    difference = (ours.reshape(theirs.shape) - theirs).abs().max().item()
+    timing_table(f"Qwen-Image-Edit-2511 against 2509, real width, {settings.qwen_depth} blocks, {size}² output + "
+                 f"{size}² reference, {settings.text_tokens} text tokens, true CFG 4 as 2 calls/step, "
+                 f"{settings.describe()}; EditKit 2511 vs diffusers 2511 pictures: max |diff| {difference:.1e}",
+                 timings)
 
 
 def steps_part(settings: Settings) -> None:
@@ -136,4 +213,4 @@ def load_part(settings: Settings) -> None:
 
 def run(settings: Settings, parts=PARTS) -> None:
     for part in parts:
-        {"steps": steps_part, "encode": encode_part, "load": load_part}[part](settings)
+        {"steps": steps_part, "2511": compare_2511_part, "encode": encode_part, "load": load_part}[part](settings)
