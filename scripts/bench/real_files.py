@@ -158,6 +158,12 @@ class Family:
 
         self.file_state(1)
         importlib.import_module(self.loader_module)
+        # diffusers' single-file loader imports every model class it can build (UNets, VAEs, ControlNets: about
+        # 20 MB of modules) the first time it runs; that is code, not the model's memory
+        importlib.import_module("diffusers.loaders.single_file_model")
+        import diffusers.models.autoencoders  # noqa: F401
+        import diffusers.models.controlnets  # noqa: F401
+        import diffusers.models.unets  # noqa: F401
 
 
 def _zimage_meta(layers):
