@@ -412,7 +412,7 @@ def test_batch_server_killed_and_restarted_rejoins_and_takes_items(comfy_pair, t
     def emit(event):
         events.append(event)
         if event["event"] == "item_done" and "killed" not in state:
-            state["killed"] = True
+            state["killed"] = len(events)  # the events before the kill
             os.kill(other.proc.pid, signal.SIGSTOP)
             threading.Thread(target=restart, daemon=True).start()
         elif event["event"] == "item_done" and event["server"] == victim.url and "paused" not in state:
@@ -434,9 +434,13 @@ def test_batch_server_killed_and_restarted_rejoins_and_takes_items(comfy_pair, t
     assert summary["done"] == 8 and summary["failed"] == 0
     assert sorted(collections.Counter(r["item"] for r in records).values()) == [1] * 8
     kinds = [(e["event"], e.get("server")) for e in events]
-    down = kinds.index(("server_down", victim.url))
-    back = kinds.index(("server_up", victim.url), down)
-    assert ("item_done", victim.url) in kinds[back:], "the restarted server took no item"
+    # The kill shows as the server going down and up again, or, when the restarted server answered before the
+    # runner's next request to it, not at all (its in-flight item, if any, is retried). Which one happens is a
+    # race with the restart; both are correct. Either way the restarted server must take items afterwards.
+    after = state["killed"]
+    if ("server_down", victim.url) in kinds[after:]:
+        after = kinds.index(("server_up", victim.url), kinds.index(("server_down", victim.url), after))
+    assert ("item_done", victim.url) in kinds[after:], "the restarted server took no item"
     outputs = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
     assert outputs == sorted(rel for r in records for rel in r["outputs"]) and len(outputs) == 16
     shutil.rmtree(tmp_path / "in", ignore_errors=True)
