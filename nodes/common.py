@@ -94,8 +94,9 @@ class PromptPairEncode:
     """Base of the two-prompt Text Encode nodes (FLUX.2 [klein], Z-Image): prompt and negative to CONDITIONING.
 
     A family's node sets ``TEXT_TYPE``, the tooltips, ``EMPTY_PROMPT`` (the message for an empty prompt) and
-    ``conditioning`` (its family's ``make_conditioning``, as a staticmethod), and implements
-    :meth:`encode_pair`; the widgets, the empty-prompt check and the move to ComfyUI's intermediate device are
+    ``conditioning`` (its family's ``make_conditioning``, as a staticmethod), and defines
+    ``encode_pair(text_encoder, prompt, negative_prompt, runtime) -> (positive, negative)`` feature tensors; a
+    class missing one fails when it is defined. The widgets, the empty-prompt check and the move to ComfyUI's intermediate device are
     the same for every family, so they live here once.
     """
 
@@ -127,13 +128,12 @@ class PromptPairEncode:
         device = runtime.intermediate_device
         return self.conditioning(positive.to(device)), self.conditioning(negative.to(device))
 
-    def encode_pair(self, text_encoder, prompt: str, negative_prompt: str, runtime):
-        """The two prompts' feature tensors ``(positive, negative)``; see the subclasses."""
-        raise NotImplementedError
-
-    @staticmethod
-    def conditioning(features):
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        """A family node must say how it encodes and packs its prompts: checked when the node class is defined."""
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in ("encode_pair", "conditioning", "TEXT_TYPE") if not getattr(cls, name, None)]
+        if missing:
+            raise TypeError(f"{cls.__name__} must define {', '.join(missing)} (see PromptPairEncode)")
 
 
 def batch_input() -> tuple:

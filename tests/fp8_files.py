@@ -73,6 +73,12 @@ def write_fp8_files(family: str, out: Path, depth: int = 1) -> dict[str, tuple[P
     """``{variant: (fp8 file, float32 reference file)}`` for ``family``'s tiny transformer."""
     out.mkdir(parents=True, exist_ok=True)
     sd = _as_file(family, {k: v.contiguous() for k, v in tiny_model(family, depth).state_dict().items()})
+    return write_fp8_variants(sd, out, family)
+
+
+def write_fp8_variants(sd: dict, out: Path, stem: str) -> dict[str, tuple[Path, Path]]:
+    """``sd``'s 2-D weights as e4m3fn, e5m2 and ComfyUI's scaled e4m3fn files (the rest bf16), each with a float32
+    reference holding the same numbers cast up front (what the old loaders held in memory)."""
     paths = {}
     for variant, (fp8, scaled) in FP8.items():
         file, reference = {}, {}
@@ -89,7 +95,7 @@ def write_fp8_files(family: str, out: Path, depth: int = 1) -> dict[str, tuple[P
                 reference[key] = file[key].float()
         if scaled:
             file["scaled_fp8"] = torch.zeros(0, dtype=fp8)
-        pair = out / f"{family}_{variant}.safetensors", out / f"{family}_{variant}_reference.safetensors"
+        pair = out / f"{stem}_{variant}.safetensors", out / f"{stem}_{variant}_reference.safetensors"
         safetensors.torch.save_file(file, str(pair[0]))
         safetensors.torch.save_file(reference, str(pair[1]))
         paths[variant] = pair

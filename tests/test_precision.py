@@ -125,29 +125,9 @@ def _qwen_forward(module):
 def _fp8_variants(sd: dict, tmp_path):
     """The same weights as e4m3fn, e5m2 and ComfyUI's scaled e4m3fn files, plus for each the weights cast up
     front (the reference: what the old loader held in memory)."""
-    import safetensors.torch
+    from fp8_files import write_fp8_variants
 
-    out = {}
-    for name, fp8, scaled in (("e4m3fn", torch.float8_e4m3fn, False), ("e5m2", torch.float8_e5m2, False),
-                              ("scaled", torch.float8_e4m3fn, True)):
-        file, reference = {}, {}
-        for key, tensor in sd.items():
-            if tensor.ndim == 2 and key.endswith(".weight"):
-                scale = 2.0 ** -6 if scaled else 1.0
-                stored = (tensor.float() / scale).to(fp8)
-                file[key] = stored
-                reference[key] = stored.float() * scale
-                if scaled:
-                    file[key[: -len(".weight")] + ".scale_weight"] = torch.tensor(scale)
-            else:
-                file[key] = reference[key] = tensor.to(torch.bfloat16)
-        if scaled:
-            file["scaled_fp8"] = torch.zeros(0, dtype=fp8)
-        paths = tmp_path / f"qwen_{name}.safetensors", tmp_path / f"qwen_{name}_reference.safetensors"
-        safetensors.torch.save_file(file, str(paths[0]))
-        safetensors.torch.save_file({k: v.float() for k, v in reference.items()}, str(paths[1]))
-        out[name] = paths
-    return out
+    return write_fp8_variants(sd, tmp_path, "qwen")
 
 
 def _zimage_forward(module):

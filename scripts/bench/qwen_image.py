@@ -50,16 +50,19 @@ def _inputs(settings: Settings):
     return cond, uncond, array, pixels
 
 
+def _modules():
+    """The pack modules both edit benchmarks drive: runtime, loading, sizes, edit."""
+    return tuple(pack_module(f"pipelines.{name}") for name in
+                 ("core.runtime", "qwen_image.loading", "qwen_image.sizes", "qwen_image.edit"))
+
+
 def compare_2511_part(settings: Settings) -> None:
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
     from diffusers import QwenImageEditPlusPipeline
     from PIL import Image
     from qwen_image_models import tiny_components
 
-    core = pack_module("pipelines.core.runtime")
-    loading = pack_module("pipelines.qwen_image.loading")
-    sizes = pack_module("pipelines.qwen_image.sizes")
-    edit = pack_module("pipelines.qwen_image.edit")
+    core, loading, sizes, edit = _modules()
     size, device, steps = settings.size, settings.device, settings.steps + 1
     tiny = tiny_components()
     base = models.qwen_transformer(settings.qwen_depth, settings.dtype, device)
@@ -118,10 +121,7 @@ def steps_part(settings: Settings) -> None:
     from PIL import Image
     from qwen_image_models import tiny_components
 
-    core = pack_module("pipelines.core.runtime")
-    loading = pack_module("pipelines.qwen_image.loading")
-    sizes = pack_module("pipelines.qwen_image.sizes")
-    edit = pack_module("pipelines.qwen_image.edit")
+    core, loading, sizes, edit = _modules()
     size, device, steps = settings.size, settings.device, settings.steps + 1
     tiny = tiny_components()
     module = models.qwen_transformer(settings.qwen_depth, settings.dtype, device)
