@@ -46,3 +46,21 @@ def test_flux_gguf_double_block_qkv_stay_views_of_the_mapped_file(tiny_models):
         for group in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")):
             pointers = {getattr(attn, name).weight.untyped_storage().data_ptr() for name in group}
             assert len(pointers) == 1, f"{group} were copied out of the fused qkv"
+
+
+def test_gguf_decode_buffers_go_with_the_model(tiny_models):
+    """The reused buffer uncached GGUF layers decode into is dropped when the model's cache is cleared (ComfyUI frees
+    it) or the model is collected, so a freed GGUF model leaves no weight-sized buffer behind."""
+    from editkit.pipelines.core import gguf
+    from editkit.pipelines.flux.loading import transformer_source
+
+    gguf._scratch(1000, torch.float32)
+    gguf.DequantCache().clear()
+    assert not gguf._scratch_buffers
+    component = transformer_source(None, tiny_models / "diffusion_models" / "flux1-fill-dev-Q8_0.gguf",
+                                   torch.float32).get()
+    gguf._scratch(1000, torch.float32)  # as a step through its uncached layers would
+    assert gguf._scratch_buffers
+    del component
+    gc.collect()
+    assert not gguf._scratch_buffers

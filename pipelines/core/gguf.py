@@ -358,6 +358,7 @@ class DequantCache:
                 layer._dense = None
             self._layers = weakref.WeakSet()
             self.used = 0
+        release_scratch()
 
     @property
     def layers(self) -> int:
@@ -404,21 +405,28 @@ def free_memory(device: torch.device) -> int:
 # The layer
 
 
-_scratch_buffers = threading.local()
+_scratch_buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+_scratch_lock = threading.Lock()
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A CPU buffer of at least ``numel`` elements of ``dtype``, reused by every uncached layer of this
     thread (each weight decoded into it is consumed by its matmul before the next layer runs). It holds
-    the largest such weight seen, for as long as the thread lives."""
-    buffers = getattr(_scratch_buffers, "by_dtype", None)
-    if buffers is None:
-        buffers = _scratch_buffers.by_dtype = {}
-    buffer = buffers.get(dtype)
-    if buffer is None or buffer.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
-            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    the largest such weight seen until :func:`release_scratch` (a GGUF model's cache is cleared or the model
+    is collected), so nothing of a freed model stays behind."""
+    key = (threading.get_ident(), dtype)
+    with _scratch_lock:
+        buffer = _scratch_buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+                buffer = _scratch_buffers[key] = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
+
+
+def release_scratch() -> None:
+    """Drop the decode buffers (a layer running right now keeps its own reference until its matmul ends)."""
+    with _scratch_lock:
+        _scratch_buffers.clear()
 
 
 def _apply(tensor: torch.Tensor, functions) -> torch.Tensor:
@@ -518,6 +526,8 @@ def adopt_gguf_layers(module: torch.nn.Module) -> DequantCache | None:
                     cache = cache or DequantCache()
                     layer.dequant_cache = cache
                 cache = layer.dequant_cache
+    if cache is not None:
+        weakref.finalize(module, release_scratch)  # the decode buffer is sized for this model's layers
     return cache
 
 
