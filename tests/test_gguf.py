@@ -278,3 +278,32 @@ def test_file_overwritten_in_place_is_refused_with_advice(gguf_path, tmp_path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     with pytest.raises(ModelFileError, match="overwritten on disk.*run the workflow again"):
         TorchRuntime("cpu").acquire(loaded)
+
+
+@pytest.mark.parametrize("rows", [3, 300])  # the chunked few-row path, and a whole-weight decode then one matmul
+def test_cpu_decoding_runs_on_one_thread_and_restores_the_thread_count(rows, monkeypatch):
+    """Decoding (and the few-row chunked path) runs on DECODE_THREADS threads, the matmul of a many-row call on all
+    of them, the thread count is restored afterwards, and the output is the same bit for bit as decoding on all."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    kind, packed, reference = _packed("Q8_0", 250, 256, seed=rows)
+    layer = core_gguf.GGUFLinear(256, 250, bias=False, compute_dtype=F32)
+    layer.weight = GGUFParameter(torch.from_numpy(packed), quant_type=kind)
+    x = torch.randn(rows, 256)
+    seen = []
+    decoder = core_gguf._DECODERS[int(kind)]
+    monkeypatch.setitem(core_gguf._DECODERS, int(kind),
+                        lambda blocks, work: (seen.append(torch.get_num_threads()), decoder(blocks, work))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = layer(x)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        monkeypatch.setattr(core_gguf, "DECODE_THREADS", 0)
+        seen.clear()
+        every = layer(x)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, every)
+    torch.testing.assert_close(one, F.linear(x, reference), rtol=1e-5, atol=1e-4)

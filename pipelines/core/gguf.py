@@ -44,6 +44,7 @@ Computing (:class:`GGUFLinear`)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -68,6 +69,17 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 22  # and on a GPU
 _BIT_SHIFTS = torch.arange(8, dtype=torch.int32)
 _CRUMB_SHIFTS = torch.arange(0, 8, 2, dtype=torch.int32)
 _LANE_BITS = 0x8040201008040201 - (1 << 64)  # lane k (byte k of a 64-bit word) keeps bit k; as a signed int64
+DECODE_THREADS = 1
+"""CPU threads that decode GGUF weights (and run the few-row chunked matmuls); 0: as many as torch uses.
+
+Decoding is a string of short element-wise operations (a cache-sized chunk each, about ten per chunk, over a
+thousand per large layer). With several threads each operation ends at a barrier where every thread must
+arrive; when the machine runs more processes than cores, a descheduled thread holds the others at every
+barrier for a time slice, which made 2-thread GGUF calls 1.6-4x slower than dense on a busy 2-core box
+(README Benchmarks). One thread has no barrier, and costs little when quiet: decoding Q8_0 on one core is
+0.45 ns per weight, about 2 % of a 1,536-row matmul with that weight on two. The matmuls themselves keep every
+thread. ``scripts/bench`` ``gguf:calls`` measures both settings in one process.
+"""
 _CHUNKED_MAX_ROWS = 64  # above this, one full dequantization then one large matmul is faster on a CPU
 
 
@@ -264,9 +276,31 @@ _DECODERS = {  # gguf.GGMLQuantizationType values → decoders writing one chunk
 }
 
 
+@contextlib.contextmanager
+def decode_threads(device: torch.device):
+    """Run the block with :data:`DECODE_THREADS` CPU threads (nothing changes on a GPU or when nested)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or DECODE_THREADS <= 0 or DECODE_THREADS >= threads:
+        yield
+        return
+    torch.set_num_threads(DECODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def dequantize(raw: torch.Tensor, quant_type, shape: tuple[int, int], dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed GGUF bytes ``raw`` (rows of blocks) → a ``shape`` tensor in ``dtype`` on ``raw``'s device.
+    """Packed GGUF bytes ``raw`` (rows of blocks) → a ``shape`` tensor in ``dtype`` (:func:`_dequantize`), on a CPU
+    with :data:`DECODE_THREADS` threads (see there why)."""
+    with decode_threads(raw.device):
+        return _dequantize(raw, quant_type, shape, dtype, out)
+
+
+def _dequantize(raw: torch.Tensor, quant_type, shape: tuple[int, int], dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoding itself, on ``raw``'s device.
 
     Equal to gguf-py's reference dequantization (``gguf.quants.dequantize``) rounded once to ``dtype``:
     every value is computed in fp32 in the reference's order of operations and rounded as it is stored.
@@ -486,7 +520,14 @@ class GGUFLinear(_DiffusersGGUFLinear):
         return F.linear(x, weight, bias)
 
     def _chunked(self, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
-        """CPU matmul over row chunks of the weight, each dequantized into a cache-sized buffer."""
+        """CPU matmul over row chunks of the weight, each dequantized into a cache-sized buffer.
+
+        At most 64 activation rows: each chunk's matmul is as short as its decoding, so the whole layer runs on
+        :data:`DECODE_THREADS` threads (no barrier per short operation)."""
+        with decode_threads(x.device):
+            return self._chunked_rows(x, dtype, bias)
+
+    def _chunked_rows(self, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
         raw = _plain(self.weight)
         if raw.device != x.device:
             raw = raw.to(x.device)
