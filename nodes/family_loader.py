@@ -17,11 +17,25 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..pipelines.core.family import Family
+from ..pipelines.core.loading import LazyModel
 from . import comfy_bridge as bridge
-from .common import FROM_FOLDER, NONE, LoaderFiles, ModelFile, loader_signature, pipeline_folders
+from .common import (
+    FROM_FOLDER,
+    NONE,
+    LoaderFiles,
+    ModelFile,
+    chosen_file,
+    chosen_folder,
+    loader_signature,
+    model_precision,
+    pipeline_folders,
+    with_compile,
+)
 
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """The precision widget's choices (a family may offer fewer, e.g. Qwen-Image has no fp16)."""
@@ -164,3 +178,53 @@ def declared_loader(declaration: LoaderDeclaration) -> type:
         IS_CHANGED = classmethod(is_changed)
 
     return DeclaredLoader
+
+
+# --------------------------------------------------------------------------------------
+# What every family's ``load`` does, from its Family declaration
+
+
+def family_dtype(family: Family, kind: str, requested: torch.dtype | None) -> torch.dtype:
+    """One dtype for a model of ``kind``: the widget's choice, else ComfyUI's; for a family that overflows in fp16
+    (``Family.fp16`` False: Qwen-Image, whose ComfyUI support lists only bf16 and fp32), fp16 becomes bf16 where
+    the GPU has it, else fp32."""
+    dtype = requested or bridge.default_dtype(kind)
+    if dtype == torch.float16 and not family.fp16:
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return dtype
+
+
+@dataclass(frozen=True)
+class LoadedParts:
+    """What a family's loader builds the same way for every family: the chosen folder and transformer file, the
+    widget's dtype, the (lazily loaded, maybe compiled) transformer and VAE, and the scheduler config."""
+
+    folder: Path | None
+    file: Path | None
+    requested: torch.dtype | None
+    transformer: LazyModel
+    vae: LazyModel
+    scheduler_config: dict
+
+
+def load_parts(family: Family, diffusers_folder: str, transformer_file: str, vae_file: str, weight_dtype: str,
+               compile: str = "auto", *, comfy_compute: bool = False,
+               **options) -> LoadedParts:
+    """The transformer, VAE and scheduler of a loader node's widget values, from ``family``.
+
+    Precision: with ``auto`` a half-precision file stays in its own dtype where the device computes in fp32
+    (``common.model_precision``); an explicit choice is the compute dtype (:func:`family_dtype`), except with
+    ``comfy_compute`` (the FLUX.1 loader, whose explicit choice sets the storage and leaves the compute dtype to
+    ComfyUI's rule). The VAE is never fp16 (it turns FLUX.1 pictures black) unless fp32 is asked for.
+    ``options`` go to the family's transformer (Qwen-Image's ``variant``).
+    """
+    folder = chosen_folder(diffusers_folder)
+    requested = WEIGHT_DTYPES[weight_dtype]
+    file = chosen_file(transformer_file, "diffusion_models")
+    compute = None if comfy_compute else family_dtype(family, "diffusion", requested)
+    main = model_precision("diffusion", requested, file, folder, compute=compute)
+    transformer = with_compile(family.transformer_from(folder, file, main.compute, main.storage, **options),
+                               compile, file)
+    vae_dtype = torch.float32 if requested == torch.float32 else bridge.default_dtype("vae")
+    vae = family.vae.source(folder, chosen_file(vae_file, "vae"), vae_dtype)
+    return LoadedParts(folder, file, requested, transformer, vae, family.scheduler_config(folder))

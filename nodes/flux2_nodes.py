@@ -13,31 +13,35 @@ from ..pipelines.core import sampling as core
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.images import image_to_nchw, mask_to_nchw, nchw_to_image
 from ..pipelines.flux2 import latent as fl
+from ..pipelines.flux2.family import FAMILY
 from ..pipelines.flux2.inpaint import inpaint
-from ..pipelines.flux2.loading import Flux2Model, is_distilled, scheduler_config, transformer_source, vae_source
-from ..pipelines.flux2.lora import FLUX2_LORA
+from ..pipelines.flux2.loading import Flux2Model, is_distilled
 from ..pipelines.flux2.sampler import fit_reference, generate
-from ..pipelines.flux2.text import Flux2TextEncoder, make_conditioning, read_conditioning
+from ..pipelines.flux2.text import make_conditioning, read_conditioning
 from ..pipelines.flux2.vae import decode_raw
-from ..pipelines.zimage.text import text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
     PromptPairEncode,
     batch_input,
     cfg_input,
     chosen_file,
-    chosen_folder,
     compile_input,
     convention_input,
     latent_dict,
-    model_precision,
     partial_denoise_input,
     sampler_input,
     seed_input,
     steps_input,
-    with_compile,
 )
-from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
+from .family_loader import (
+    FileInput,
+    FolderInput,
+    LoaderDeclaration,
+    declared_loader,
+    dtype_input,
+    family_dtype,
+    load_parts,
+)
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -54,7 +58,7 @@ LOADER = LoaderDeclaration(
         tooltip="Optional FLUX.2 [klein] diffusers folder in models/diffusers (e.g. black-forest-labs/FLUX.2-klein-4B). "
                 "(none): everything comes from the single files below, the tokenizer from ComfyUI.",
         what="a FLUX.2 [klein] diffusers folder (every file of black-forest-labs/FLUX.2-klein-4B or -9B)",
-        pipelines=("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
+        pipelines=FAMILY.pipelines,  # never another model's folder
     ),
     files={
         "transformer_file": FileInput(
@@ -101,17 +105,11 @@ class EditKitFlux2Loader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
-        folder = chosen_folder(diffusers_folder)
-        dtype = WEIGHT_DTYPES[weight_dtype]
-        file = chosen_file(transformer_file, "diffusion_models")
-        main = model_precision("diffusion", dtype, file, folder, compute=dtype or bridge.default_dtype("diffusion"))
-        transformer = with_compile(transformer_source(folder, file, main.compute, main.storage), compile, file)
-        vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
-        text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
-                                   dtype or bridge.default_dtype("text_encoder"), bridge.comfy_tokenizer_dir("qwen25"),
-                                   wrapper=Flux2TextEncoder)
-        return (Flux2Model(transformer, scheduler_config(folder), is_distilled(folder)), text, vae)
+        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
+        text = FAMILY.text_encoder(parts.folder, chosen_file(text_encoder_file, "text_encoders"),
+                                   family_dtype(FAMILY, "text_encoder", parts.requested),
+                                   bridge.comfy_tokenizer_dir("qwen25"))
+        return (Flux2Model(parts.transformer, parts.scheduler_config, is_distilled(parts.folder)), text, parts.vae)
 
 
 class EditKitFlux2TextEncode(PromptPairEncode):
@@ -328,7 +326,7 @@ class EditKitFlux2Inpaint:
 
 
 EditKitFlux2Lora = lora_node_class(
-    FLUX2_LORA, MODEL_TYPE, class_name="EditKitFlux2Lora", display_name="EditKit · FLUX.2 LoRA",
+    FAMILY.lora, MODEL_TYPE, class_name="EditKitFlux2Lora", display_name="EditKit · FLUX.2 LoRA",
     category=CATEGORY, family_models="FLUX.2 [klein]",
 )
 

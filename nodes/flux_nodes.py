@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.images import check_multiple_of, image_to_nchw, mask_to_nchw, match_mask_to_images, nchw_to_image
 from ..pipelines.flux import fill as fill_ops
 from ..pipelines.flux import vae as vae_ops
 from ..pipelines.flux.conditioning import make_conditioning
-from ..pipelines.flux.loading import FluxModel, scheduler_config, transformer_source, vae_source
-from ..pipelines.flux.text import DEFAULT_T5_LENGTH, text_encoder_source
+from ..pipelines.flux.family import FAMILY
+from ..pipelines.flux.loading import FluxModel
+from ..pipelines.flux.text import DEFAULT_T5_LENGTH
 from . import comfy_bridge as bridge
 from .common import (
-    NONE,
     batch_input,
     chosen_file,
     compile_input,
@@ -21,12 +19,18 @@ from .common import (
     flux_text,
     guidance_input,
     latent_dict,
-    model_precision,
     seed_input,
     steps_input,
-    with_compile,
 )
-from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
+from .family_loader import (
+    WEIGHT_DTYPES,
+    FileInput,
+    FolderInput,
+    LoaderDeclaration,
+    declared_loader,
+    dtype_input,
+    load_parts,
+)
 
 CATEGORY = "EditKit/flux"
 DTYPES = WEIGHT_DTYPES
@@ -36,7 +40,7 @@ LOADER = LoaderDeclaration(
                 "everything from single files.",
         what="a FLUX.1 diffusers folder (every file of the Hugging Face repository black-forest-labs/FLUX.1-Fill-dev "
              "or FLUX.1-dev)",
-        pipelines=("FluxFillPipeline", "FluxPipeline"),  # never another model's folder
+        pipelines=FAMILY.pipelines,  # never another model's folder
     ),
     files={
         "transformer_file": FileInput(
@@ -87,23 +91,15 @@ class EditKitFluxLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto", compile="auto"):
-        folder = None if diffusers_folder == NONE else bridge.model_path("diffusers", diffusers_folder)
-        dtype = DTYPES[weight_dtype]
-        # Storage and compute dtypes: auto follows ComfyUI's flags and per-device rules (docs/precision-and-gguf.md).
-        file = chosen_file(transformer_file, "diffusion_models")
-        main = model_precision("diffusion", dtype, file, folder)  # auto: a bf16 file stays bf16 on a CPU
-        transformer = transformer_source(folder, file, main.compute, storage=main.storage)
-        # The VAE follows its own policy (never fp16, which turns FLUX.1 pictures black) unless fp32 is asked for.
-        vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
-        encoders = bridge.precision("text_encoder", dtype)
-        text = text_encoder_source(
-            folder, chosen_file(clip_l_file, "text_encoders"), chosen_file(t5_file, "text_encoders"), encoders.compute,
-            clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"), t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"),
-            storage=encoders.storage,
+        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
+                           comfy_compute=True)
+        encoders = bridge.precision("text_encoder", parts.requested)
+        text = FAMILY.text_encoder(
+            parts.folder, chosen_file(clip_l_file, "text_encoders"), chosen_file(t5_file, "text_encoders"),
+            encoders.compute, clip_tokenizer_dir=bridge.comfy_tokenizer_dir("clip_l"),
+            t5_tokenizer_dir=bridge.comfy_tokenizer_dir("t5"), storage=encoders.storage,
         )
-        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
-        return (FluxModel(transformer, scheduler_config(folder)), text, vae)
+        return (FluxModel(parts.transformer, parts.scheduler_config), text, parts.vae)
 
 
 class EditKitFluxTextEncode:

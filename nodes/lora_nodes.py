@@ -3,7 +3,7 @@
 A family's LoRA node is one call::
 
     EditKitQwenImageLora = lora_node_class(
-        QWEN_IMAGE_LORA, "EDITKIT_QWEN_IMAGE", class_name="EditKitQwenImageLora",
+        FAMILY.lora, "EDITKIT_QWEN_IMAGE", class_name="EditKitQwenImageLora",
         display_name="EditKit · Qwen-Image LoRA", category="EditKit/qwen-image", family_models="Qwen-Image")
 
 plus adding the class to ``NODES`` below. See docs/lora.md.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.lora import LORA_EXTENSIONS, LoraFamily, add_lora
-from ..pipelines.flux.lora import FLUX_LORA
+from ..pipelines.flux.family import FAMILY as FLUX
 from . import comfy_bridge as bridge
 from .common import LoaderFiles, ModelFile, files_signature
 
@@ -39,6 +39,7 @@ def lora_node_class(family: LoraFamily, model_type: str, *, class_name: str, dis
             "Reads diffusers/PEFT, kohya and ComfyUI/BFL LoRA files from models/loras; works on GGUF models too."
         )
         FUNCTION = "apply"
+        LORA_FAMILY = family  # the key rules this node converts with (tests/test_family_declarations.py)
         RETURN_TYPES = (model_type,)
         RETURN_NAMES = ("model",)
         OUTPUT_TOOLTIPS = (f"The {family_models} model with this LoRA (and any earlier ones) applied when sampling.",)
@@ -80,7 +81,7 @@ def lora_node_class(family: LoraFamily, model_type: str, *, class_name: str, dis
 
 
 EditKitFluxLora = lora_node_class(
-    FLUX_LORA, "EDITKIT_FLUX", class_name="EditKitFluxLora", display_name="EditKit · Flux LoRA",
+    FLUX.lora, "EDITKIT_FLUX", class_name="EditKitFluxLora", display_name="EditKit · Flux LoRA",
     category="EditKit/flux", family_models="FLUX.1",
 )
 

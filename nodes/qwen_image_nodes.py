@@ -13,30 +13,30 @@ from ..pipelines.qwen_image import latent as qwen_latent
 from ..pipelines.qwen_image import sizes
 from ..pipelines.qwen_image import vae as vae_ops
 from ..pipelines.qwen_image.edit import check_prompt, edit
+from ..pipelines.qwen_image.family import FAMILY
 from ..pipelines.qwen_image.loading import (
-    EDIT_PIPELINES,
     VARIANTS,
     QwenImageModel,
-    scheduler_config,
-    transformer_source,
-    vae_source,
 )
-from ..pipelines.qwen_image.lora import QWEN_IMAGE_LORA
-from ..pipelines.qwen_image.text import text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
     batch_input,
     chosen_file,
-    chosen_folder,
     compile_input,
     latent_dict,
-    model_precision,
     sampler_input,
     seed_input,
     steps_input,
-    with_compile,
 )
-from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
+from .family_loader import (
+    FileInput,
+    FolderInput,
+    LoaderDeclaration,
+    declared_loader,
+    dtype_input,
+    family_dtype,
+    load_parts,
+)
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -55,7 +55,7 @@ LOADER = LoaderDeclaration(
                 "from ComfyUI's bundled copy.",
         what="a Qwen-Image-Edit-2509 or -2511 diffusers folder (every file of the Hugging Face repository "
              "Qwen/Qwen-Image-Edit-2509 or Qwen/Qwen-Image-Edit-2511)",
-        pipelines=EDIT_PIPELINES,  # never Qwen-Image-Layered's or text-to-image's folder
+        pipelines=FAMILY.pipelines,  # never another model's folder
     ),
     files={
         "transformer_file": FileInput(
@@ -99,18 +99,6 @@ FILES = LOADER.checks
 
 
 
-def _model_dtype(kind: str, chosen: torch.dtype | None) -> torch.dtype:
-    """The widget's dtype, else ComfyUI's choice; Qwen-Image overflows in fp16, so fp16 becomes bf16 or fp32.
-
-    (ComfyUI's own Qwen-Image support lists only bf16 and fp32 as inference dtypes.)
-    """
-    dtype = chosen or bridge.default_dtype(kind)
-    if dtype == torch.float16:
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
-    return dtype
-
-
 class EditKitQwenImageLoader(declared_loader(LOADER)):
     DISPLAY_NAME = "EditKit · Qwen-Image Loader"
     CATEGORY = CATEGORY
@@ -137,21 +125,16 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
              weight_dtype="auto", compile="auto"):
-        folder = chosen_folder(diffusers_folder)
-        file = chosen_file(transformer_file, "diffusion_models")
-        chosen = DTYPES[weight_dtype]
-        main = model_precision("diffusion", chosen, file, folder, compute=_model_dtype("diffusion", chosen))
-        transformer = transformer_source(folder, file, main.compute, main.storage, variant=variant)
-        vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
-        text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
-                                   _model_dtype("text_encoder", chosen), bridge.comfy_tokenizer_dir("qwen25"))
-        transformer = with_compile(transformer, compile, file)
-        model = QwenImageModel(transformer, scheduler_config(folder), requested_variant=variant, folder=folder,
-                               file=file)
+        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
+                           variant=variant)
+        text = FAMILY.text_encoder(parts.folder, chosen_file(text_encoder_file, "text_encoders"),
+                                   family_dtype(FAMILY, "text_encoder", parts.requested),
+                                   bridge.comfy_tokenizer_dir("qwen25"))
+        model = QwenImageModel(parts.transformer, parts.scheduler_config, requested_variant=variant,
+                               folder=parts.folder, file=parts.file)
         described = model.describe()
         log.info("EditKit · Qwen-Image Loader: %s.", described)
-        return (model, text, vae, described)
+        return (model, text, parts.vae, described)
 
 
 def _one_picture(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -323,7 +306,7 @@ class EditKitQwenImageEdit:
 
 
 EditKitQwenImageLora = lora_node_class(
-    QWEN_IMAGE_LORA, MODEL_TYPE, class_name="EditKitQwenImageLora", display_name="EditKit · Qwen-Image LoRA",
+    FAMILY.lora, MODEL_TYPE, class_name="EditKitQwenImageLora", display_name="EditKit · Qwen-Image LoRA",
     category=CATEGORY, family_models="Qwen-Image-Edit",
 )
 

@@ -9,22 +9,26 @@ import torch
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.images import LOAD_IMAGE_EMPTY_MASK_SIZE, mask_to_nchw
 from ..pipelines.qwen_image import layered_loading as loading
+from ..pipelines.qwen_image.family import LAYERED
 from ..pipelines.qwen_image.layered import MAX_LAYERS, MIN_RESOLUTION, RESOLUTIONS, decompose
 from ..pipelines.qwen_image.layered_text import CAPTION_LANGUAGES
-from ..pipelines.qwen_image.loading import scheduler_config
-from ..pipelines.qwen_image.text import text_encoder_source
 from . import comfy_bridge as bridge
 from .common import (
     chosen_file,
-    chosen_folder,
     compile_input,
-    model_precision,
     seed_input,
     steps_input,
-    with_compile,
 )
-from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
-from .qwen_image_nodes import DTYPES, TEXT_TYPE, _model_dtype
+from .family_loader import (
+    FileInput,
+    FolderInput,
+    LoaderDeclaration,
+    declared_loader,
+    dtype_input,
+    family_dtype,
+    load_parts,
+)
+from .qwen_image_nodes import DTYPES, TEXT_TYPE
 
 log = logging.getLogger("EditKit")
 
@@ -92,19 +96,12 @@ class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
-        folder = chosen_folder(diffusers_folder)
-        chosen = DTYPES[weight_dtype]
-        file = chosen_file(transformer_file, "diffusion_models")
-        main = model_precision("diffusion", chosen, file, folder, compute=_model_dtype("diffusion", chosen))
-        transformer = loading.transformer_source(folder, file, main.compute, main.storage)
-        vae_dtype = torch.float32 if chosen == torch.float32 else bridge.default_dtype("vae")
-        vae = loading.vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
+        parts = load_parts(LAYERED, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
         text_file = chosen_file(text_encoder_file, "text_encoders")
-        encoder = text_encoder_source(folder, text_file, _model_dtype("text_encoder", chosen),
-                                      bridge.comfy_tokenizer_dir("qwen25"))
-        text = loading.CaptioningTextEncoder(encoder, loading.caption_head_source(folder, text_file))
-        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
-        return (loading.LayeredModel(transformer, scheduler_config(folder)), text, vae)
+        encoder = LAYERED.text_encoder(parts.folder, text_file, family_dtype(LAYERED, "text_encoder", parts.requested),
+                                       bridge.comfy_tokenizer_dir("qwen25"))
+        text = loading.CaptioningTextEncoder(encoder, loading.caption_head_source(parts.folder, text_file))
+        return (loading.LayeredModel(parts.transformer, parts.scheduler_config), text, parts.vae)
 
 
 def _rgba_pictures(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

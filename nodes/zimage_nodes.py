@@ -8,38 +8,42 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..pipelines.core import sampling as core
 from ..pipelines.core.errors import EditKitError
 from ..pipelines.core.images import nchw_to_image
 from ..pipelines.flux import vae as vae_ops
 from ..pipelines.zimage.api import encode_prompts
+from ..pipelines.zimage.family import FAMILY
 from ..pipelines.zimage.latents import UPSCALE_METHODS
-from ..pipelines.zimage.loading import ZImageModel, scheduler_config, transformer_source, vae_source
-from ..pipelines.zimage.lora import ZIMAGE_LORA
+from ..pipelines.zimage.loading import ZImageModel
 from ..pipelines.zimage.progressive import run_progressive, sample_stage
 from ..pipelines.zimage.recipe import DEFAULT_STAGES_YAML, parse_recipe
 from ..pipelines.zimage.sampler import check_size
-from ..pipelines.zimage.text import make_conditioning, read_conditioning, text_encoder_source
+from ..pipelines.zimage.text import make_conditioning, read_conditioning
 from . import comfy_bridge as bridge
 from .common import (
     PromptPairEncode,
     batch_input,
     cfg_input,
     chosen_file,
-    chosen_folder,
     compile_input,
     convention_input,
     latent_dict,
-    model_precision,
     partial_denoise_input,
     sampler_input,
     seed_input,
     steps_input,
-    with_compile,
 )
-from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
+from .family_loader import (
+    WEIGHT_DTYPES,
+    FileInput,
+    FolderInput,
+    LoaderDeclaration,
+    declared_loader,
+    dtype_input,
+    family_dtype,
+    load_parts,
+)
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -54,7 +58,7 @@ LOADER = LoaderDeclaration(
         tooltip="Optional Z-Image diffusers folder in models/diffusers (Tongyi-MAI/Z-Image-Turbo). (none): "
                 "everything comes from the single files below, the tokenizer from ComfyUI.",
         what="a Z-Image diffusers folder (every file of the Hugging Face repository Tongyi-MAI/Z-Image-Turbo)",
-        pipelines=("ZImagePipeline",),
+        pipelines=FAMILY.pipelines,  # never another model's folder
     ),
     files={
         "transformer_file": FileInput(
@@ -99,17 +103,11 @@ class EditKitZImageLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
-        folder = chosen_folder(diffusers_folder)
-        dtype = DTYPES[weight_dtype]
-        file = chosen_file(transformer_file, "diffusion_models")
-        main = model_precision("diffusion", dtype, file, folder, compute=dtype or bridge.default_dtype("diffusion"))
-        transformer = transformer_source(folder, file, main.compute, main.storage)
-        vae_dtype = torch.float32 if dtype == torch.float32 else bridge.default_dtype("vae")
-        vae = vae_source(folder, chosen_file(vae_file, "vae"), vae_dtype)
-        text = text_encoder_source(folder, chosen_file(text_encoder_file, "text_encoders"),
-                                   dtype or bridge.default_dtype("text_encoder"), bridge.comfy_tokenizer_dir("qwen25"))
-        transformer = with_compile(transformer, compile, chosen_file(transformer_file, "diffusion_models"))
-        return (ZImageModel(transformer, scheduler_config(folder)), text, vae)
+        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
+        text = FAMILY.text_encoder(parts.folder, chosen_file(text_encoder_file, "text_encoders"),
+                                   family_dtype(FAMILY, "text_encoder", parts.requested),
+                                   bridge.comfy_tokenizer_dir("qwen25"))
+        return (ZImageModel(parts.transformer, parts.scheduler_config), text, parts.vae)
 
 
 class EditKitZImageTextEncode(PromptPairEncode):
@@ -305,7 +303,7 @@ class EditKitZImageProgressive:
 
 
 EditKitZImageLora = lora_node_class(
-    ZIMAGE_LORA, MODEL_TYPE, class_name="EditKitZImageLora", display_name="EditKit · Z-Image LoRA",
+    FAMILY.lora, MODEL_TYPE, class_name="EditKitZImageLora", display_name="EditKit · Z-Image LoRA",
     category=CATEGORY, family_models="Z-Image",
 )
 

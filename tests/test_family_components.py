@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
-from editkit.pipelines.flux import loading as flux_loading
+from editkit.pipelines.families import families
 from editkit.pipelines.qwen_image import layered_loading
-from editkit.pipelines.qwen_image import loading as qwen_loading
-from editkit.pipelines.zimage import loading as zimage_loading
 
-SPECS = [flux_loading.TRANSFORMER, flux_loading.VAE, qwen_loading.TRANSFORMER, qwen_loading.VAE,
-         layered_loading.TRANSFORMER, layered_loading.VAE, zimage_loading.TRANSFORMER]
+SPECS = list({spec.tag: spec for family in families().values() for spec in (family.transformer, family.vae)}.values())
 
 
 def _folder(tmp_path, sub: str, class_name: str):

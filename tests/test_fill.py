@@ -11,7 +11,8 @@ from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.flux import fill, flow
 from editkit.pipelines.flux import vae as vae_ops
 from editkit.pipelines.flux.conditioning import FluxText, make_conditioning, read_conditioning
-from editkit.pipelines.flux.loading import scheduler_config, transformer_source, vae_source
+from editkit.pipelines.flux.family import FAMILY
+from editkit.pipelines.flux.loading import transformer_source, vae_source
 
 F32 = torch.float32
 
@@ -23,7 +24,7 @@ def parts(tiny_models):
         "folder": folder,
         "transformer": transformer_source(folder, None, F32).get(),
         "vae": vae_source(folder, None, F32).get(),
-        "scheduler": scheduler_config(folder),
+        "scheduler": FAMILY.scheduler_config(folder),
     }
 
 

@@ -20,6 +20,7 @@ from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.flux2 import inpaint as fi
 from editkit.pipelines.flux2 import latent as fl
 from editkit.pipelines.flux2 import loading, sampler, text
+from editkit.pipelines.flux2.family import FAMILY
 from editkit.pipelines.flux2.lora import FLUX2_LORA
 from editkit.pipelines.zimage.text import text_encoder_source
 from tiny import flux2 as fm
@@ -42,7 +43,7 @@ def parts(tree):
     folder = paths["flux2_folder"]
     return {
         "folder": folder,
-        "model": loading.Flux2Model(loading.transformer_source(folder, None, F32), loading.scheduler_config(folder),
+        "model": loading.Flux2Model(loading.transformer_source(folder, None, F32), FAMILY.scheduler_config(folder),
                                     loading.is_distilled(folder)),
         "vae": loading.vae_source(folder, None, F32).get(),
         "text": text_encoder_source(folder, None, F32, wrapper=text.Flux2TextEncoder).get(),
@@ -208,7 +209,7 @@ def test_gguf_transformer_gives_the_folder_picture_within_q8_rounding(tree, part
     _, paths = tree
     runtime = TorchRuntime("cpu")
     gguf = loading.Flux2Model(loading.transformer_source(None, paths["flux2_gguf"], F32),
-                              loading.scheduler_config(None))
+                              FAMILY.scheduler_config(None))
     assert gguf.transformer.get().quantized
     embeds = _embeds(parts)
     a = sampler.generate(gguf, parts["vae"], embeds, runtime, width=32, height=32, seed=2, steps=2)
@@ -365,7 +366,7 @@ def test_denoise_convention_takes_the_mu_of_the_schedule_it_cuts_from():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
-    config = loading.scheduler_config(None)
+    config = FAMILY.scheduler_config(None)
     for convention, total, keep in (("denoise", 8, 4), ("strength", 4, 2)):
         schedule = sampler.flux2_schedule(config, 4, 300, denoise=0.5, convention=convention)
         reference = FlowMatchEulerDiscreteScheduler.from_config(config)

@@ -14,7 +14,8 @@ from editkit.pipelines.flux import flow
 from editkit.pipelines.flux import generate as gen
 from editkit.pipelines.flux import vae as vae_ops
 from editkit.pipelines.flux.conditioning import FluxText, make_conditioning
-from editkit.pipelines.flux.loading import scheduler_config, transformer_source, vae_source
+from editkit.pipelines.flux.family import FAMILY
+from editkit.pipelines.flux.loading import transformer_source, vae_source
 from node_calls import call_node
 
 F32 = torch.float32
@@ -26,7 +27,7 @@ def parts(tiny_models):
     return {
         "transformer": transformer_source(None, tiny_models / "diffusion_models" / "flux1-dev.safetensors", F32).get(),
         "vae": vae_source(folder, None, F32).get(),
-        "scheduler": scheduler_config(folder),
+        "scheduler": FAMILY.scheduler_config(folder),
     }
 
 

@@ -14,8 +14,9 @@ from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.flux import flow
 from editkit.pipelines.flux import kontext_inpaint as ki
 from editkit.pipelines.flux.conditioning import FluxText
+from editkit.pipelines.flux.family import FAMILY
 from editkit.pipelines.flux.layout import diffusers_transformer_to_bfl
-from editkit.pipelines.flux.loading import scheduler_config, transformer_source, vae_source
+from editkit.pipelines.flux.loading import transformer_source, vae_source
 
 F32 = torch.float32
 _FRESH = itertools.count()
@@ -106,7 +107,7 @@ def vae(folder):
 
 
 def _settings(folder, **kw):
-    base = dict(steps=2, guidance=30.0, seed=9, denoise=1.0, scheduler_config=scheduler_config(folder),
+    base = dict(steps=2, guidance=30.0, seed=9, denoise=1.0, scheduler_config=FAMILY.scheduler_config(folder),
                 runtime=TorchRuntime("cpu"))
     base.update(kw)
     return base
@@ -199,13 +200,13 @@ def test_no_device_mixing_between_compute_and_results(folder, tiny_models):
     pixels, mask = torch.rand(1, 3, 64, 96), torch.zeros(1, 1, 64, 96)
     mask[..., 16:48, 16:48] = 1
     result = fill_ops.fill(transformer, vae, pixels, mask, _text(), steps=2, guidance=30.0, seed=1, denoise=0.5,
-                           per_image=2, scheduler_config=scheduler_config(folder), runtime=meta)
+                           per_image=2, scheduler_config=FAMILY.scheduler_config(folder), runtime=meta)
     assert result.images.device.type == "meta" and result.images.shape == (2, 3, 64, 96)
     ki.widen_fill_transformer(transformer.module)
     source = torch.randn(1, 16, 8, 12)  # a CPU LATENT from an earlier node
     mask_latent = ki.mask_image_latent(vae, None, 1, 64, 96, meta)
     history = ki.multi_round(transformer, source, mask_latent, [_text(1), _text(2)], steps=2, guidance=30.0,
-                             seed=3, denoise=1.0, scheduler_config=scheduler_config(folder), runtime=meta)
+                             seed=3, denoise=1.0, scheduler_config=FAMILY.scheduler_config(folder), runtime=meta)
     assert [h.device.type for h in history] == ["meta", "meta"]
 
 

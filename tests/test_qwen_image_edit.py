@@ -19,11 +19,11 @@ from editkit.pipelines.core.errors import EditKitError
 from editkit.pipelines.core.runtime import Component, TorchRuntime
 from editkit.pipelines.qwen_image import sizes
 from editkit.pipelines.qwen_image.edit import edit
+from editkit.pipelines.qwen_image.family import FAMILY
 from editkit.pipelines.qwen_image.loading import (
     EDIT,
     EDIT_2509,
     EDIT_2511,
-    scheduler_config,
     transformer_source,
     vae_source,
 )
@@ -58,7 +58,7 @@ def models(tree):
         transformer=transformer_source(folder, None, F32).get(),
         vae=vae_source(folder, None, F32).get(),
         text=text_encoder_source(folder, None, F32).get(),
-        schedule=scheduler_config(folder),
+        schedule=FAMILY.scheduler_config(folder),
     )
 
 

@@ -16,12 +16,12 @@ from editkit.pipelines.core.errors import EditKitError, ModelFileError
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.qwen_image import loading, sizes
 from editkit.pipelines.qwen_image.edit import edit
+from editkit.pipelines.qwen_image.family import FAMILY
 from editkit.pipelines.qwen_image.loading import (
     EDIT,
     EDIT_2509,
     EDIT_2511,
     QwenImageModel,
-    scheduler_config,
     transformer_source,
     vae_source,
 )
@@ -127,7 +127,7 @@ def _picture(seed: int) -> torch.Tensor:
 
 def _edit_with(transformer, text, vae, folder):
     return edit(transformer, text, vae, [_picture(1), _picture(2)], "swap the jackets", TorchRuntime("cpu"),
-                scheduler_config=scheduler_config(folder), steps=2, seed=3, true_cfg_scale=4.0,
+                scheduler_config=FAMILY.scheduler_config(folder), steps=2, seed=3, true_cfg_scale=4.0,
                 references=sizes.ReferenceSizes(sizes.NO_SHIFT, 56 * 56, 64 * 64)).images
 
 
@@ -257,7 +257,7 @@ def test_2511_name_is_the_fallback_and_the_widget_wins(paths, tmp_path):
 def test_text_to_image_qwen_image_is_refused_naming_what_was_found(paths, tmp_path):
     t2i = tmp_path / "qwen_image_bf16.safetensors"
     t2i.write_bytes(paths["bf16"].read_bytes())
-    model = QwenImageModel(transformer_source(None, t2i, F32), scheduler_config(None), "auto", None, t2i)
+    model = QwenImageModel(transformer_source(None, t2i, F32), FAMILY.scheduler_config(None), "auto", None, t2i)
     with pytest.raises(EditKitError, match=r"Qwen-Image \(the text-to-image model\), found from the file name "
                                            r"'qwen_image_bf16.safetensors'"):
         _ = model.variant
@@ -309,5 +309,5 @@ def test_shipped_configs_describe_the_real_models():
     assert (transformer["num_layers"], transformer["num_attention_heads"], transformer["joint_attention_dim"]) == \
         (60, 24, 3584)
     assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"] == 128
-    schedule = scheduler_config(None)
+    schedule = FAMILY.scheduler_config(None)
     assert schedule["shift_terminal"] == 0.02 and schedule["time_shift_type"] == "exponential"

@@ -11,7 +11,8 @@ from editkit.nodes import comfy_bridge
 from editkit.nodes.qwen_image_nodes import EditKitQwenImageEdit, EditKitQwenImageLoader, EditKitQwenImageLora
 from editkit.pipelines.core.errors import EditKitError
 from editkit.pipelines.core.runtime import TorchRuntime
-from editkit.pipelines.qwen_image.loading import lightning_scheduler_config, scheduler_config
+from editkit.pipelines.qwen_image.family import FAMILY
+from editkit.pipelines.qwen_image.loading import lightning_scheduler_config
 from node_calls import call_node
 from tiny.qwen_image import FAMILY as QWEN
 from tiny.qwen_image import TINY_TRANSFORMER
@@ -191,7 +192,7 @@ def test_lightning_lora_samples_with_its_schedule_at_4_steps_without_cfg():
     model, text, vae = _load()
     (fast,) = call_node(EditKitQwenImageLora, model=model,
                         lora_name="Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", strength=1.0)
-    assert model.schedule == scheduler_config(model.folder)
+    assert model.schedule == FAMILY.scheduler_config(model.folder)
     assert fast.schedule == lightning_scheduler_config()
     lightning = flow_schedule(fast.schedule, 4, image_seq_len=4096).sigmas
     own = flow_schedule(model.schedule, 4, image_seq_len=4096).sigmas

@@ -19,8 +19,8 @@ from editkit.nodes import qwen_layered_nodes
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.qwen_image import layered_loading as loading
+from editkit.pipelines.qwen_image.family import FAMILY
 from editkit.pipelines.qwen_image.layered import bucket_size, decompose
-from editkit.pipelines.qwen_image.loading import scheduler_config
 from editkit.pipelines.qwen_image.loading import transformer_source as edit_transformer_source
 from editkit.pipelines.qwen_image.loading import vae_source as edit_vae_source
 from editkit.pipelines.qwen_image.text import text_encoder_source
@@ -66,7 +66,7 @@ def models(tree):
     folder = tree["paths"]["folder"]
     return dict(transformer=loading.transformer_source(folder, None, F32).get(),
                 vae=loading.vae_source(folder, None, F32).get(), text=_text(folder),
-                schedule=scheduler_config(folder))
+                schedule=FAMILY.scheduler_config(folder))
 
 
 def rgba_picture(width: int, height: int, seed: int, transparent: bool = True):
@@ -201,7 +201,7 @@ def test_single_files_decompose_like_the_folder(tree, models):
     paths = tree["paths"]
     single = dict(transformer=loading.transformer_source(None, paths["bf16"], F32).get(),
                   vae=loading.vae_source(None, paths["vae"], F32).get(),
-                  text=_text(paths["folder"], paths["te_head"]), schedule=scheduler_config(None))
+                  text=_text(paths["folder"], paths["te_head"]), schedule=FAMILY.scheduler_config(None))
     _, picture = rgba_picture(64, 48, seed=3)
     ours = run_decompose(single, picture, prompt="", layers=2)
     folder = run_decompose(models, picture, prompt="", layers=2)

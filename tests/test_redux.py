@@ -22,7 +22,8 @@ from editkit.nodes.redux_nodes import EditKitReduxEncode
 from editkit.pipelines.core.errors import EditKitError
 from editkit.pipelines.core.loading import LazyModel
 from editkit.pipelines.core.runtime import Component, TorchRuntime
-from editkit.pipelines.flux.loading import FluxModel, scheduler_config
+from editkit.pipelines.flux.family import FAMILY
+from editkit.pipelines.flux.loading import FluxModel
 from editkit.pipelines.flux.redux import preprocess
 from editkit.pipelines.flux.redux import prior as redux_prior
 from editkit.pipelines.flux.redux.loading import ReduxPrior, load_prior
@@ -51,7 +52,7 @@ def real_width():
     prior = ReduxPrior(Component(encoder, "text_encoder", "siglip", F32), Component(embedder, "text_encoder", "redux",
                                                                                       F32), processor)
     transformer = FLUX1.build("dev", joint_attention_dim=4096, pooled_projection_dim=768)
-    model = FluxModel(_handle(Component(transformer, "diffusion", "dev-4096", F32), "dev"), scheduler_config(None))
+    model = FluxModel(_handle(Component(transformer, "diffusion", "dev-4096", F32), "dev"), FAMILY.scheduler_config(None))
     return types.SimpleNamespace(pipe=pipe, redux=types.SimpleNamespace(prior=_handle(prior, "prior")), model=model,
                                  transformer=transformer)
 
@@ -127,7 +128,7 @@ def test_variation_equals_flux_pipeline_fed_the_prior(real_width, tiny_models, t
                                 width=32, height=48, seed=42, steps=3, guidance=2.5, batch_size=2)
     with torch.inference_mode():
         prior = real_width.pipe(image=_pil(image))
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(None)),
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(FAMILY.scheduler_config(None)),
                             vae=vae.get().module, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=real_width.transformer)
         pipe.set_progress_bar_config(disable=True)

@@ -18,6 +18,7 @@ from editkit.pipelines.core import sampling as core
 from editkit.pipelines.core.errors import EditKitError, ModelFileError
 from editkit.pipelines.core.runtime import TorchRuntime
 from editkit.pipelines.zimage import loading, sampler, text
+from editkit.pipelines.zimage.family import FAMILY
 from editkit.pipelines.zimage.progressive import sample_stage
 from tiny import zimage as zm
 
@@ -32,9 +33,9 @@ def parts(tiny_models):
         "root": tiny_models,
         "folder": folder,
         "transformer": loading.transformer_source(folder, None, F32).get(),
-        "vae": loading.vae_source(folder, None, F32).get(),
+        "vae": FAMILY.vae.source(folder, None, F32).get(),
         "text": text.text_encoder_source(folder, None, F32).get(),
-        "scheduler": loading.scheduler_config(folder),
+        "scheduler": FAMILY.scheduler_config(folder),
     }
 
 

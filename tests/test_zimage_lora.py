@@ -19,6 +19,7 @@ from editkit.pipelines.core.errors import ModelFileError
 from editkit.pipelines.core.lora import add_lora
 from editkit.pipelines.core.runtime import Component, TorchRuntime
 from editkit.pipelines.zimage import loading, sampler
+from editkit.pipelines.zimage.family import FAMILY
 from editkit.pipelines.zimage.lora import ZIMAGE_LORA
 from node_calls import call_node
 from tiny import zimage as zm
@@ -77,7 +78,7 @@ def _write(path, tensors: dict, metadata=None):
 def _run(component, seed=9):
     captions = [torch.randn(6, 16, generator=torch.Generator().manual_seed(1))]
     noise = core.seeded_noise((1, 16, 8, 8), seed)
-    schedule = sampler.zimage_schedule(loading.scheduler_config(None), 2)
+    schedule = sampler.zimage_schedule(FAMILY.scheduler_config(None), 2)
     return sampler.sample(component, captions, noise, schedule, TorchRuntime("cpu"))
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFileError
-from .loading import LazyModel, file_key, folder_key, read_json, unavailable
+from .latent_format import LatentFormat
+from .loading import LazyModel, file_key, folder_key, read_json, scheduler_config, unavailable
+from .lora import LoraFamily
 from .precision import Precision, apply_precision
 from .runtime import Component
 from .single_file import SingleFile
@@ -111,3 +113,46 @@ class ComponentSpec:
                              lambda: self.read_file(file, dtype, storage), f"{self.what} {file.name}")
         return LazyModel((self.tag, folder_key(folder, self.subfolder), dtype, storage),
                          lambda: self.from_folder(folder, dtype, storage), f"{self.what} of {folder.name}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family, declared once: its components, latent format, scheduler and LoRA rules.
+
+    What a family *is* lives here, so shared code does the rest from it: the loader node builds its loading from
+    ``transformer`` / ``vae`` (``nodes/family_loader.py`` ``load_parts``: folder or file, precision, identity and
+    caching, compile); the scheduler config is the folder's own or the shipped ``scheduler`` file; samplers convert
+    LATENTs at the boundary with ``latent_format(vae)`` (raw VAE space ↔ model space, ``core.latent_format``);
+    LoRA nodes read ``lora`` (key converter, architecture check, ``core.lora``); the text encoder loads through
+    ``text_encoder`` (each family's prompt format differs, so its source function is declared, not derived).
+
+    ``pipelines`` are the ``model_index.json`` classes of the family's diffusers folders (a loader's default
+    folder); ``transformer_source`` replaces ``transformer.source`` where a family picks between variants of one
+    file (Qwen-Image-Edit 2509 / 2511) and takes extra keyword options; ``fp16``: False where the model overflows in
+    fp16 (Qwen-Image), so an fp16 choice computes in bf16 (or fp32 without bf16). ``pipelines/families.py`` lists
+    every family; ``tests/test_family_declarations.py`` checks each declaration against the models it names.
+    """
+
+    name: str
+    transformer: ComponentSpec
+    vae: ComponentSpec
+    text_encoder: Callable[..., LazyModel]
+    scheduler: Path
+    latent_format: Callable[[Component], LatentFormat]
+    lora: LoraFamily | None = None
+    pipelines: tuple[str, ...] = ()
+    fp16: bool = True
+    transformer_source: Callable[..., LazyModel] | None = None
+
+    def scheduler_config(self, folder: Path | None) -> dict:
+        """The folder's scheduler config, or the family's shipped one when loading from single files."""
+        return scheduler_config(folder, self.scheduler)
+
+    def transformer_from(self, folder: Path | None, file: Path | None, dtype: torch.dtype,
+                         storage: torch.dtype | None = None, **options) -> LazyModel:
+        """The lazily loaded transformer (``options``: the family's own, e.g. Qwen-Image's ``variant``)."""
+        if self.transformer_source is not None:
+            return self.transformer_source(folder, file, dtype, storage, **options)
+        if options:
+            raise TypeError(f"The {self.name} transformer takes no options ({', '.join(options)})")
+        return self.transformer.source(folder, file, dtype, storage)

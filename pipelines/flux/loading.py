@@ -157,10 +157,6 @@ vae_source = VAE.source
 # Scheduler
 
 
-def scheduler_config(folder: Path | None) -> dict:
-    """The folder's scheduler config, or FLUX.1's (shipped) when loading from single files."""
-    return core_loading.scheduler_config(folder, CONFIG_DIR / "flux_scheduler" / "scheduler_config.json")
-
 
 class FluxModel:
     """What EditKit's FLUX.1 loader hands to samplers: a lazily loaded transformer + its schedule."""

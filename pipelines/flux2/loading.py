@@ -213,10 +213,6 @@ vae_source = VAE.source
 # Scheduler and the model handle
 
 
-def scheduler_config(folder: Path | None) -> dict:
-    """The folder's scheduler config, or klein's (shipped) when loading from single files."""
-    return core_loading.scheduler_config(folder, SCHEDULER_CONFIG)
-
 
 def is_distilled(folder: Path | None) -> bool | None:
     """What the folder's ``model_index.json`` says (klein 4B/9B: true; the ``base`` models: false), else None."""

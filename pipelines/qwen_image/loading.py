@@ -403,10 +403,6 @@ vae_source = VAE.source
 # Scheduler and the model handle
 
 
-def scheduler_config(folder: Path | None) -> dict:
-    """The folder's scheduler config, or Qwen-Image's (shipped) when loading from single files."""
-    return core_loading.scheduler_config(folder, CONFIG_DIR / "scheduler" / "scheduler_config.json")
-
 
 def lightning_scheduler_config() -> dict:
     """The schedule the Qwen-Image-Lightning LoRAs were distilled for (shift ln 3, no terminal stretch)."""

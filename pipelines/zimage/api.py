@@ -25,7 +25,8 @@ import torch
 from ..core.errors import EditKitError
 from ..core.lora import LoraModelSource, load_lora
 from ..core.runtime import Runtime, TorchRuntime, default_device
-from .loading import ZImageModel, scheduler_config, transformer_source, vae_source
+from .family import FAMILY
+from .loading import ZImageModel, transformer_source
 from .lora import ZIMAGE_LORA
 from .progressive import ProgressiveResult, run_progressive
 from .recipe import DEFAULT_STAGES_YAML, parse_recipe
@@ -145,10 +146,10 @@ class ZImageProgressive:
             dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         vae_dtype = torch.float32 if dtype != torch.bfloat16 else dtype
         parts = ZImageParts(
-            model=ZImageModel(transformer_source(folder, files["transformer"], dtype), scheduler_config(folder)),
+            model=ZImageModel(transformer_source(folder, files["transformer"], dtype), FAMILY.scheduler_config(folder)),
             text_encoder=text_encoder_source(folder, files["text encoder"], dtype,
                                              _comfy_tokenizer(models_dir, tokenizer_dir)),
-            vae=vae_source(folder, files["VAE"], vae_dtype),
+            vae=FAMILY.vae.source(folder, files["VAE"], vae_dtype),
         )
         pipe = cls(parts, runtime or TorchRuntime(device))
         pipe._models_dir = models_dir

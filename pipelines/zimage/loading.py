@@ -24,9 +24,7 @@ import torch
 
 from ..core import loading as core_loading
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, unavailable
 from ..core.single_file import SingleFile, check_rotary
-from ..flux import loading as flux_loading
 
 log = logging.getLogger("EditKit")
 
@@ -114,19 +112,6 @@ TRANSFORMER = ComponentSpec(
             "EditKit · Z-Image Loader.",
 )
 transformer_source = TRANSFORMER.source
-
-
-def vae_source(folder: Path | None, file: Path | None, dtype: torch.dtype) -> LazyModel:
-    """The FLUX.1 VAE (Z-Image's): ``ae.safetensors`` or the folder's ``vae``."""
-    if file is None and folder is None:
-        return unavailable("Z-Image VAE", "No VAE: pick a diffusers folder or the FLUX.1 VAE file (ae.safetensors) "
-                           "in EditKit · Z-Image Loader.")
-    return flux_loading.vae_source(folder, file, dtype)
-
-
-def scheduler_config(folder: Path | None) -> dict:
-    """The folder's scheduler config, or Z-Image-Turbo's (shipped) when loading from single files."""
-    return core_loading.scheduler_config(folder, SCHEDULER_CONFIG)
 
 
 class ZImageModel:

@@ -27,14 +27,14 @@ def _sampler_case(component, vae, settings: Settings, diffusers_pipe=None):
     flow = pack_module("pipelines.flux.flow")
     fill = pack_module("pipelines.flux.fill")
     runtime_mod = pack_module("pipelines.core.runtime")
-    loading = pack_module("pipelines.flux.loading")
+    family = pack_module("pipelines.flux.family").FAMILY
     size, device = settings.size, settings.device
     text = models.flux_text(component.module.config, settings.text_tokens)
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(1, 3, size, size, generator=g)
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
-    scheduler_config = loading.scheduler_config(None) if hasattr(loading, "scheduler_config") else {}
+    scheduler_config = family.scheduler_config(None)
     h = w = size // 8
     noise = flow.pack(flow.noise_like((1, 16, h, w), 0))
     steps = settings.steps + 1  # the first step holds the preparation and is dropped
@@ -69,13 +69,13 @@ def _sampler_case(component, vae, settings: Settings, diffusers_pipe=None):
 def steps_part(settings: Settings) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 
-    loading = pack_module("pipelines.flux.loading")
+    family = pack_module("pipelines.flux.family").FAMILY
     compile_mod = pack_module("pipelines.core.compile")
     dtype = settings.dtype
     module = models.flux_transformer("fill", settings.flux_depth, dtype, settings.device)
     component = models.component(module, "bench-fill", dtype)
     vae = models.component(models.flux_vae(dtype, settings.device, real=False), "tiny-vae", dtype, "vae")
-    pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(loading.scheduler_config(None)),
+    pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(family.scheduler_config(None)),
                             vae=vae.module, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                             transformer=module)
     pipe.set_progress_bar_config(disable=True)

@@ -27,14 +27,14 @@ def steps_part(settings: Settings) -> None:
     from tiny import flux2 as tiny_flux2
 
     runtime_mod = pack_module("pipelines.core.runtime")
-    loading = pack_module("pipelines.flux2.loading")
+    family = pack_module("pipelines.flux2.family").FAMILY
     sampler = pack_module("pipelines.flux2.sampler")
     device, size, steps = settings.device, settings.size, settings.steps + 1
     module = models.flux2_transformer(settings.flux2_depth, settings.dtype, device)
     component = runtime_mod.Component(module, "diffusion", "bench klein 4B", settings.dtype)
     vae = runtime_mod.Component(tiny_flux2.FAMILY.build("vae"), "vae", "tiny FLUX.2 VAE", torch.float32)
     model = SimpleNamespace(transformer=SimpleNamespace(get=lambda: component),
-                            scheduler_config=loading.scheduler_config(None))
+                            scheduler_config=family.scheduler_config(None))
     g = torch.Generator().manual_seed(1)
     text = torch.randn(1, settings.text_tokens, models.FLUX2_KLEIN_4B_WIDTHS["joint_attention_dim"], generator=g)
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config),

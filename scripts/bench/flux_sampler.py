@@ -21,7 +21,7 @@ PARTS = ("steps", "import")
 def _editkit(component, settings: Settings, negative=None, cfg=1.0):
     flow = pack_module("pipelines.flux.flow")
     runtime_mod = pack_module("pipelines.core.runtime")
-    scheduler_config = pack_module("pipelines.flux.loading").scheduler_config(None)
+    scheduler_config = pack_module("pipelines.flux.family").FAMILY.scheduler_config(None)
     side = settings.size // 8
     text = models.flux_text(component.module.config, settings.text_tokens)
     noise = flow.pack(flow.noise_like((1, 16, side, side), 0))
@@ -71,7 +71,7 @@ def steps_part(settings: Settings) -> None:
     module = models.flux_transformer("dev", settings.flux_depth, dtype, settings.device)
     component = models.component(module, "bench-dev", dtype)
     vae = models.flux_vae(dtype, settings.device, real=False)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pack_module("pipelines.flux.loading").scheduler_config(None))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pack_module("pipelines.flux.family").FAMILY.scheduler_config(None))
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=module)
     pipe.set_progress_bar_config(disable=True)

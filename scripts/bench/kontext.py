@@ -27,7 +27,7 @@ def steps_part(settings: Settings) -> None:
     flow = pack_module("pipelines.flux.flow")
     runtime_mod = pack_module("pipelines.core.runtime")
     ki = pack_module("pipelines.flux.kontext_inpaint")
-    scheduler = pack_module("pipelines.flux.loading").scheduler_config(None)
+    scheduler = pack_module("pipelines.flux.family").FAMILY.scheduler_config(None)
     dtype, device = settings.dtype, settings.device
     fill = models.flux_transformer("fill", settings.flux_depth, dtype, device)
     kontext = ki.widen_fill_transformer(copy.deepcopy(fill))

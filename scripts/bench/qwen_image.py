@@ -84,7 +84,7 @@ def compare_2511_part(settings: Settings) -> None:
             runtime = core.TorchRuntime(device, on_progress=clock.tick)
             clock.start()
             result = edit.edit(component, prompts, vae, [pixels], "edit", runtime, variant=variant,
-                               scheduler_config=loading.scheduler_config(None), negative_prompt=" ",
+                               scheduler_config=pack_module("pipelines.qwen_image.family").FAMILY.scheduler_config(None), negative_prompt=" ",
                                true_cfg_scale=4.0, steps=steps, seed=SEED, cfg_batched=False,
                                output=sizes.OutputSize(sizes.EXPLICIT, size, size, 64.0),
                                references=sizes.ReferenceSizes(sizes.CUSTOM, 384 * 384, size * size))
@@ -154,7 +154,7 @@ def steps_part(settings: Settings) -> None:
             clock = StepClock(device)
             runtime = core.TorchRuntime(device, on_progress=clock.tick)
             clock.start()
-            edit.edit(component, prompts, vae, [pixels], "edit", runtime, scheduler_config=loading.scheduler_config(None),
+            edit.edit(component, prompts, vae, [pixels], "edit", runtime, scheduler_config=pack_module("pipelines.qwen_image.family").FAMILY.scheduler_config(None),
                       negative_prompt=" ", true_cfg_scale=4.0, steps=steps, seed=SEED, cfg_batched=batched,
                       output=sizes.OutputSize(sizes.EXPLICIT, size, size, 64.0),
                       references=sizes.ReferenceSizes(sizes.CUSTOM, 384 * 384, size * size))

@@ -84,7 +84,7 @@ def steps_part(settings: Settings) -> None:
     generate = pack_module("pipelines.flux.generate")
     conditioning = pack_module("pipelines.flux.conditioning")
     runtime_mod = pack_module("pipelines.core.runtime")
-    scheduler = pack_module("pipelines.flux.loading").scheduler_config(None)
+    scheduler = pack_module("pipelines.flux.family").FAMILY.scheduler_config(None)
     module = models.flux_transformer("dev", settings.flux_depth, settings.dtype, settings.device)
     component = models.component(module, "bench-redux", settings.dtype)
     vae = models.component(models.flux_vae(settings.dtype, settings.device, real=False), "tiny-vae", settings.dtype,
@@ -150,6 +150,7 @@ def memory_job(options: dict) -> dict:
     """Child process: one Redux variation through EditKit's loaders, with or without text encoders."""
     files = {k: Path(v) for k, v in options["files"].items()}
     flux_loading = pack_module("pipelines.flux.loading")
+    scheduler = pack_module("pipelines.flux.family").FAMILY.scheduler_config(None)
     redux_loading = pack_module("pipelines.flux.redux.loading")
     prior_mod = pack_module("pipelines.flux.redux.prior")
     generate = pack_module("pipelines.flux.generate")
@@ -174,7 +175,7 @@ def memory_job(options: dict) -> dict:
         prior_mod.append_to_conditioning(conditioning.make_conditioning(states, pooled), tokens))
     generate.generate(transformer, vae, text, width=128, height=128,
                       settings=generate.GenerateSettings(steps=1, guidance=2.5, seed=42),
-                      scheduler_config=flux_loading.scheduler_config(None), runtime=runtime)
+                      scheduler_config=scheduler, runtime=runtime)
     return {"peak_rss_bytes": procs.status_bytes("VmHWM") - baseline, "tokens": int(text.states.shape[1])}
 
 

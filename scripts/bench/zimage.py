@@ -36,7 +36,7 @@ def steps_part(settings: Settings) -> None:
     sampling = pack_module("pipelines.core.sampling")
     runtime_mod = pack_module("pipelines.core.runtime")
     compile_mod = pack_module("pipelines.core.compile")
-    scheduler = pack_module("pipelines.zimage.loading").scheduler_config(None)
+    scheduler = pack_module("pipelines.zimage.family").FAMILY.scheduler_config(None)
     component, vae, captions = _setup(settings)
     size, device, steps = settings.size, settings.device, settings.steps + 1
     noise = sampling.seeded_noise((1, 16, size // 8, size // 8), 0)
@@ -93,7 +93,7 @@ def recipe_part(settings: Settings) -> None:
     print_table("Z-Image recipes: transformer token-steps (image tokens x model calls), CFG off",
                 ["convention", "recipe", "calls per stage", "token-steps per stage", "total"], rows)
     component, vae, captions = _setup(settings)
-    scheduler = pack_module("pipelines.zimage.loading").scheduler_config(None)
+    scheduler = pack_module("pipelines.zimage.family").FAMILY.scheduler_config(None)
     runtime = runtime_mod.TorchRuntime(settings.device)
     quick = recipe([(n, w, h, settings.steps, st) for n, w, h, _s, st in SEED_STAGES], "denoise")
     one = recipe([("single", 672, 864, settings.steps, None)], "denoise")

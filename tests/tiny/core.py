@@ -99,12 +99,18 @@ def noise_filled(cls, config, seed: int, std: float) -> torch.nn.Module:
     return model
 
 
-def model_class(name: str, loading=None):
-    """A class by name: a family ``ComponentSpec`` in ``loading`` (its ``model_class``), diffusers or transformers."""
+def declaration(name: str):
+    """EditKit's own declaration of family ``name`` (``pipelines/families.py``): what its loaders read."""
+    return pack_module("pipelines.families").family(name)
+
+
+def model_class(name: str, family=None):
+    """A class by name: a component of EditKit's ``family`` declaration (``"transformer"``, ``"vae"``: its
+    ``model_class``, so the tests build exactly what the loaders load), else a diffusers or transformers class."""
     import diffusers
     import transformers
 
-    spec = getattr(loading, name, None) if loading is not None else None
+    spec = getattr(family, name, None) if family is not None and name in ("transformer", "vae") else None
     name = getattr(spec, "model_class", name)
     return getattr(diffusers, name, None) or getattr(transformers, name)
 
@@ -251,7 +257,7 @@ class Family:
     returns them), then ``finish(components)``; folders and files written from them."""
 
     name: str
-    loading: str | None
+    declared: str | None  # the EditKit family (pipelines/families.py) whose components the parts name
     parts: dict[str, Part]
     folders: tuple[Folder, ...] = ()
     files: dict[str, File] = field(default_factory=dict)
@@ -270,7 +276,7 @@ class Family:
         if callable(part.model):
             module = part.model(built or {})
         else:
-            cls = model_class(part.model, pack_module(self.loading) if self.loading else None)
+            cls = model_class(part.model, declaration(self.declared) if self.declared else None)
             config = {**part.config, **overrides}
             if issubclass(cls, transformers.PreTrainedModel):
                 config = cls.config_class(**config)
@@ -344,11 +350,11 @@ class Family:
         return self._cache
 
 
-def scheduler(loading: str):
+def scheduler(family: str):
     """The family's shipped scheduler (what its loader uses without a folder)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler.from_config(pack_module(loading).scheduler_config(None))
+    return FlowMatchEulerDiscreteScheduler.from_config(declaration(family).scheduler_config(None))
 
 
 def main(make: Callable[[str], dict], description: str, argv=None) -> int:

@@ -66,17 +66,17 @@ def _kontext(built):
 
 
 FAMILY = Family(
-    "flux1", "pipelines.flux.loading",
+    "flux1", "flux",
     parts={
-        "transformer": Part("TRANSFORMER", TINY_TRANSFORMER, seed=SEED, randomize=SEED),
-        "vae": Part("VAE", TINY_VAE, precision=None),  # seeds: the RNG goes on, as in diffusers' pipelines
+        "transformer": Part("transformer", TINY_TRANSFORMER, seed=SEED, randomize=SEED),
+        "vae": Part("vae", TINY_VAE, precision=None),  # seeds: the RNG goes on, as in diffusers' pipelines
         "text_encoder": Part("CLIPTextModel", CLIP, precision=FP16),
         "text_encoder_2": Part("T5EncoderModel", T5, precision=FP16),
-        "dev": Part("TRANSFORMER", dict(TINY_TRANSFORMER, in_channels=64, out_channels=None), seed=SEED + 1,
+        "dev": Part("transformer", dict(TINY_TRANSFORMER, in_channels=64, out_channels=None), seed=SEED + 1,
                     randomize=SEED + 1),
         "kontext": Part(_kontext),
     },
-    extras=lambda _: dict(scheduler=scheduler("pipelines.flux.loading"), tokenizer=clip_tokenizer(),
+    extras=lambda _: dict(scheduler=scheduler("flux"), tokenizer=clip_tokenizer(),
                           tokenizer_2=t5_tokenizer()),
     folders=(Folder("FLUX.1-Fill-dev", "FluxFillPipeline", "fill_folder"),
              Folder("FLUX.1-dev", "FluxPipeline", "dev_folder", swap={"transformer": "dev"})),

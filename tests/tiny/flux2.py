@@ -91,13 +91,13 @@ def vae_to_ldm(sd):
 
 
 FAMILY = Family(
-    "flux2", "pipelines.flux2.loading",
+    "flux2", "flux2",
     parts={
-        "vae": Part("VAE", TINY_VAE, seed=SEED + 1, adjust=_random_statistics),
+        "vae": Part("vae", TINY_VAE, seed=SEED + 1, adjust=_random_statistics),
         "text_encoder": Part("Qwen3ForCausalLM", dict(zimage.TINY_QWEN3, num_hidden_layers=4), seed=SEED + 3),
-        "transformer": Part("TRANSFORMER", TINY_TRANSFORMER, seed=SEED, randomize=SEED),
+        "transformer": Part("transformer", TINY_TRANSFORMER, seed=SEED, randomize=SEED),
     },
-    extras=lambda _: dict(scheduler=scheduler("pipelines.flux2.loading"), tokenizer=zimage.tiny_tokenizer()),
+    extras=lambda _: dict(scheduler=scheduler("flux2"), tokenizer=zimage.tiny_tokenizer()),
     folders=(Folder(FOLDER, "Flux2KleinPipeline", "flux2_folder", kwargs=dict(is_distilled=True)),),
     files={
         "flux2_file": File(f"diffusion_models/{TRANSFORMER_FILE}", "transformer",

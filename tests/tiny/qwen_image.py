@@ -65,7 +65,7 @@ def text_extras(_built=None) -> dict:
     tokenizer = tiny_tokenizer()
     pictures = Qwen2VLImageProcessorPil.from_pretrained(str(pack_module("pipelines.qwen_image.loading").CONFIG_DIR
                                                             / "processor"))
-    return dict(scheduler=scheduler("pipelines.qwen_image.loading"), tokenizer=tokenizer,
+    return dict(scheduler=scheduler("qwen_image"), tokenizer=tokenizer,
                 processor=pack_module("pipelines.qwen_image.text").make_processor(pictures, tokenizer))
 
 
@@ -122,10 +122,10 @@ def _full_width_vae(_built):
 
 
 FAMILY = Family(
-    "qwen_image", "pipelines.qwen_image.loading",
+    "qwen_image", "qwen_image",
     parts={
-        "transformer": Part("TRANSFORMER", TINY_TRANSFORMER, seed=SEED, randomize=SEED, precision="fp8"),
-        "vae": Part("VAE", TINY_VAE, seed=SEED + 1, precision="fp8"),
+        "transformer": Part("transformer", TINY_TRANSFORMER, seed=SEED, randomize=SEED, precision="fp8"),
+        "vae": Part("vae", TINY_VAE, seed=SEED + 1, precision="fp8"),
         "text_encoder": Part("Qwen2_5_VLForConditionalGeneration", TEXT_ENCODER, noise=(SEED, 0.05),
                              precision="fp8_scaled"),
         "native_vae": Part(_full_width_vae, on_demand=True),

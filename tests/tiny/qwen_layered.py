@@ -95,11 +95,11 @@ def _finish(components: dict) -> None:
 
 
 FAMILY = Family(
-    "qwen_layered", "pipelines.qwen_image.layered_loading",
+    "qwen_layered", "qwen_layered",
     parts={
-        "transformer": Part("TRANSFORMER", dict(qi.TINY_TRANSFORMER, use_additional_t_cond=True, use_layer3d_rope=True),
+        "transformer": Part("transformer", dict(qi.TINY_TRANSFORMER, use_additional_t_cond=True, use_layer3d_rope=True),
                             seed=qi.SEED + 7, randomize=qi.SEED + 7, precision="fp8_scaled"),
-        "vae": Part("VAE", dict(qi.TINY_VAE, input_channels=4), seed=qi.SEED + 8, precision="fp8"),
+        "vae": Part("vae", dict(qi.TINY_VAE, input_channels=4), seed=qi.SEED + 8, precision="fp8"),
         "text_encoder": Part("Qwen2_5_VLForConditionalGeneration", TEXT_ENCODER, noise=(qi.SEED, 0.05),
                              adjust=_known_rows_only),
     },

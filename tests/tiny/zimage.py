@@ -82,14 +82,14 @@ def small_stages(text: str, small_size, steps: int = 2) -> str:
 
 
 FAMILY = Family(
-    "zimage", "pipelines.zimage.loading",
+    "zimage", "zimage",
     parts={
-        "vae": Part("AutoencoderKL", flux1.TINY_VAE, seed=SEED + 2, precision=None),
+        "vae": Part("vae", flux1.TINY_VAE, seed=SEED + 2, precision=None),
         "text_encoder": Part("Qwen3Model", TINY_QWEN3, seed=SEED + 1),
-        "transformer": Part("TRANSFORMER", TINY_TRANSFORMER, seed=SEED, randomize=SEED),
+        "transformer": Part("transformer", TINY_TRANSFORMER, seed=SEED, randomize=SEED),
         "native_vae": Part("AutoencoderKL", FULL_FLUX_VAE, noise=(SEED + 3, 0.02), on_demand=True),
     },
-    extras=lambda _: dict(scheduler=scheduler("pipelines.zimage.loading"), tokenizer=tiny_tokenizer()),
+    extras=lambda _: dict(scheduler=scheduler("zimage"), tokenizer=tiny_tokenizer()),
     folders=(Folder(FOLDER, "ZImagePipeline", "zimage_folder"),),
     files={
         "zimage_file": File(f"diffusion_models/{TRANSFORMER_FILE}", "transformer", diffusers_to_comfy),
