@@ -30,13 +30,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out_dir).resolve()
 
-    from make_tiny_models import make_tiny_models
+    from tiny import make_tree
     from workflow_runner import WorkflowError, WorkflowRunner
 
     pack = load_pack()
     bridge = pack_module("nodes.comfy_bridge")
     started = time.perf_counter()
-    make_tiny_models(out / "models")
+    make_tree(out / "models")
     print(f"tiny models written to {out / 'models'} in {time.perf_counter() - started:.1f} s")
     bridge.set_models_root(out / "models")
     runner = WorkflowRunner(pack.NODE_CLASS_MAPPINGS, ROOT / "workflows" / "inputs", out / "output")

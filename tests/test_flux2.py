@@ -32,7 +32,7 @@ LAYERS = (1, 2, 3)  # the tiny encoder's 4 layers: klein's quarter points
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flux2_models")
+    out = tmp_path_factory.mktemp("flux2_tree")
     paths = fm.FAMILY.tree(out)["paths"]  # shared with test_tiny_models in one process
     return out, paths
 

@@ -94,7 +94,7 @@ def _medium_fill_file(tiny_models):
     from safetensors.torch import save_file
 
     from editkit.pipelines.flux import layout
-    from make_tiny_models import TINY_TRANSFORMER
+    from tiny.flux1 import TINY_TRANSFORMER
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**dict(TINY_TRANSFORMER, num_attention_heads=4, num_layers=2,
@@ -109,15 +109,17 @@ def _medium_fill_file(tiny_models):
 def _medium_klein_file(tiny_models):
     """A FLUX.2 [klein] transformer of ~26M parameters (4 heads of 128, 2 + 2 blocks; 105 MB in fp32) in
     ComfyUI's BFL layout with the tiny tree's text width, so it runs with the tiny Qwen3 encoder and VAE."""
-    import flux2_models
     from diffusers import Flux2Transformer2DModel
     from safetensors.torch import save_file
 
+    from tiny import flux2
+    from tiny.core import COMFY_PREFIX
+
     torch.manual_seed(0)
-    model = Flux2Transformer2DModel(**dict(flux2_models.TINY_TRANSFORMER, num_attention_heads=4, num_layers=2,
-                                           num_single_layers=2))
-    sd = {flux2_models.COMFY_PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in
-          flux2_models.diffusers_to_bfl(model.state_dict()).items()}
+    model = Flux2Transformer2DModel(**dict(flux2.TINY_TRANSFORMER, num_attention_heads=4, num_layers=2,
+                                    num_single_layers=2))
+    sd = {COMFY_PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in
+          flux2.diffusers_to_bfl(model.state_dict()).items()}
     path = tiny_models / "diffusion_models" / "editkit-test-medium-klein.safetensors"
     save_file(sd, str(path))
     return path, sum(v.numel() for v in sd.values()) * 4

@@ -59,7 +59,7 @@ def _flux(size, **extra):
     from diffusers import FluxTransformer2DModel
 
     if size == "tiny":
-        from make_tiny_models import TINY_TRANSFORMER
+        from tiny.flux1 import TINY_TRANSFORMER
 
         return FluxTransformer2DModel(**dict(TINY_TRANSFORMER, **extra))
     shallow = dict(num_layers=1, num_single_layers=1) if size == "shallow" else {}
@@ -80,7 +80,7 @@ def _flux_vae(size):
     from diffusers import AutoencoderKL
 
     if size == "tiny":
-        from make_tiny_models import TINY_VAE
+        from tiny.flux1 import TINY_VAE
 
         return AutoencoderKL(**TINY_VAE)
     return AutoencoderKL(**_config(FLUX / "flux_vae"))
@@ -96,7 +96,7 @@ def _qwen(size, **extra):
     from diffusers import QwenImageTransformer2DModel
 
     if size == "tiny":
-        from qwen_image_models import TINY_TRANSFORMER
+        from tiny.qwen_image import TINY_TRANSFORMER
 
         return QwenImageTransformer2DModel(**dict(TINY_TRANSFORMER, **extra))
     shallow = dict(num_layers=1) if size == "shallow" else {}
@@ -120,7 +120,7 @@ def _qwen_vae(size, **extra):
     from diffusers import AutoencoderKLQwenImage
 
     if size == "tiny":
-        from qwen_image_models import TINY_VAE
+        from tiny.qwen_image import TINY_VAE
 
         return AutoencoderKLQwenImage(**dict(TINY_VAE, **extra))
     return AutoencoderKLQwenImage(**_config(QWEN / "vae", **extra))
@@ -137,7 +137,7 @@ def _zimage(size):
     from diffusers import ZImageTransformer2DModel
 
     if size == "tiny":
-        from zimage_models import TINY_TRANSFORMER
+        from tiny.zimage import TINY_TRANSFORMER
 
         return ZImageTransformer2DModel(**TINY_TRANSFORMER)
     shallow = dict(n_layers=1, n_refiner_layers=1) if size == "shallow" else {}
@@ -163,7 +163,7 @@ def _flux2(size, **real):
     from diffusers import Flux2Transformer2DModel
 
     if size == "tiny":  # 4B and 9B differ only in sizes: one tiny model covers both layer sets
-        from flux2_models import TINY_TRANSFORMER
+        from tiny.flux2 import TINY_TRANSFORMER
 
         return Flux2Transformer2DModel(**TINY_TRANSFORMER)
     shallow = dict(num_layers=1, num_single_layers=1) if size == "shallow" else {}
@@ -187,7 +187,7 @@ def _flux2_vae(size):
     from diffusers import AutoencoderKLFlux2
 
     if size == "tiny":
-        from flux2_models import TINY_VAE
+        from tiny.flux2 import TINY_VAE
 
         return AutoencoderKLFlux2(**TINY_VAE)
     return AutoencoderKLFlux2(**_config(FLUX2 / "flux2_vae"))

@@ -45,3 +45,31 @@ def test_file_loads_back_the_weights_it_was_written_from(family, role, tmp_path_
             assert torch.allclose(got, value.float(), atol=float(value.abs().max()) / 100 + 1e-6), key
         else:
             assert torch.equal(got, value.float()), key
+
+
+def test_gguf_writer_stores_given_blocks_in_the_types_own_block_size(tmp_path):
+    """``write_gguf(pack=...)`` writes blocks gguf-py cannot quantize (K-quants: the GGUF benchmark's files) as the
+    type's 256-weight blocks, byte for byte, and keeps as F32 what does not split into them."""
+    import gguf
+    import numpy as np
+
+    from tiny.core import write_gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K]
+    rng = np.random.default_rng(0)
+    packed = {}
+
+    def pack(array):
+        packed[array.shape] = rng.integers(0, 256, (array.shape[0], array.shape[1] // block * size), dtype=np.uint8)
+        return packed[array.shape]
+
+    sd = {"k.weight": torch.randn(3, 2 * block), "short.weight": torch.randn(2, 64), "b.bias": torch.randn(5)}
+    write_gguf(sd, tmp_path / "k.gguf", "Q4_K", pack=pack)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
+    assert tensors["k.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
+    assert list(tensors["k.weight"].shape) == [2 * block, 3]  # GGUF lists the innermost dimension first
+    assert np.array_equal(np.asarray(tensors["k.weight"].data).reshape(3, -1), packed[(3, 2 * block)])
+    assert list(packed) == [(3, 2 * block)]  # 64 columns are not a whole 256-block: not packed
+    for name in ("short.weight", "b.bias"):
+        assert tensors[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(tensors[name].data).reshape(sd[name].shape), sd[name].numpy())

@@ -106,18 +106,18 @@ def comfyui_part(settings: Settings) -> None:
         print("\nFill in ComfyUI's executor: skipped (set COMFYUI_ROOT to a ComfyUI checkout)")
         return
     layout = pack_module("pipelines.flux.layout")
-    from make_tiny_models import _save
+    from tiny.core import save
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         (folder / "diffusion_models").mkdir()
         (folder / "vae").mkdir()
         module = models.flux_transformer("fill", settings.flux_depth, torch.bfloat16)
-        _save(layout.diffusers_transformer_to_bfl(module.state_dict()), folder / "diffusion_models" / "fill.safetensors",
-              torch.bfloat16)
+        save(layout.diffusers_transformer_to_bfl(module.state_dict()), folder / "diffusion_models" / "fill.safetensors",
+             torch.bfloat16)
         del module
-        _save(layout.diffusers_vae_to_bfl(models.flux_vae().state_dict()), folder / "vae" / "ae.safetensors",
-              torch.bfloat16)
+        save(layout.diffusers_vae_to_bfl(models.flux_vae().state_dict()), folder / "vae" / "ae.safetensors",
+             torch.bfloat16)
         size, steps, tokens = settings.size, settings.steps + 1, settings.text_tokens
         inputs = {"class_type": "EditKitBenchInputs", "inputs": {"size": size, "tokens": tokens, "width": 4096,
                                                                   "pooled": 768, "guidance": 30.0}}
@@ -176,7 +176,7 @@ def comfy_table(title: str, report: dict) -> None:
 
 def load_part(settings: Settings) -> None:
     layout = pack_module("pipelines.flux.layout")
-    from make_tiny_models import _save, write_gguf
+    from tiny.core import save, write_gguf
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -184,7 +184,7 @@ def load_part(settings: Settings) -> None:
                                                                           torch.bfloat16).state_dict())
         files = {"BFL bf16 .safetensors": Path(scratch) / "fill.safetensors",
                  "GGUF Q8_0": Path(scratch) / "fill-Q8_0.gguf"}
-        _save(bfl, files["BFL bf16 .safetensors"], torch.bfloat16)
+        save(bfl, files["BFL bf16 .safetensors"], torch.bfloat16)
         write_gguf(bfl, files["GGUF Q8_0"])
         del bfl
         for label, path in files.items():

@@ -21,9 +21,10 @@ PARTS = ("steps",)
 
 
 def steps_part(settings: Settings) -> None:
-    import flux2_models
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from PIL import Image
+
+    from tiny import flux2 as tiny_flux2
 
     runtime_mod = pack_module("pipelines.core.runtime")
     family = pack_module("pipelines.flux2.family").FAMILY
@@ -31,7 +32,7 @@ def steps_part(settings: Settings) -> None:
     device, size, steps = settings.device, settings.size, settings.steps + 1
     module = models.flux2_transformer(settings.flux2_depth, settings.dtype, device)
     component = runtime_mod.Component(module, "diffusion", "bench klein 4B", settings.dtype)
-    vae = runtime_mod.Component(flux2_models.tiny_vae(), "vae", "tiny FLUX.2 VAE", torch.float32)
+    vae = runtime_mod.Component(tiny_flux2.FAMILY.build("vae"), "vae", "tiny FLUX.2 VAE", torch.float32)
     model = SimpleNamespace(transformer=SimpleNamespace(get=lambda: component),
                             scheduler_config=family.scheduler_config(None))
     g = torch.Generator().manual_seed(1)

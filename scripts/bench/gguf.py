@@ -46,31 +46,13 @@ CACHES = ("full", "10%", "off")
 
 
 def write_kquant(state_dict: dict, path: Path, quant: str = "Q4_K") -> None:
-    """GGUF file whose 2-D weights (rows of 256-blocks) are ``quant`` blocks of random bytes with valid
-    fp16 super-block scales (gguf-py only decodes K-quants); every other tensor F32."""
-    import gguf
+    """GGUF file whose 2-D weights (rows of 256-blocks) are ``quant`` blocks of random bytes with valid fp16
+    super-block scales (gguf-py only decodes K-quants), every other tensor F32: the tests' GGUF writer, given
+    :func:`_random_packed` blocks instead of gguf-py's quantization."""
+    from tiny.core import write_gguf
 
-    qtype = getattr(gguf.GGMLQuantizationType, quant)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), arch="flux")
-    for name, tensor in state_dict.items():
-        array = tensor.float().contiguous().numpy()
-        if array.ndim == 2 and array.shape[1] % block == 0:
-            raw = rng.integers(0, 256, (array.shape[0], array.shape[1] // block, size), dtype=np.uint8)
-            scale = np.frombuffer(np.float16(0.0005).tobytes(), dtype=np.uint8)
-            where = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (size - 2,), "Q2_K": (size - 4, size - 2),
-                     "Q3_K": (size - 2,)}[quant]
-            for offset in where:
-                raw[..., offset:offset + 2] = scale
-            writer.add_tensor(name, raw.reshape(array.shape[0], -1), raw_shape=raw.reshape(array.shape[0], -1).shape,
-                              raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(state_dict, path, quant, pack=lambda array: _random_packed(quant, *array.shape, rng).numpy())
 
 
 def _inputs(config, settings: Settings):
@@ -89,7 +71,7 @@ def _inputs(config, settings: Settings):
 
 
 def calls_part(settings: Settings) -> None:
-    from make_tiny_models import write_gguf
+    from tiny.core import write_gguf
 
     layout = pack_module("pipelines.flux.layout")
     loading = pack_module("pipelines.flux.loading")
@@ -154,7 +136,8 @@ def _random_packed(quant: str, rows: int, cols: int, rng) -> torch.Tensor:
     kind = getattr(gguf.GGMLQuantizationType, quant)
     block, size = gguf.GGML_QUANT_SIZES[kind]
     packed = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    halves = {"Q8_0": (0,), "Q4_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (size - 2,)}
+    halves = {"Q8_0": (0,), "Q4_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (size - 2,),
+              "Q2_K": (size - 4, size - 2), "Q3_K": (size - 2,)}
     for offset in halves[quant]:
         packed[..., offset:offset + 2] = np.frombuffer(np.float16(0.0005).tobytes(), dtype=np.uint8)
     return torch.from_numpy(packed.reshape(rows, -1))

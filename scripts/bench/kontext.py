@@ -74,11 +74,12 @@ def train_job(case: dict) -> dict:
     if case["model"] == "tiny":
         from diffusers import FluxTransformer2DModel
 
-        from make_tiny_models import TINY_TRANSFORMER, _randomize_
+        from tiny.core import randomize_
+        from tiny.flux1 import TINY_TRANSFORMER
 
         torch.manual_seed(0)
         model = FluxTransformer2DModel(**TINY_TRANSFORMER)
-        _randomize_(model, torch.Generator().manual_seed(0))
+        randomize_(model, torch.Generator().manual_seed(0))
         model = model.to(device=device, dtype=dtype)
     else:
         model = models.flux_transformer("fill", tuple(case["depth"]), dtype, device).requires_grad_(True)

@@ -98,8 +98,8 @@ def flux_vae(dtype=torch.float32, device="cpu", real: bool = True):
     transformer's steps are timed."""
     from diffusers import AutoencoderKL
 
-    from make_tiny_models import TINY_VAE
     from packload import pack_module
+    from tiny.flux1 import TINY_VAE
 
     if real:
         config = AutoencoderKL.load_config(str(pack_module("pipelines.flux.loading").VAE_CONFIG_DIR))

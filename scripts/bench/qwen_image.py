@@ -60,11 +60,12 @@ def compare_2511_part(settings: Settings) -> None:
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
     from diffusers import QwenImageEditPlusPipeline
     from PIL import Image
-    from qwen_image_models import tiny_components
+
+    from tiny.qwen_image import FAMILY
 
     core, loading, sizes, edit = _modules()
     size, device, steps = settings.size, settings.device, settings.steps + 1
-    tiny = tiny_components()
+    tiny = FAMILY.components()
     base = models.qwen_transformer(settings.qwen_depth, settings.dtype, device)
     zero = models.qwen_transformer_2511(settings.qwen_depth, settings.dtype, device)
     vae = core.Component(tiny["vae"], "vae", "tiny", torch.float32)
@@ -119,11 +120,12 @@ def steps_part(settings: Settings) -> None:
     import numpy as np
     from diffusers import QwenImageEditPlusPipeline
     from PIL import Image
-    from qwen_image_models import tiny_components
+
+    from tiny.qwen_image import FAMILY
 
     core, loading, sizes, edit = _modules()
     size, device, steps = settings.size, settings.device, settings.steps + 1
-    tiny = tiny_components()
+    tiny = FAMILY.components()
     module = models.qwen_transformer(settings.qwen_depth, settings.dtype, device)
     component = core.Component(module, "diffusion", "bench-qwen", settings.dtype)
     vae = core.Component(tiny["vae"], "vae", "tiny", torch.float32)
@@ -168,12 +170,12 @@ def steps_part(settings: Settings) -> None:
 
 
 def encode_part(settings: Settings) -> None:
-    from qwen_image_models import tiny_components
+    from tiny.qwen_image import FAMILY
 
     sizes = pack_module("pipelines.qwen_image.sizes")
     text = pack_module("pipelines.qwen_image.text")
     core = pack_module("pipelines.core.runtime")
-    tiny = tiny_components()
+    tiny = FAMILY.components()
     encoder = text.QwenTextEncoder(core.Component(tiny["text_encoder"].model, "text_encoder", "tiny", torch.float32),
                                    tiny["tokenizer"], tiny["processor"].image_processor)
     runtime = core.TorchRuntime("cpu")
@@ -191,15 +193,17 @@ def encode_part(settings: Settings) -> None:
 
 
 def load_part(settings: Settings) -> None:
-    from qwen_image_models import _save, transformer_to_comfy, write_gguf
+    from tiny import qwen_image
+    from tiny.core import comfy_keys, save, write_gguf
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         sd = models.qwen_transformer(settings.qwen_depth, torch.bfloat16).state_dict()
         files = {"bf16 .safetensors (ComfyUI layout)": Path(scratch) / "qwen_bf16.safetensors",
                  "GGUF Q8_0": Path(scratch) / "qwen-Q8_0.gguf"}
-        _save(transformer_to_comfy(sd), files["bf16 .safetensors (ComfyUI layout)"], torch.bfloat16)
-        write_gguf({k: v.float() for k, v in sd.items()}, files["GGUF Q8_0"])
+        save(comfy_keys(sd), files["bf16 .safetensors (ComfyUI layout)"], torch.bfloat16)
+        write_gguf({k: v.float() for k, v in sd.items()}, files["GGUF Q8_0"], arch="qwen_image",
+                   name=qwen_image.FOLDER)
         del sd
         for label, path in files.items():
             row = procs.child("load", {"family": "qwen", "path": str(path),

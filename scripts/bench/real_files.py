@@ -177,7 +177,7 @@ def _zimage_config(layers):
 
 
 def _zimage_file(layers):
-    from zimage_models import diffusers_to_comfy
+    from tiny.zimage import diffusers_to_comfy
 
     return diffusers_to_comfy(_zimage_meta(layers))
 
@@ -223,8 +223,9 @@ def _qwen_load(folder, file, dtype):
 
 
 def _qwen_vl_file(layers):
-    from qwen_image_models import text_encoder_to_comfy
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tiny.qwen_image import text_encoder_keys
 
     config = Qwen2_5_VLConfig.from_pretrained(str(ROOT / "pipelines/qwen_image/configs/text_encoder"))
     if layers:
@@ -232,7 +233,7 @@ def _qwen_vl_file(layers):
         config.vision_config.depth = max(1, layers // 2)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
-    return text_encoder_to_comfy(dict(model.state_dict()))
+    return text_encoder_keys()(dict(model.state_dict()))
 
 
 def _qwen_vl_load(folder, file, dtype):

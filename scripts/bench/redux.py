@@ -32,8 +32,9 @@ SHALLOW_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, n
 
 def _prior(siglip: dict, width: int, dtype: torch.dtype):
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
-    from tiny_redux_models import tiny_processor
     from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from tiny.redux import tiny_processor
 
     loading = pack_module("pipelines.flux.redux.loading")
     torch.manual_seed(0)
@@ -65,7 +66,7 @@ def _prior_cases(prior, pictures, settings: Settings) -> dict:
 
 
 def prior_part(settings: Settings) -> None:
-    from tiny_redux_models import TINY_SIGLIP
+    from tiny.redux import TINY_SIGLIP
 
     preprocess = pack_module("pipelines.flux.redux.preprocess")
     pictures = [preprocess.to_pil(torch.rand(3, 480, 640)) for _ in range(4)]
@@ -123,7 +124,7 @@ def write_memory_files(folder: Path) -> dict[str, Path]:
         T5EncoderModel,
     )
 
-    from make_tiny_models import _save
+    from tiny.core import save
 
     layout = pack_module("pipelines.flux.layout")
     files = {"transformer": folder / "diffusion_models" / "dev.safetensors",
@@ -132,16 +133,16 @@ def write_memory_files(folder: Path) -> dict[str, Path]:
              "clip": folder / "text_encoders" / "clip-l-1layer.safetensors",
              "t5": folder / "text_encoders" / "t5xxl-1block.safetensors"}
     torch.manual_seed(0)
-    _save(layout.diffusers_transformer_to_bfl(models.flux_transformer("dev", (1, 1), torch.bfloat16).state_dict()),
-          files["transformer"], torch.bfloat16)
+    save(layout.diffusers_transformer_to_bfl(models.flux_transformer("dev", (1, 1), torch.bfloat16).state_dict()),
+         files["transformer"], torch.bfloat16)
     siglip = SiglipVisionModel(SiglipVisionConfig(**REAL_SIGLIP_LAYER)).state_dict()
-    _save({f"vision_model.{k}": v for k, v in siglip.items()}, files["siglip"], torch.bfloat16)
-    _save(ReduxImageEncoder().state_dict(), files["redux"], torch.bfloat16)
+    save({f"vision_model.{k}": v for k, v in siglip.items()}, files["siglip"], torch.bfloat16)
+    save(ReduxImageEncoder().state_dict(), files["redux"], torch.bfloat16)
     clip = CLIPTextModel(CLIPTextConfig(**SHALLOW_CLIP)).state_dict()
-    _save({f"text_model.{k}" if not k.startswith("text_model.") else k: v for k, v in clip.items()
-           if not k.endswith("position_ids")}, files["clip"], torch.bfloat16)
+    save({f"text_model.{k}" if not k.startswith("text_model.") else k: v for k, v in clip.items()
+          if not k.endswith("position_ids")}, files["clip"], torch.bfloat16)
     t5 = T5EncoderModel(T5Config(**SHALLOW_T5)).state_dict()
-    _save({k: v for k, v in t5.items() if k != "encoder.embed_tokens.weight"}, files["t5"], torch.bfloat16)
+    save({k: v for k, v in t5.items() if k != "encoder.embed_tokens.weight"}, files["t5"], torch.bfloat16)
     return files
 
 
@@ -179,12 +180,12 @@ def memory_job(options: dict) -> dict:
 
 
 def memory_part(settings: Settings) -> None:
-    from make_tiny_models import make_tiny_models
+    from tiny import make_tree
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        make_tiny_models(scratch / "models")
+        make_tree(scratch / "models")
         files = write_memory_files(scratch / "bench")
         for label, text in (("Redux only (no text encoder)", False), ("Redux + T5 + CLIP", True)):
             row = procs.child("redux:memory_job", {"files": {k: str(v) for k, v in files.items()}, "text": text,

@@ -131,20 +131,25 @@ def save(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | N
 
 
 def write_gguf(state_dict: dict[str, torch.Tensor], path: Path, quant: str = "Q8_0", arch: str = "flux",
-               name: str | None = None) -> None:
+               name: str | None = None,
+               pack: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Write tensors as GGUF the way city96's converters lay models out: 2-D weights whose rows split into
-    32-blocks quantized to ``quant`` (any GGML type gguf-py writes: Q8_0, Q5_1, Q4_0, ...), the rest F32."""
+    ``quant``'s blocks (32 weights, 256 for the K-quants) stored as ``quant``, the rest F32. ``pack(array)``
+    gives a weight's packed blocks (uint8, one row per weight row); by default gguf-py quantizes it, which it
+    can for Q8_0, Q5_1, Q4_0, ... but not for the K-quants, so a caller writing those passes its own blocks."""
     import gguf
 
     qtype = getattr(gguf.GGMLQuantizationType, quant)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    pack = pack or (lambda array: gguf.quants.quantize(array, qtype))
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch=arch)
     if name:
         writer.add_name(name)
     for key, tensor in state_dict.items():
         array = tensor.float().contiguous().numpy()
-        if array.ndim == 2 and array.shape[1] % 32 == 0:
-            writer.add_tensor(key, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        if array.ndim == 2 and array.shape[1] % block == 0:
+            writer.add_tensor(key, pack(array), raw_dtype=qtype)
         else:
             writer.add_tensor(key, array.astype(np.float32))
     writer.write_header_to_file()
