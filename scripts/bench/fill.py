@@ -7,6 +7,8 @@
 ``comfyui`` ComfyUI's executor (``--cpu --use-pytorch-cross-attention``, the best native configuration):
             native UNETLoader + InpaintModelConditioning + KSampler against EditKit Flux Loader + Fill
             Inpaint (``compile`` off and on) on the same files, seconds per step from progress updates.
+``share``   Where one transformer call's time goes (torch profiler: matmuls, attention, the rest) at the chosen
+            depth and at 1+1 blocks: why the figures are taken at a depth where the matmuls dominate.
 ``load``    Loading the transformer from a BFL bf16 ``.safetensors`` and from GGUF Q8_0 in a fresh process.
 """
 
@@ -18,9 +20,9 @@ from pathlib import Path
 import torch
 
 from . import models, procs
-from .harness import Settings, StepClock, alternate, pack_module, print_table, timing_table
+from .harness import Settings, StepClock, alternate, pack_module, print_table, time_shares, timing_table
 
-PARTS = ("steps", "comfyui", "load")
+PARTS = ("steps", "comfyui", "share", "load")
 
 
 def _sampler_case(component, vae, settings: Settings, diffusers_pipe=None):
@@ -197,6 +199,32 @@ def load_part(settings: Settings) -> None:
                 ["file", "file MiB", "weights MiB", "RSS MiB", "peak RSS while loading MiB", "load s"], rows)
 
 
+def share_part(settings: Settings) -> None:
+    import time
+
+    from .gguf import _inputs
+
+    rows = []
+    for depth in dict.fromkeys([(1, 1), settings.flux_depth]):
+        module = models.flux_transformer("fill", depth, settings.dtype, settings.device)
+        inputs = _inputs(module.config, settings)
+
+        def call(module=module, inputs=inputs):
+            with torch.inference_mode():
+                module(**inputs)
+
+        call()  # warm-up
+        started = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - started
+        shares = time_shares(call)
+        rows.append([f"{depth[0]}+{depth[1]}", seconds, f"{shares['matmuls']:.1%}", f"{shares['attention']:.1%}",
+                     f"{shares['other']:.1%}"])
+        del module
+    print_table(f"Where a FLUX.1-Fill transformer call's operator time goes, {settings.size}², {settings.text_tokens} "
+                f"text tokens, {settings.describe()}", ["blocks", "s/call", "matmuls", "attention", "other"], rows)
+
+
 def run(settings: Settings, parts=PARTS) -> None:
     for part in parts:
-        {"steps": steps_part, "comfyui": comfyui_part, "load": load_part}[part](settings)
+        {"steps": steps_part, "comfyui": comfyui_part, "share": share_part, "load": load_part}[part](settings)

@@ -105,16 +105,27 @@ def calls_part(settings: Settings) -> None:
     inputs = _inputs(dense.config, settings)
     outputs = {}
 
-    def call(label, component):
+    core_gguf = pack_module("pipelines.core.gguf")
+
+    def call(label, component, decode_threads=None):
         def run():
-            with torch.inference_mode():
-                out = component.module(**inputs)[0]
+            saved = core_gguf.DECODE_THREADS
+            core_gguf.DECODE_THREADS = saved if decode_threads is None else decode_threads
+            try:
+                with torch.inference_mode():
+                    out = component.module(**inputs)[0]
+            finally:
+                core_gguf.DECODE_THREADS = saved
             outputs.setdefault(label, out.float())
 
         return run
 
-    timings = alternate({label: call(label, c) for label, c in variants.items()}, settings.rounds,
-                        device=settings.device)
+    cases = {label: call(label, c) for label, c in variants.items()}
+    if settings.extra.get("decode_ab"):  # the same files decoded on every thread (before DECODE_THREADS = 1)
+        for label, component in list(variants.items())[1:]:
+            cases[f"{label}, decode on all threads"] = call(f"{label}, decode on all threads", component, 0)
+            variants[f"{label}, decode on all threads"] = component
+    timings = alternate(cases, settings.rounds, device=settings.device)
     reference = outputs["dense (reference)"]
     extra = {}
     for label, component in variants.items():

@@ -29,7 +29,7 @@ from packload import offline, pack_module  # noqa: E402
 offline()
 
 __all__ = ["ROOT", "Settings", "Timing", "StepClock", "alternate", "pack_module", "print_table", "timing_table",
-           "sync", "add_arguments", "settings_from"]
+           "sync", "add_arguments", "settings_from", "time_shares"]
 
 
 # --------------------------------------------------------------------------------------
@@ -174,6 +174,36 @@ def alternate(cases: dict[str, Callable[[], float | None]], rounds: int, referen
         for timing in timings.values():
             timing.ratios.append(timing.samples[-1] / base)
     return timings
+
+
+# --------------------------------------------------------------------------------------
+# Where a call's time goes
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+             "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
+             "aten::_flash_attention_forward", "aten::_efficient_attention_forward")
+
+
+def time_shares(call: Callable[[], object]) -> dict[str, float]:
+    """Shares of one call's operator time (torch profiler, self time of each ATen operator): dense matmuls,
+    attention kernels, everything else (norms, activations, rotary, casts, copies). A benchmark depth is deep
+    enough when the matmuls dominate, as they do in the real models."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        call()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    device = torch.cuda.is_available()
+
+    def own(event):
+        return event.self_device_time_total if device else event.self_cpu_time_total
+
+    total = sum(own(e) for e in events) or 1.0
+    matmul = sum(own(e) for e in events if e.key in MATMULS) / total
+    attention = sum(own(e) for e in events if e.key in ATTENTION) / total
+    return {"matmuls": matmul, "attention": attention, "other": 1.0 - matmul - attention}
 
 
 # --------------------------------------------------------------------------------------
