@@ -228,3 +228,11 @@ def load_parts(family: Family, diffusers_folder: str, transformer_file: str, vae
     vae_dtype = torch.float32 if requested == torch.float32 else bridge.default_dtype("vae")
     vae = family.vae.source(folder, chosen_file(vae_file, "vae"), vae_dtype)
     return LoadedParts(folder, file, requested, transformer, vae, family.scheduler_config(folder))
+
+
+def load_text_encoder(family: Family, parts: LoadedParts, text_encoder_file: str, tokenizer: str = "qwen25"):
+    """The family's one-file text encoder (Qwen2.5-VL, Qwen3): the widget's file, else the folder's, in the family's
+    dtype (:func:`family_dtype`), with ComfyUI's bundled ``tokenizer`` files where the folder has none."""
+    return family.text_encoder(parts.folder, chosen_file(text_encoder_file, "text_encoders"),
+                               family_dtype(family, "text_encoder", parts.requested),
+                               bridge.comfy_tokenizer_dir(tokenizer))

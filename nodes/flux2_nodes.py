@@ -24,7 +24,6 @@ from .common import (
     PromptPairEncode,
     batch_input,
     cfg_input,
-    chosen_file,
     compile_input,
     convention_input,
     latent_dict,
@@ -39,8 +38,8 @@ from .family_loader import (
     LoaderDeclaration,
     declared_loader,
     dtype_input,
-    family_dtype,
     load_parts,
+    load_text_encoder,
 )
 from .lora_nodes import lora_node_class
 
@@ -106,9 +105,7 @@ class EditKitFlux2Loader(declared_loader(LOADER)):
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
-        text = FAMILY.text_encoder(parts.folder, chosen_file(text_encoder_file, "text_encoders"),
-                                   family_dtype(FAMILY, "text_encoder", parts.requested),
-                                   bridge.comfy_tokenizer_dir("qwen25"))
+        text = load_text_encoder(FAMILY, parts, text_encoder_file)
         return (Flux2Model(parts.transformer, parts.scheduler_config, is_distilled(parts.folder)), text, parts.vae)
 
 

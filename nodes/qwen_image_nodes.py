@@ -21,7 +21,6 @@ from ..pipelines.qwen_image.loading import (
 from . import comfy_bridge as bridge
 from .common import (
     batch_input,
-    chosen_file,
     compile_input,
     latent_dict,
     sampler_input,
@@ -34,8 +33,8 @@ from .family_loader import (
     LoaderDeclaration,
     declared_loader,
     dtype_input,
-    family_dtype,
     load_parts,
+    load_text_encoder,
 )
 from .lora_nodes import lora_node_class
 
@@ -127,9 +126,7 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
              weight_dtype="auto", compile="auto"):
         parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
                            variant=variant)
-        text = FAMILY.text_encoder(parts.folder, chosen_file(text_encoder_file, "text_encoders"),
-                                   family_dtype(FAMILY, "text_encoder", parts.requested),
-                                   bridge.comfy_tokenizer_dir("qwen25"))
+        text = load_text_encoder(FAMILY, parts, text_encoder_file)
         model = QwenImageModel(parts.transformer, parts.scheduler_config, requested_variant=variant,
                                folder=parts.folder, file=parts.file)
         described = model.describe()

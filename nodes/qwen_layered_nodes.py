@@ -25,8 +25,8 @@ from .family_loader import (
     LoaderDeclaration,
     declared_loader,
     dtype_input,
-    family_dtype,
     load_parts,
+    load_text_encoder,
 )
 from .qwen_image_nodes import DTYPES, TEXT_TYPE
 
@@ -97,10 +97,9 @@ class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
         parts = load_parts(LAYERED, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
-        text_file = chosen_file(text_encoder_file, "text_encoders")
-        encoder = LAYERED.text_encoder(parts.folder, text_file, family_dtype(LAYERED, "text_encoder", parts.requested),
-                                       bridge.comfy_tokenizer_dir("qwen25"))
-        text = loading.CaptioningTextEncoder(encoder, loading.caption_head_source(parts.folder, text_file))
+        encoder = load_text_encoder(LAYERED, parts, text_encoder_file)
+        head = loading.caption_head_source(parts.folder, chosen_file(text_encoder_file, "text_encoders"))
+        text = loading.CaptioningTextEncoder(encoder, head)
         return (loading.LayeredModel(parts.transformer, parts.scheduler_config), text, parts.vae)
 
 
