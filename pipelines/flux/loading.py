@@ -96,7 +96,7 @@ transformer_source = TRANSFORMER.source
 # VAE
 
 
-def _check_vae_file(config: dict, path: Path) -> None:
+def _check_latent_channels(config: dict, path: Path) -> None:
     if config["latent_channels"] != 16:
         raise ModelFileError(path, f"A VAE with {config['latent_channels']} latent channels (not FLUX.1's 16)",
                              VAE_EXPECTED)
@@ -108,19 +108,13 @@ VAE_FILE = SingleFile(
     model_class="AutoencoderKL", config_dir=VAE_CONFIG_DIR, name="FLUX.1 VAE", expected=VAE_EXPECTED, kind="vae",
     prefixes=flux_layout.VAE_PREFIXES, layout=flux_layout.vae_layout, unknown="Not a VAE",
     to_diffusers=flux_layout.ldm_vae_to_diffusers, config_from=flux_layout.vae_config_from_state_dict,
-    check=_check_vae_file,
+    check=_check_latent_channels,
 )
-
-
-def _check_vae(module, sub: Path) -> None:
-    if module.config.latent_channels != 16:
-        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.1's 16)",
-                             VAE_EXPECTED)
 
 
 VAE = ComponentSpec(
     tag="vae", what="FLUX.1 VAE", subfolder="vae", model_class="AutoencoderKL", kind="vae",
-    single_file=VAE_FILE, check_module=_check_vae,
+    single_file=VAE_FILE, check_module=lambda module, sub: _check_latent_channels(module.config, sub),
     missing="No VAE: pick a diffusers folder or a VAE file (ae.safetensors) in EditKit · Flux Loader.",
 )
 vae_source = VAE.source

@@ -145,7 +145,7 @@ def _without_statistics(sd: dict[str, torch.Tensor]) -> str:
     return f"This is {what}: it has no latent batch-norm statistics"
 
 
-def _check_vae_file(config: dict, path: Path) -> None:
+def _check_latent_channels(config: dict, path: Path) -> None:
     if config["latent_channels"] != LATENT_CHANNELS:
         raise ModelFileError(path, f"A VAE with {config['latent_channels']} latent channels (not FLUX.2's 32)",
                              VAE_EXPECTED)
@@ -156,14 +156,8 @@ def _check_vae_file(config: dict, path: Path) -> None:
 VAE_FILE = SingleFile(
     model_class="AutoencoderKLFlux2", config_dir=VAE_CONFIG_DIR, name="FLUX.2 VAE", expected=VAE_EXPECTED, kind="vae",
     prefixes=VAE_PREFIXES, layout=_vae_layout, unknown="Not a VAE", foreign=(("no statistics", _without_statistics),),
-    to_diffusers=ldm_vae_to_diffusers, config_from=vae_config_from_state_dict, check=_check_vae_file,
+    to_diffusers=ldm_vae_to_diffusers, config_from=vae_config_from_state_dict, check=_check_latent_channels,
 )
-
-
-def _check_vae(module: torch.nn.Module, sub: Path) -> None:
-    if module.config.latent_channels != LATENT_CHANNELS:
-        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.2's 32)",
-                             VAE_EXPECTED)
 
 
 VAE = ComponentSpec(
@@ -171,7 +165,7 @@ VAE = ComponentSpec(
     single_file=VAE_FILE,
     missing="No VAE: pick a diffusers folder or the FLUX.2 VAE file (flux2-vae.safetensors) in EditKit · FLUX.2 "
             "Loader.",
-    check_module=_check_vae,
+    check_module=lambda module, sub: _check_latent_channels(module.config, sub),
 )
 vae_source = VAE.source
 

@@ -378,7 +378,7 @@ VAE_FILE = SingleFile(
     model_class="AutoencoderKLQwenImage", config_dir=CONFIG_DIR / "vae", name="Qwen-Image VAE", expected=VAE_EXPECTED,
     kind="vae", prefixes=("first_stage_model.",), layout=wan_vae_layout, unknown="Not a VAE",
     foreign=(("2d", "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image's"),),
-    to_diffusers=lambda sd: convert_wan_vae_to_diffusers(sd), config_from=wan_vae_config, check=_check_rgb,
+    to_diffusers=convert_wan_vae_to_diffusers, config_from=wan_vae_config, check=_check_rgb,
 )
 
 
