@@ -29,6 +29,18 @@ def test_flux_converter_maps_bfl_keys(tiny_models):
     assert not any(k.startswith("double_blocks.") for k in converted)
 
 
+def test_ldm_vae_converter_maps_bfl_vae_keys():
+    """BFL's ae.safetensors keys back to diffusers' AutoencoderKL, every tensor (attention 1x1 convs as Linear)."""
+    from tiny import flux1
+
+    vae = flux1.FAMILY.build("vae").state_dict()
+    bfl = flux1.bfl_vae(vae)
+    config = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    converted = compat.convert_ldm_vae_checkpoint(bfl, config)
+    assert converted.keys() == vae.keys()
+    assert all(torch.equal(converted[k], vae[k]) for k in vae)
+
+
 def test_gguf_reader_and_dequantizer_round_trip(tiny_models):
     from safetensors.torch import load_file
 

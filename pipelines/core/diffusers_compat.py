@@ -20,6 +20,7 @@ PRIVATE_HELPERS = {
     "load_gguf_checkpoint": ("diffusers.models.model_loading_utils", "load_gguf_checkpoint"),
     "dequantize_gguf_tensor": ("diffusers.quantizers.gguf.utils", "dequantize_gguf_tensor"),
     "convert_wan_vae": ("diffusers.loaders.single_file_utils", "convert_wan_vae_to_diffusers"),
+    "convert_ldm_vae": ("diffusers.loaders.single_file_utils", "convert_ldm_vae_checkpoint"),
 }
 
 
@@ -52,3 +53,13 @@ def dequantize_gguf_tensor(tensor):
 def convert_wan_vae_to_diffusers(checkpoint: dict) -> dict:
     """Wan-2.1 / ComfyUI key layout → diffusers' (also Qwen-Image's VAE, which shares the layout)."""
     return helper("convert_wan_vae")(checkpoint)
+
+
+def convert_ldm_vae_checkpoint(checkpoint: dict, config: dict) -> dict:
+    """Original (LDM / BFL ``ae.safetensors``) VAE keys → diffusers' ``AutoencoderKL`` keys.
+
+    What diffusers' ``AutoencoderKL.from_single_file`` converts with; ``config`` needs only
+    ``down_block_types`` and ``up_block_types`` (their lengths are the block counts). Keys it does not know
+    (FLUX.2's latent batch-norm statistics) are dropped.
+    """
+    return helper("convert_ldm_vae")(checkpoint, config)

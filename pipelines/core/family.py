@@ -1,7 +1,7 @@
 """A model family's components, declared once: how each loads from a diffusers folder or a single file.
 
 Every family loads its transformer and VAE the same way: from a ComfyUI single file (the family's own
-:class:`~.single_file.SingleFile` declaration read by the shared reader: key layout, config inferred from
+:class:`~.single_file.SingleFile` declarations read by the shared reader: key layout, config inferred from
 shapes, GGUF/fp8 handling), or from the ``transformer`` / ``vae``
 sub-folder of a diffusers folder with the diffusers class's ``from_pretrained``; either way lazily, behind a
 :class:`~.loading.LazyModel` whose cache key is the identity of the bytes it reads, with the family's
@@ -44,9 +44,10 @@ class ComponentSpec:
 
     ``tag`` keys the shared cache; ``what`` names it in messages ("FLUX.1 transformer"); ``subfolder`` and
     ``model_class`` say where and what it is in a diffusers folder; ``single_file`` declares how one file
-    loads (:class:`~.single_file.SingleFile`: the shared reader), or ``from_file`` reads it as ``(path,
-    compute dtype, storage dtype or None)`` where a component needs a reader of its own (VAEs); ``missing`` is the message when neither a folder nor a
-    file is chosen. ``check_config(config, sub)`` may refuse a folder's config (another model of the same
+    loads (:class:`~.single_file.SingleFile`: the shared reader, for transformers and VAEs), or ``from_file``
+    reads it as ``(path, compute dtype, storage dtype or None)`` where a component must decide more before
+    the shared reader runs (Qwen-Image's transformer reads its variant first); ``missing`` is the message when
+    neither a folder nor a file is chosen. ``check_config(config, sub)`` may refuse a folder's config (another model of the same
     class), ``check_module(module, sub)`` the loaded model. ``casts``: dense weights are stored in the
     storage dtype and cast per layer to the compute dtype (:mod:`.precision`); otherwise the component is
     stored and run in one dtype (VAEs). ``config_overrides`` (pairs) replace values of the folder's config when

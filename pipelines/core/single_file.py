@@ -1,4 +1,4 @@
-"""One reader for every family's single-file transformer: a family declares what differs, this does the rest.
+"""One reader for every family's single-file transformer and VAE: a family declares what differs, this does the rest.
 
 ComfyUI users download transformers as one file: ``.safetensors`` in the original or diffusers key layout,
 bf16, fp8 (``float8_e4m3fn``, ``float8_e5m2``), ComfyUI's "scaled fp8" (a ``scale_weight`` per layer and a
@@ -23,6 +23,11 @@ shapes, extra config switches, layers whose fp8 weights must be widened) and :me
    GGUF files: diffusers' ``from_single_file`` with its ``GGUFQuantizationConfig`` (the quantized layers
    are diffusers' and then EditKit's, ``core.gguf``), after dequantizing quantized tensors that no Linear
    layer will read (pad tokens, embeddings): diffusers would hand their packed bytes to the model.
+
+VAEs (``kind="vae"``) take the same steps but are stored and run in one dtype, as ComfyUI runs its VAEs:
+no layer keeps fp8 (an fp8 tensor, should a file have one, is widened times its scale), no per-layer
+casting, no GGUF path (a GGUF VAE's float tensors load like a safetensors file's). They still build on the
+meta device and take the file's tensors, so a VAE stored in the dtype it runs in is never copied.
 """
 
 from __future__ import annotations
@@ -143,7 +148,7 @@ def convert_scales(convert: Callable[[dict], dict], sd: dict[str, torch.Tensor],
 
 @dataclass(frozen=True)
 class SingleFile:
-    """How a family's transformer loads from one file; :meth:`load` is the shared reader.
+    """How a family's transformer or VAE loads from one file; :meth:`load` is the shared reader.
 
     The first of ``prefixes`` the file's keys carry is stripped (ComfyUI's ``model.diffusion_model.``);
     ``layout(sd)`` names the key layout (``"diffusers"``, the family's original one, another family's, or
@@ -155,6 +160,9 @@ class SingleFile:
     weights, e.g. Qwen-Image-Edit-2511's ``zero_cond_t``); fp8 weights of modules named with a ``widen``
     prefix are widened (model code that reads a weight's dtype to pick its activations' dtype, such as
     diffusers' Z-Image timestep embedder). ``name`` is how messages call the model ("FLUX.1 transformer").
+    ``unknown`` starts the message for a file of no layout (default "Not a <name>"); a ``foreign`` message
+    may also be a function of the state dict (to say what the file is). ``kind="vae"``: a model stored and
+    run in one dtype (see the module docstring); messages call it "the <name>" (a family has one).
     """
 
     model_class: str
@@ -170,6 +178,8 @@ class SingleFile:
     check: Callable[[dict, Path], None] | None = None
     options: tuple[tuple[str, object], ...] = ()
     widen: tuple[str, ...] = ()
+    kind: str = "diffusion"
+    unknown: str = ""
 
     def _recognise(self, sd: dict, path: Path) -> tuple[dict, str]:
         if self.recognise is not None:
@@ -178,10 +188,11 @@ class SingleFile:
         layout = self.layout(sd)
         refused = dict(self.foreign).get(layout)
         if refused is not None:
-            raise ModelFileError(path, refused, self.expected)
+            raise ModelFileError(path, refused(sd) if callable(refused) else refused, self.expected)
         if layout is None:
             sample = ", ".join(list(sd)[:3]) or "no tensors"
-            raise ModelFileError(path, f"Not a {self.name} (found keys like {sample})", self.expected)
+            raise ModelFileError(path, f"{self.unknown or 'Not a ' + self.name} (found keys like {sample})",
+                                 self.expected)
         return sd, layout
 
     def with_options(self, **options) -> SingleFile:
@@ -192,7 +203,8 @@ class SingleFile:
 
         fp8 weights of Linear layers stay fp8 whatever ``storage`` says, GGUF weights stay quantized.
         """
-        quantized = path.suffix.lower() == ".gguf"
+        vae = self.kind == "vae"
+        quantized = path.suffix.lower() == ".gguf" and not vae
         extras = {}
         if quantized:
             from .gguf import MappedFile
@@ -204,8 +216,11 @@ class SingleFile:
             if layout != "diffusers" and self.to_diffusers is not None:
                 sd, scales = convert_scales(self.to_diffusers, sd, scales)
             config = self.config_from(sd)
+        except ModelFileError:
+            raise
         except (KeyError, IndexError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(path, f"Incomplete {self.name} ({exc})", self.expected) from exc
+            problem = f"Weights do not fit {self._a()}" if vae else f"Incomplete {self.name}"
+            raise ModelFileError(path, f"{problem} ({exc})", self.expected) from exc
         if self.check is not None:
             self.check(config, path)
         config.update(self.options)
@@ -213,13 +228,17 @@ class SingleFile:
             if quantized:
                 model = self._from_gguf(sd, config, dtype)
             else:
-                model = self._assign(sd, config, Precision(storage or dtype, dtype), scales, path)
+                model = self._assign(sd, config, Precision(dtype if vae else storage or dtype, dtype), scales, path)
+        except ModelFileError:
+            raise  # already says what is wrong with the file
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelFileError(path, f"Weights do not fit {self._a()} ({exc})", self.expected) from exc
-        return Component(model.eval().requires_grad_(False), "diffusion", path.name, dtype, quantized=quantized,
+        return Component(model.eval().requires_grad_(False), self.kind, path.name, dtype, quantized=quantized,
                          extras=extras)
 
     def _a(self) -> str:
+        if self.kind == "vae":
+            return f"the {self.name}"
         return f"{'an' if self.name[0] in 'AEIOU' else 'a'} {self.name}"
 
     def empty_model(self, config: dict) -> torch.nn.Module:
@@ -235,14 +254,15 @@ class SingleFile:
         wanted = model.state_dict()
         missing = sorted(set(wanted) - set(sd))
         if missing:
-            raise ModelFileError(path, f"Not a complete {self.name}: {len(missing)} tensors missing, e.g. "
-                                       f"{missing[:3]}", self.expected)
+            what = f"Not {self._a()}" if self.kind == "vae" else f"Not a complete {self.name}"
+            raise ModelFileError(path, f"{what}: {len(missing)} tensors missing, e.g. {missing[:3]}", self.expected)
         modules = dict(model.named_modules())
         wide = precision.compute if precision.storage in FP8_TYPES else precision.storage  # --fp8_*-unet storage
+        keeps = self.kind != "vae"  # a VAE keeps no fp8 layer
         for key in [k for k in sd if is_fp8(sd[k])]:
             owner, _, kind = key.rpartition(".")
             layer = modules.get(owner)
-            if kind == "weight" and type(layer) is torch.nn.Linear and not owner.startswith(self.widen):
+            if keeps and kind == "weight" and type(layer) is torch.nn.Linear and not owner.startswith(self.widen):
                 continue  # stays fp8: keep_fp8_layers below
             widened = sd[key].to(wide)  # fp8 fits every wider float exactly: one copy, scaled in place
             scale = scales.pop(key, 1.0)

@@ -10,6 +10,8 @@ Reading BFL files uses diffusers' own converter. Two gaps are filled here:
   for a mapped GGUF file that is 1.1 GB of FLUX.1-dev's 12.7 GB Q8_0 copied into the heap instead of
   staying views of the file (``scripts/bench/memory.py``: resident 1.09x the file). EditKit splits them into
   views itself, as for ``linear1``.
+* diffusers' VAE converter needs the block counts, which its ``from_single_file`` takes from a config; here
+  they are read from the file (:func:`ldm_vae_to_diffusers`), for FLUX.1's and FLUX.2's VAEs alike.
 * diffusers has no way back. Kontext-inpaint checkpoints are saved for ComfyUI users as one
   BFL-layout file and the tiny test models are written as BFL files, so the inverse mappings
   (transformer and VAE) live here.
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.diffusers_compat import convert_flux_transformer_checkpoint_to_diffusers
+from ..core.diffusers_compat import convert_flux_transformer_checkpoint_to_diffusers, convert_ldm_vae_checkpoint
+from ..core.loading import count_blocks
 
 COMFY_PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")  # what checkpoints that bundle a VAE put before its keys
+BATCH_NORM_KEYS = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")  # FLUX.2's latent statistics
 _DIFFUSERS_FIXED_WIDTH = 3072  # the width diffusers' converter assumes
 
 
@@ -148,6 +153,41 @@ def diffusers_transformer_to_bfl(state_dict: dict[str, torch.Tensor], prefix: st
         put(d + "norm.key_norm.scale", sd[s + "attn.norm_k.weight"])
         linear(s + "proj_out", d + "linear2")
     return out
+
+
+def vae_layout(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """``"ldm"`` (BFL's ``ae.safetensors``, FLUX.2's ``flux2-vae.safetensors``), ``"diffusers"``, or None (no VAE)."""
+    if "encoder.conv_in.weight" not in state_dict or "decoder.conv_out.weight" not in state_dict:
+        return None
+    return "ldm" if "encoder.down.0.block.0.conv1.weight" in state_dict else "diffusers"
+
+
+def ldm_vae_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original (LDM) VAE keys → diffusers' by diffusers' own converter; FLUX.2's batch-norm statistics carry over.
+
+    The converter renames (and slices the 1x1 attention convolutions into Linear weights: views, not copies);
+    it only needs the number of down and up blocks, read here from the keys.
+    """
+    blocks = count_blocks(state_dict, "encoder.down.")
+    config = {"down_block_types": ["DownEncoderBlock2D"] * blocks, "up_block_types": ["UpDecoderBlock2D"] * blocks}
+    converted = convert_ldm_vae_checkpoint(state_dict, config)
+    converted.update({k: state_dict[k] for k in BATCH_NORM_KEYS if k in state_dict})
+    return converted
+
+
+def vae_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
+    """``AutoencoderKL`` / ``AutoencoderKLFlux2`` settings a diffusers-key VAE state dict determines."""
+    blocks = count_blocks(state_dict, "encoder.down_blocks.")
+    return {
+        "block_out_channels": [state_dict[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]
+                               for i in range(blocks)],
+        "layers_per_block": count_blocks(state_dict, "encoder.down_blocks.0.resnets."),
+        "latent_channels": state_dict["encoder.conv_out.weight"].shape[0] // 2,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "use_quant_conv": "quant_conv.weight" in state_dict,
+        "use_post_quant_conv": "post_quant_conv.weight" in state_dict,
+    }
 
 
 def diffusers_vae_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,8 +30,7 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, read_state_dict
-from ..core.runtime import Component
+from ..core.loading import LazyModel
 from ..core.single_file import SingleFile, check_rotary
 from . import layout as flux_layout
 
@@ -97,57 +96,25 @@ transformer_source = TRANSFORMER.source
 # VAE
 
 
-def _vae_config_overrides(sd: dict[str, torch.Tensor]) -> dict:
-    """AutoencoderKL settings a BFL- or diffusers-layout VAE state dict determines."""
-    if "encoder.down.0.block.0.conv1.weight" in sd:  # BFL layout
-        blocks = count_blocks(sd, "encoder.down.")
-        widths = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(blocks)]
-        per_block = count_blocks(sd, "encoder.down.0.block.")
-    else:
-        blocks = count_blocks(sd, "encoder.down_blocks.")
-        widths = [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(blocks)]
-        per_block = count_blocks(sd, "encoder.down_blocks.0.resnets.")
-    return {
-        "block_out_channels": widths,
-        "layers_per_block": per_block,
-        "latent_channels": sd["encoder.conv_out.weight"].shape[0] // 2,
-        "down_block_types": ["DownEncoderBlock2D"] * blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * blocks,
-    }
-
-
-def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKL
-
-    sd = read_state_dict(path, VAE_EXPECTED)
-    sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
-    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
-    try:
-        overrides = _vae_config_overrides(sd)
-        if overrides["latent_channels"] != 16:
-            raise ModelFileError(
-                path, f"A VAE with {overrides['latent_channels']} latent channels (not FLUX.1's 16)", VAE_EXPECTED
-            )
-        model = AutoencoderKL.from_single_file(
-            sd, config=str(VAE_CONFIG_DIR), torch_dtype=dtype, local_files_only=True, **overrides
-        )
-    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
-        raise ModelFileError(path, f"Weights do not fit the FLUX.1 VAE ({exc})", VAE_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", path.name, dtype)
-
-
-def _check_vae(module, sub: Path) -> None:
-    if module.config.latent_channels != 16:
-        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.1's 16)",
+def _check_latent_channels(config: dict, path: Path) -> None:
+    if config["latent_channels"] != 16:
+        raise ModelFileError(path, f"A VAE with {config['latent_channels']} latent channels (not FLUX.1's 16)",
                              VAE_EXPECTED)
+
+
+# BFL's ae.safetensors (LDM keys, converted by diffusers' own converter) or a diffusers-layout file; Z-Image
+# uses the same VAE.
+VAE_FILE = SingleFile(
+    model_class="AutoencoderKL", config_dir=VAE_CONFIG_DIR, name="FLUX.1 VAE", expected=VAE_EXPECTED, kind="vae",
+    prefixes=flux_layout.VAE_PREFIXES, layout=flux_layout.vae_layout, unknown="Not a VAE",
+    to_diffusers=flux_layout.ldm_vae_to_diffusers, config_from=flux_layout.vae_config_from_state_dict,
+    check=_check_latent_channels,
+)
 
 
 VAE = ComponentSpec(
     tag="vae", what="FLUX.1 VAE", subfolder="vae", model_class="AutoencoderKL", kind="vae",
-    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype), check_module=_check_vae,
+    single_file=VAE_FILE, check_module=lambda module, sub: _check_latent_channels(module.config, sub),
     missing="No VAE: pick a diffusers folder or a VAE file (ae.safetensors) in EditKit · Flux Loader.",
 )
 vae_source = VAE.source

@@ -12,10 +12,10 @@ Sources (the files people download):
   (``convert_flux2_transformer_checkpoint_to_diffusers``);
 * the FLUX.2 VAE as one file (``flux2-vae.safetensors``: original/LDM key layout plus the latent
   batch-norm statistics ``bn.running_mean`` / ``bn.running_var``; or diffusers keys), converted with
-  diffusers' ``convert_ldm_vae_checkpoint``;
+  diffusers' ``convert_ldm_vae_checkpoint`` (FLUX.1's VAE layout helpers, :mod:`..flux.layout`);
 * the transformer and VAE are declared as :class:`..core.family.ComponentSpec` s (folder loading, identity,
-  caching and precision are the shared code's); the transformer file is a :class:`..core.single_file.SingleFile`
-  declaration (fp8 kept in fp8, GGUF quantized), the VAE file has its own reader here;
+  caching and precision are the shared code's); both files are :class:`..core.single_file.SingleFile`
+  declarations read by the shared reader (transformer: fp8 kept in fp8, GGUF quantized; VAE: one dtype);
 * the Qwen3 text encoder (``qwen_3_4b.safetensors`` for klein 4B, ``qwen_3_8b*.safetensors`` for 9B) through
   Z-Image's Qwen3 loader (:mod:`..zimage.text`), wrapped in klein's prompt recipe (:mod:`.text`).
 """
@@ -30,10 +30,9 @@ import torch
 from ..core import loading as core_loading
 from ..core.errors import ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import count_blocks, read_state_dict, strip_prefix
-from ..core.runtime import Component
+from ..core.loading import count_blocks, strip_prefix
 from ..core.single_file import SingleFile, check_rotary
-from ..flux.layout import logical_shape
+from ..flux.layout import VAE_PREFIXES, ldm_vae_to_diffusers, logical_shape, vae_config_from_state_dict, vae_layout
 from .latent import LATENT_CHANNELS, MODEL_CHANNELS
 
 log = logging.getLogger("EditKit")
@@ -133,78 +132,40 @@ transformer_source = TRANSFORMER.source
 # VAE
 
 
-def _vae_overrides(sd: dict[str, torch.Tensor]) -> dict:
-    """AutoencoderKLFlux2 settings a diffusers-key VAE state dict determines."""
-    blocks = count_blocks(sd, "encoder.down_blocks.")
-    return {
-        "block_out_channels": [sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(blocks)],
-        "layers_per_block": count_blocks(sd, "encoder.down_blocks.0.resnets."),
-        "latent_channels": sd["encoder.conv_out.weight"].shape[0] // 2,
-        "down_block_types": ["DownEncoderBlock2D"] * blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * blocks,
-        "use_quant_conv": "quant_conv.weight" in sd,
-        "use_post_quant_conv": "post_quant_conv.weight" in sd,
-    }
+def _vae_layout(sd: dict[str, torch.Tensor]) -> str | None:
+    """FLUX.1's VAE layouts, and ``"no statistics"`` for a VAE without FLUX.2's latent batch-norm statistics."""
+    layout = vae_layout(sd)
+    return "no statistics" if layout is not None and "bn.running_mean" not in sd else layout
 
 
-def _vae_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original (LDM) VAE keys → diffusers keys by diffusers' converter; the batch-norm statistics carry over."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    blocks = count_blocks(sd, "encoder.down.")
-    config = {"layers_per_block": count_blocks(sd, "encoder.down.0.block."), "block_out_channels": [0] * blocks,
-              "down_block_types": ["DownEncoderBlock2D"] * blocks, "up_block_types": ["UpDecoderBlock2D"] * blocks}
-    converted = convert_ldm_vae_checkpoint(dict(sd), config)
-    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
-        if key in sd:
-            converted[key] = sd[key]
-    return converted
+def _without_statistics(sd: dict[str, torch.Tensor]) -> str:
+    conv_out = sd.get("encoder.conv_out.weight")
+    channels = conv_out.shape[0] // 2 if conv_out is not None else 0
+    what = "the FLUX.1 VAE (ae.safetensors)" if channels == 16 else f"a {channels}-channel VAE"
+    return f"This is {what}: it has no latent batch-norm statistics"
 
 
-def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
-    from diffusers import AutoencoderKLFlux2
-
-    sd = read_state_dict(path, VAE_EXPECTED)
-    for prefix in ("first_stage_model.", "vae."):
-        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", VAE_EXPECTED)
-    if "bn.running_mean" not in sd:
-        channels = sd["encoder.conv_out.weight"].shape[0] // 2
-        what = "the FLUX.1 VAE (ae.safetensors)" if channels == 16 else f"a {channels}-channel VAE"
-        raise ModelFileError(path, f"This is {what}: it has no latent batch-norm statistics", VAE_EXPECTED)
-    try:
-        if "encoder.down.0.block.0.conv1.weight" in sd:
-            sd = _vae_to_diffusers(sd)
-        overrides = _vae_overrides(sd)
-        if overrides["latent_channels"] != LATENT_CHANNELS:
-            raise ModelFileError(path, f"A VAE with {overrides['latent_channels']} latent channels (not FLUX.2's 32)",
-                                 VAE_EXPECTED)
-        config = {**_load_json(VAE_CONFIG_DIR / "config.json"), **overrides}
-        config.pop("_class_name", None)
-        with torch.device("meta"):
-            model = AutoencoderKLFlux2.from_config(config)
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True, assign=True)
-    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
-        raise ModelFileError(path, f"Weights do not fit the FLUX.2 VAE ({exc})", VAE_EXPECTED) from exc
-    model.eval().requires_grad_(False)
-    return Component(model, "vae", path.name, dtype)
-
-
-def _check_vae(module: torch.nn.Module, sub: Path) -> None:
-    if module.config.latent_channels != LATENT_CHANNELS:
-        raise ModelFileError(sub, f"A VAE with {module.config.latent_channels} latent channels (not FLUX.2's 32)",
+def _check_latent_channels(config: dict, path: Path) -> None:
+    if config["latent_channels"] != LATENT_CHANNELS:
+        raise ModelFileError(path, f"A VAE with {config['latent_channels']} latent channels (not FLUX.2's 32)",
                              VAE_EXPECTED)
+
+
+# FLUX.1's VAE architecture and layouts (LDM keys converted by diffusers' converter) plus the latent batch-norm
+# statistics, which carry over from either layout.
+VAE_FILE = SingleFile(
+    model_class="AutoencoderKLFlux2", config_dir=VAE_CONFIG_DIR, name="FLUX.2 VAE", expected=VAE_EXPECTED, kind="vae",
+    prefixes=VAE_PREFIXES, layout=_vae_layout, unknown="Not a VAE", foreign=(("no statistics", _without_statistics),),
+    to_diffusers=ldm_vae_to_diffusers, config_from=vae_config_from_state_dict, check=_check_latent_channels,
+)
 
 
 VAE = ComponentSpec(
     tag="flux2_vae", what="FLUX.2 VAE", subfolder="vae", model_class="AutoencoderKLFlux2", kind="vae",
-    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    single_file=VAE_FILE,
     missing="No VAE: pick a diffusers folder or the FLUX.2 VAE file (flux2-vae.safetensors) in EditKit · FLUX.2 "
             "Loader.",
-    check_module=_check_vae,
+    check_module=lambda module, sub: _check_latent_channels(module.config, sub),
 )
 vae_source = VAE.source
 

@@ -22,6 +22,7 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -37,10 +38,11 @@ from .loading import (
     CONFIG_DIR,
     _describe_foreign,
     _load_json,
-    read_wan_vae,
+    check_latent,
     strip_comfy_prefix,
     transformer_config_from_state_dict,
 )
+from .loading import VAE_FILE as EDIT_VAE_FILE
 
 log = logging.getLogger("EditKit")
 
@@ -128,14 +130,21 @@ def _check_rgba(channels: int, where: Path) -> None:
         raise ModelFileError(where, f"A VAE with {channels} image channels", VAE_EXPECTED)
 
 
-def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
-    return read_wan_vae(path, dtype, VAE_EXPECTED, "Qwen-Image-Layered", input_channels=RGBA_CHANNELS,
-                        check_channels=_check_rgba)
+def _check_vae_file(config: dict, path: Path) -> None:
+    _check_rgba(config["input_channels"], path)
+    check_latent(config, path, "Qwen-Image-Layered", VAE_EXPECTED)
+
+
+# Qwen-Image's VAE declaration (layouts, converter, sizes read from the file) with 4 image channels.
+VAE_FILE = dataclasses.replace(
+    EDIT_VAE_FILE, name="Qwen-Image-Layered VAE", expected=VAE_EXPECTED, check=_check_vae_file,
+    foreign=(("2d", "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image-Layered's"),),
+)
 
 
 VAE = ComponentSpec(
     tag="qwen_layered_vae", what="Qwen-Image-Layered VAE", subfolder="vae", model_class="AutoencoderKLQwenImage",
-    kind="vae", from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    kind="vae", single_file=VAE_FILE,
     check_config=lambda config, sub: _check_rgba(int(config.get("input_channels", 3)), sub),
     missing="No VAE: pick the Qwen-Image-Layered diffusers folder or qwen_image_layered_vae.safetensors in "
             "EditKit · Qwen-Image-Layered Loader.",

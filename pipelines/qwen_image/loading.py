@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from ..core import loading as core_loading
+from ..core.diffusers_compat import convert_wan_vae_to_diffusers
 from ..core.errors import EditKitError, ModelFileError
 from ..core.family import ComponentSpec
-from ..core.loading import LazyModel, cast_stored_weights, read_state_dict
+from ..core.loading import LazyModel
 from ..core.runtime import Component
 from ..core.single_file import SingleFile, check_rotary
 
@@ -343,56 +344,47 @@ def transformer_source(folder: Path | None, file: Path | None, dtype: torch.dtyp
 # VAE
 
 
-def read_wan_vae(path: Path, dtype: torch.dtype, expected: str, model: str, input_channels: int = 3,
-                 check_channels=None) -> Component:
-    """A Qwen-Image (Wan 2.1 layout) VAE file: ComfyUI's keys converted by diffusers' Wan converter, or diffusers'.
-
-    ``model`` names the model in messages ("Qwen-Image", "Qwen-Image-Layered"); ``check_channels(channels,
-    path)`` may refuse the file's image channels before anything is built (Layered's RGBA VAE).
-    """
-    from diffusers import AutoencoderKLQwenImage
-
-    from ..core.diffusers_compat import convert_wan_vae_to_diffusers
-
-    sd = read_state_dict(path, expected)
-    sd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in sd.items()}
-    if "encoder.conv1.weight" in sd:  # ComfyUI / Wan original layout
-        sd = convert_wan_vae_to_diffusers(sd)
+def wan_vae_layout(sd: dict) -> str | None:
+    """``"wan"`` (ComfyUI's / Wan 2.1's keys), ``"diffusers"``, ``"2d"`` (a FLUX.1 / SD VAE) or None (no VAE)."""
+    if "encoder.conv1.weight" in sd:
+        return "wan"
     if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
-        sample = ", ".join(list(sd)[:3]) or "no tensors"
-        raise ModelFileError(path, f"Not a VAE (found keys like {sample})", expected)
-    if not any(k.endswith(".gamma") for k in sd):  # Qwen-Image's (Wan) VAE uses RMS norms with 'gamma' weights
-        raise ModelFileError(path, f"This is a 2-D image VAE (FLUX.1 / SD style), not {model}'s", expected)
-    if check_channels is not None:
-        check_channels(int(sd["encoder.conv_in.weight"].shape[1]), path)
-    cast_stored_weights(sd, dtype)
-    config = _load_json(CONFIG_DIR / "vae" / "config.json")
-    config.pop("_class_name", None)
-    try:
-        config.update(base_dim=int(sd["encoder.conv_in.weight"].shape[0]),
-                      z_dim=int(sd["decoder.conv_in.weight"].shape[1]), input_channels=input_channels)
-        if config["z_dim"] != 16:
-            raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels ({model} has 16)", expected)
-        with torch.device("meta"):
-            vae = AutoencoderKLQwenImage(**config)
-        missing = sorted(set(vae.state_dict()) - set(sd))
-        if missing:
-            raise ModelFileError(path, f"Not the {model} VAE: {len(missing)} tensors missing, e.g. {missing[:3]}",
-                                 expected)
-        vae.load_state_dict({k: v for k, v in sd.items() if k in vae.state_dict()}, strict=True, assign=True)
-    except (KeyError, RuntimeError, IndexError) as exc:
-        raise ModelFileError(path, f"Weights do not fit the {model} VAE ({exc})", expected) from exc
-    vae.to(dtype).eval().requires_grad_(False)
-    return Component(vae, "vae", path.name, dtype)
+        return None
+    return "diffusers" if any(k.endswith(".gamma") for k in sd) else "2d"  # Wan's RMS norms have 'gamma' weights
 
 
-def _vae_from_file(path: Path, dtype: torch.dtype) -> Component:
-    return read_wan_vae(path, dtype, VAE_EXPECTED, "Qwen-Image")
+def wan_vae_config(sd: dict) -> dict:
+    """AutoencoderKLQwenImage settings a diffusers-key state dict determines (width, latent and image channels)."""
+    return {"base_dim": int(sd["encoder.conv_in.weight"].shape[0]), "z_dim": int(sd["decoder.conv_in.weight"].shape[1]),
+            "input_channels": int(sd["encoder.conv_in.weight"].shape[1])}
+
+
+def check_latent(config: dict, path: Path, model: str, expected: str) -> None:
+    if config["z_dim"] != 16:
+        raise ModelFileError(path, f"A VAE with {config['z_dim']} latent channels ({model} has 16)", expected)
+
+
+def _check_rgb(config: dict, path: Path) -> None:
+    if config["input_channels"] != 3:
+        raise ModelFileError(path, f"A VAE with {config['input_channels']} image channels (Qwen-Image's has 3; "
+                                   "Qwen-Image-Layered's RGBA VAE has 4: load it with EditKit · Qwen-Image-Layered "
+                                   "Loader)", VAE_EXPECTED)
+    check_latent(config, path, "Qwen-Image", VAE_EXPECTED)
+
+
+# qwen_image_vae.safetensors: ComfyUI's Wan-2.1 keys, converted by diffusers' Wan converter, or diffusers'. The
+# Layered loader declares its RGBA VAE from this one (``layered_loading.VAE_FILE``).
+VAE_FILE = SingleFile(
+    model_class="AutoencoderKLQwenImage", config_dir=CONFIG_DIR / "vae", name="Qwen-Image VAE", expected=VAE_EXPECTED,
+    kind="vae", prefixes=("first_stage_model.",), layout=wan_vae_layout, unknown="Not a VAE",
+    foreign=(("2d", "This is a 2-D image VAE (FLUX.1 / SD style), not Qwen-Image's"),),
+    to_diffusers=convert_wan_vae_to_diffusers, config_from=wan_vae_config, check=_check_rgb,
+)
 
 
 VAE = ComponentSpec(
     tag="qwen_vae", what="Qwen-Image VAE", subfolder="vae", model_class="AutoencoderKLQwenImage", kind="vae",
-    from_file=lambda path, dtype, _storage: _vae_from_file(path, dtype),
+    single_file=VAE_FILE,
     missing="No VAE: pick the Qwen-Image-Edit-2509 diffusers folder or qwen_image_vae.safetensors in EditKit · "
             "Qwen-Image Loader.",
 )
