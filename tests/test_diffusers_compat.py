@@ -29,6 +29,20 @@ def test_flux_converter_maps_bfl_keys(tiny_models):
     assert not any(k.startswith("double_blocks.") for k in converted)
 
 
+def test_flux2_converter_maps_bfl_keys():
+    """FLUX.2's BFL layout (what ComfyUI's klein files hold) → diffusers' keys, fused qkv split in three."""
+    from tiny.flux2 import FAMILY, diffusers_to_bfl
+
+    original = FAMILY.build("transformer").state_dict()
+    bfl = diffusers_to_bfl(dict(original))
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl
+    converted = compat.convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert "x_embedder.weight" in converted and "transformer_blocks.0.attn.to_q.weight" in converted
+    assert not any(k.startswith("double_blocks.") for k in converted)
+    assert set(converted) == set(original)
+    assert all(torch.equal(converted[k], original[k]) for k in original)
+
+
 def test_ldm_vae_converter_maps_bfl_vae_keys():
     """BFL's ae.safetensors keys back to diffusers' AutoencoderKL, every tensor (attention 1x1 convs as Linear)."""
     from tiny import flux1

@@ -21,6 +21,8 @@ PRIVATE_HELPERS = {
     "dequantize_gguf_tensor": ("diffusers.quantizers.gguf.utils", "dequantize_gguf_tensor"),
     "convert_wan_vae": ("diffusers.loaders.single_file_utils", "convert_wan_vae_to_diffusers"),
     "convert_ldm_vae": ("diffusers.loaders.single_file_utils", "convert_ldm_vae_checkpoint"),
+    "convert_flux2_transformer": ("diffusers.loaders.single_file_utils",
+                                  "convert_flux2_transformer_checkpoint_to_diffusers"),
 }
 
 
@@ -40,6 +42,11 @@ def helper(name: str):
 
 def convert_flux_transformer_checkpoint_to_diffusers(checkpoint: dict) -> dict:
     return helper("convert_flux_transformer")(checkpoint)
+
+
+def convert_flux2_transformer_checkpoint_to_diffusers(checkpoint: dict) -> dict:
+    """FLUX.2 BFL keys → diffusers' (splits the fused qkv and swaps the adaLN halves)."""
+    return helper("convert_flux2_transformer")(checkpoint)
 
 
 def load_gguf_checkpoint(path: str) -> dict:

@@ -93,7 +93,7 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BFL keys → diffusers keys with diffusers' own converter (it splits fused qkv and swaps adaLN halves)."""
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from ..core.diffusers_compat import convert_flux2_transformer_checkpoint_to_diffusers
 
     return convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))
 
