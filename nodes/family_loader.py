@@ -88,12 +88,16 @@ class LoaderDeclaration:
     returning that (for choices read at run time); the precision widget is usually one of them
     (:func:`dtype_input`). ``optional`` widgets come last and may be missing from a prompt: inputs added
     after workflows were saved (``compile``) go there, so API prompts written before them still validate.
+    ``family`` is the model family the node loads (its ``load`` then calls ``self.parts`` and
+    ``self.text_encoder``: :func:`load_parts`, :func:`load_text_encoder`); ``comfy_compute`` see :func:`load_parts`.
     """
 
     files: dict[str, FileInput]
     folder: FolderInput | None = None
     options: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)
     optional: dict[str, tuple | Callable[[], tuple]] = field(default_factory=dict)
+    family: Family | None = None
+    comfy_compute: bool = False
 
     @property
     def checks(self) -> LoaderFiles:
@@ -176,6 +180,15 @@ def declared_loader(declaration: LoaderDeclaration) -> type:
 
         VALIDATE_INPUTS = _with_signature(validate, names)
         IS_CHANGED = classmethod(is_changed)
+
+        def parts(self, diffusers_folder, transformer_file, vae_file, weight_dtype, compile="auto", **options):
+            """The family's transformer, VAE and scheduler from these widget values (:func:`load_parts`)."""
+            return load_parts(declaration.family, diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
+                              comfy_compute=declaration.comfy_compute, **options)
+
+        def text_encoder(self, parts, text_encoder_file, tokenizer="qwen25"):
+            """The family's one-file text encoder (:func:`load_text_encoder`)."""
+            return load_text_encoder(declaration.family, parts, text_encoder_file, tokenizer)
 
     return DeclaredLoader
 

@@ -32,15 +32,7 @@ from .common import (
     seed_input,
     steps_input,
 )
-from .family_loader import (
-    FileInput,
-    FolderInput,
-    LoaderDeclaration,
-    declared_loader,
-    dtype_input,
-    load_parts,
-    load_text_encoder,
-)
+from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -53,6 +45,7 @@ IMAGE_SLOTS = 4
 FROM_IMAGE_1 = "from image_1"
 FROM_WIDGETS = "width and height"
 LOADER = LoaderDeclaration(
+    family=FAMILY,
     folder=FolderInput(
         tooltip="Optional FLUX.2 [klein] diffusers folder in models/diffusers (e.g. black-forest-labs/FLUX.2-klein-4B). "
                 "(none): everything comes from the single files below, the tokenizer from ComfyUI.",
@@ -104,8 +97,8 @@ class EditKitFlux2Loader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
-        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
-        text = load_text_encoder(FAMILY, parts, text_encoder_file)
+        parts = self.parts(diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
+        text = self.text_encoder(parts, text_encoder_file)
         return (Flux2Model(parts.transformer, parts.scheduler_config, is_distilled(parts.folder)), text, parts.vae)
 
 

@@ -22,19 +22,13 @@ from .common import (
     seed_input,
     steps_input,
 )
-from .family_loader import (
-    WEIGHT_DTYPES,
-    FileInput,
-    FolderInput,
-    LoaderDeclaration,
-    declared_loader,
-    dtype_input,
-    load_parts,
-)
+from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 
 CATEGORY = "EditKit/flux"
 DTYPES = WEIGHT_DTYPES
 LOADER = LoaderDeclaration(
+    family=FAMILY,
+    comfy_compute=True,  # an explicit precision sets the storage; ComfyUI's rule the compute dtype
     folder=FolderInput(
         tooltip="A FLUX.1 diffusers folder in models/diffusers (e.g. FLUX.1-Fill-dev). Choose (none) to load "
                 "everything from single files.",
@@ -91,8 +85,7 @@ class EditKitFluxLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, vae_file, clip_l_file, t5_file, weight_dtype="auto", compile="auto"):
-        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
-                           comfy_compute=True)
+        parts = self.parts(diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
         encoders = bridge.precision("text_encoder", parts.requested)
         text = FAMILY.text_encoder(
             parts.folder, chosen_file(clip_l_file, "text_encoders"), chosen_file(t5_file, "text_encoders"),

@@ -27,15 +27,7 @@ from .common import (
     seed_input,
     steps_input,
 )
-from .family_loader import (
-    FileInput,
-    FolderInput,
-    LoaderDeclaration,
-    declared_loader,
-    dtype_input,
-    load_parts,
-    load_text_encoder,
-)
+from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -48,6 +40,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTO_VARIANT = "auto"
 MAX_REFERENCE_SIDE = 4096
 LOADER = LoaderDeclaration(
+    family=FAMILY,
     folder=FolderInput(
         tooltip="The Qwen-Image-Edit-2509 or -2511 diffusers folder in models/diffusers (every component, with "
                 "tokenizer and processor). (none): everything comes from the single files below and the tokenizer "
@@ -124,9 +117,9 @@ class EditKitQwenImageLoader(declared_loader(LOADER)):
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, variant=AUTO_VARIANT,
              weight_dtype="auto", compile="auto"):
-        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
+        parts = self.parts(diffusers_folder, transformer_file, vae_file, weight_dtype, compile,
                            variant=variant)
-        text = load_text_encoder(FAMILY, parts, text_encoder_file)
+        text = self.text_encoder(parts, text_encoder_file)
         model = QwenImageModel(parts.transformer, parts.scheduler_config, requested_variant=variant,
                                folder=parts.folder, file=parts.file)
         described = model.describe()

@@ -19,15 +19,7 @@ from .common import (
     seed_input,
     steps_input,
 )
-from .family_loader import (
-    FileInput,
-    FolderInput,
-    LoaderDeclaration,
-    declared_loader,
-    dtype_input,
-    load_parts,
-    load_text_encoder,
-)
+from .family_loader import FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .qwen_image_nodes import DTYPES, TEXT_TYPE
 
 log = logging.getLogger("EditKit")
@@ -36,6 +28,7 @@ CATEGORY = "EditKit/qwen-image"
 MODEL_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED"
 VAE_TYPE = "EDITKIT_QWEN_IMAGE_LAYERED_VAE"
 LOADER = LoaderDeclaration(
+    family=LAYERED,
     folder=FolderInput(
         tooltip="The Qwen-Image-Layered diffusers folder in models/diffusers (every component, with tokenizer and "
                 "processor). (none): everything comes from the single files below and the tokenizer from ComfyUI's "
@@ -96,8 +89,8 @@ class EditKitQwenImageLayeredLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
-        parts = load_parts(LAYERED, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
-        encoder = load_text_encoder(LAYERED, parts, text_encoder_file)
+        parts = self.parts(diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
+        encoder = self.text_encoder(parts, text_encoder_file)
         head = loading.caption_head_source(parts.folder, chosen_file(text_encoder_file, "text_encoders"))
         text = loading.CaptioningTextEncoder(encoder, head)
         return (loading.LayeredModel(parts.transformer, parts.scheduler_config), text, parts.vae)

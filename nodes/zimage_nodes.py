@@ -33,16 +33,7 @@ from .common import (
     seed_input,
     steps_input,
 )
-from .family_loader import (
-    WEIGHT_DTYPES,
-    FileInput,
-    FolderInput,
-    LoaderDeclaration,
-    declared_loader,
-    dtype_input,
-    load_parts,
-    load_text_encoder,
-)
+from .family_loader import WEIGHT_DTYPES, FileInput, FolderInput, LoaderDeclaration, declared_loader, dtype_input
 from .lora_nodes import lora_node_class
 
 log = logging.getLogger("EditKit")
@@ -53,6 +44,7 @@ MODEL_TYPE = "EDITKIT_ZIMAGE"
 TEXT_TYPE = "EDITKIT_ZIMAGE_TEXT"
 VAE_TYPE = "EDITKIT_VAE"
 LOADER = LoaderDeclaration(
+    family=FAMILY,
     folder=FolderInput(
         tooltip="Optional Z-Image diffusers folder in models/diffusers (Tongyi-MAI/Z-Image-Turbo). (none): "
                 "everything comes from the single files below, the tokenizer from ComfyUI.",
@@ -102,8 +94,8 @@ class EditKitZImageLoader(declared_loader(LOADER)):
     )
 
     def load(self, diffusers_folder, transformer_file, text_encoder_file, vae_file, weight_dtype="auto", compile="auto"):
-        parts = load_parts(FAMILY, diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
-        text = load_text_encoder(FAMILY, parts, text_encoder_file)
+        parts = self.parts(diffusers_folder, transformer_file, vae_file, weight_dtype, compile)
+        text = self.text_encoder(parts, text_encoder_file)
         return (ZImageModel(parts.transformer, parts.scheduler_config), text, parts.vae)
 
 

@@ -37,13 +37,7 @@ VAE_AREA = 64 * 64  # patched VAE_IMAGE_SIZE
 REFERENCE = sizes.ReferenceSizes(sizes.REFERENCE, VL_AREA, VAE_AREA)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine run ~50x faster without OpenMP's thread hand-off."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

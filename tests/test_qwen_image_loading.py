@@ -35,12 +35,7 @@ COMFY_TOKENIZER = [Path(os.environ.get("COMFYUI_ROOT", "/nonexistent")) / "comfy
                    Path(__file__).resolve().parents[2] / "shared/vendor/ComfyUI/comfy/text_encoders/qwen25_tokenizer"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from node_calls import call_node
 from tiny.qwen_image import FAMILY as QWEN
 from tiny.qwen_image import TINY_TRANSFORMER
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ def _real_bucket():
 REAL_BUCKET = _real_bucket()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine run far faster without OpenMP's thread hand-off."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

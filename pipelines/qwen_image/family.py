@@ -4,6 +4,8 @@ transformer switches and RGBA VAE, and no LoRA node yet."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..core.family import Family
 from . import layered_loading, loading, text, vae
 from .lora import QWEN_IMAGE_LORA
@@ -23,13 +25,7 @@ FAMILY = Family(
     transformer_source=loading.transformer_source,
 )
 
-LAYERED = Family(
-    name="Qwen-Image-Layered",
-    transformer=layered_loading.TRANSFORMER,
-    vae=layered_loading.VAE,
-    text_encoder=text.text_encoder_source,
-    scheduler=SCHEDULER,
-    latent_format=vae.latent_format,
-    pipelines=("QwenImageLayeredPipeline",),
-    fp16=False,
+LAYERED = dataclasses.replace(  # Qwen-Image with its own transformer switches and RGBA VAE; no LoRA node yet
+    FAMILY, name="Qwen-Image-Layered", transformer=layered_loading.TRANSFORMER, vae=layered_loading.VAE, lora=None,
+    pipelines=(), transformer_source=None,
 )
