@@ -38,18 +38,23 @@ __all__ = ["ROOT", "Settings", "Timing", "StepClock", "alternate", "pack_module"
 
 @dataclass
 class Settings:
-    """One benchmark run's knobs; every family file reads the ones it needs."""
+    """One benchmark run's knobs; every family file reads the ones it needs.
+
+    The defaults are what README "Benchmarks" quotes: real width at a depth where a step's matmuls dominate (4+8
+    FLUX.1 blocks: over 97 % of a call's operator time, ``fill:share``), 256² with 128 text tokens (a 4+8 step
+    is about 30 s on 2 CPU cores, 4x that at 512²), 3 timed steps after the dropped first, 3 alternating rounds.
+    """
 
     device: torch.device
     dtype: torch.dtype
-    size: int = 512
-    steps: int = 4
-    rounds: int = 5
+    size: int = 256
+    steps: int = 3
+    rounds: int = 3
     flux_depth: tuple[int, int] = (4, 8)  # double, single blocks (FLUX.1: 19 + 38)
     qwen_depth: int = 8  # Qwen-Image: 60
     zimage_depth: int = 8  # Z-Image: 30
     flux2_depth: tuple[int, int] = (2, 8)  # FLUX.2 [klein] 4B: 5 + 20
-    text_tokens: int = 512
+    text_tokens: int = 128
     quick: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -62,14 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="compute dtype (auto: fp32 on a CPU, bf16 on a GPU)")
-    parser.add_argument("--size", type=int, default=512, help="picture side in pixels (multiple of 16)")
-    parser.add_argument("--steps", type=int, default=4, help="sampling steps per timed run")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per comparison")
+    parser.add_argument("--size", type=int, default=256, help="picture side in pixels (multiple of 16)")
+    parser.add_argument("--steps", type=int, default=3, help="sampling steps per timed run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
     parser.add_argument("--flux-depth", default="4,8", help="FLUX.1 double,single blocks (real: 19,38)")
     parser.add_argument("--qwen-depth", type=int, default=8, help="Qwen-Image blocks (real: 60)")
     parser.add_argument("--zimage-depth", type=int, default=8, help="Z-Image main blocks (real: 30)")
     parser.add_argument("--flux2-depth", default="2,8", help="FLUX.2 [klein] 4B double,single blocks (real: 5,20)")
-    parser.add_argument("--text-tokens", type=int, default=512, help="prompt tokens the transformers see")
+    parser.add_argument("--text-tokens", type=int, default=128, help="prompt tokens the transformers see")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1+1 Flux and klein / 1 Qwen / 1 Z-Image blocks, 128², 2 steps, 2 rounds")
