@@ -137,13 +137,13 @@ def comfyui_part(settings: Settings) -> None:
             "6": {"class_type": "EditKitBenchSink", "inputs": {"latent": ["5", 0]}},
         }
 
-        def editkit(compile_setting: str) -> dict:
+        def editkit(compile_setting: str, weight_dtype: str = "auto") -> dict:
             return {
                 "1": inputs,
                 "2": {"class_type": "EditKitFluxLoader",
                       "inputs": {"diffusers_folder": "(none)", "transformer_file": "fill.safetensors",
                                  "vae_file": "ae.safetensors", "clip_l_file": "(from folder)",
-                                 "t5_file": "(from folder)", "weight_dtype": "auto", "compile": compile_setting}},
+                                 "t5_file": "(from folder)", "weight_dtype": weight_dtype, "compile": compile_setting}},
                 "5": {"class_type": "EditKitFluxFillInpaint",
                       "inputs": {"model": ["2", 0], "vae": ["2", 2], "conditioning": ["1", 0], "image": ["1", 2],
                                  "mask": ["1", 3], "seed": 1, "steps": steps, "guidance": 30.0, "denoise": 1.0,
@@ -151,7 +151,10 @@ def comfyui_part(settings: Settings) -> None:
                 "6": {"class_type": "EditKitBenchSink", "inputs": {"latent": ["5", 1]}},
             }
 
-        setups = {"native UNETLoader + KSampler": native, "EditKit": editkit("off")}
+        # native ComfyUI stores the bf16 file's weights in fp32 on a CPU; EditKit's auto keeps them bf16 (half the
+        # memory) and casts each layer per call, fp32 stores them as native does
+        setups = {"native UNETLoader + KSampler": native, "EditKit, weight_dtype auto (bf16 kept)": editkit("off"),
+                  "EditKit, weight_dtype fp32": editkit("off", "fp32")}
         if settings.extra.get("compile", True):
             setups["EditKit, compile=on"] = editkit("on")
         report = procs.child("comfy", {"comfyui": str(root), "models": str(folder), "steps": steps,
