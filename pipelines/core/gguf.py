@@ -78,7 +78,9 @@ arrive; when the machine runs more processes than cores, a descheduled thread ho
 barrier for a time slice, which made 2-thread GGUF calls 1.6-4x slower than dense on a busy 2-core box
 (README Benchmarks). One thread has no barrier, and costs little when quiet: decoding Q8_0 on one core is
 0.45 ns per weight, about 2 % of a 1,536-row matmul with that weight on two. The matmuls themselves keep every
-thread. ``scripts/bench`` ``gguf:calls`` measures both settings in one process.
+thread. ``scripts/bench`` ``gguf:calls`` measures both settings in one process. torch's thread count is
+process-wide, so for the moment a layer decodes, torch work on another Python thread also runs on one thread
+(ComfyUI samples on one worker thread, so nothing else computes then); it is restored right after.
 """
 _CHUNKED_MAX_ROWS = 64  # above this, one full dequantization then one large matmul is faster on a CPU
 
