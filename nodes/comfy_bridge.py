@@ -300,14 +300,15 @@ def _castable_classes() -> dict[type, type]:
     """Class swaps that make layers cast-capable for ComfyUI's memory manager.
 
     Exact torch layers → ComfyUI's ``comfy.ops.disable_weight_init`` layers. EditKit's own layers
-    that already work with weights on any device (core.precision's cast layers, core.gguf's GGUF
-    layer) → a subclass that adds ComfyUI's cast protocol (``comfy_cast_weights``,
+    that already work with weights on any device (core.precision's cast layers, core.matmul's Linear,
+    core.gguf's GGUF layer) → a subclass that adds ComfyUI's cast protocol (``comfy_cast_weights``,
     ``weight_function``, ``bias_function``) and keeps EditKit's forward, so quantized bytes are
     never handed to ComfyUI's float cast.
     """
     if not _CASTABLE:
         import comfy.ops
 
+        from ..pipelines.core import matmul as core_matmul
         from ..pipelines.core import precision as core_precision
 
         ops = comfy.ops.disable_weight_init
@@ -316,7 +317,7 @@ def _castable_classes() -> dict[type, type]:
                    torch.nn.Embedding: ops.Embedding}
         if hasattr(torch.nn, "RMSNorm") and hasattr(ops, "RMSNorm"):
             mapping[torch.nn.RMSNorm] = ops.RMSNorm
-        own = list(core_precision.CAST_CLASSES.values())
+        own = [*core_precision.CAST_CLASSES.values(), core_matmul.Linear]
         try:
             from ..pipelines.core.gguf import GGUFLinear
 

@@ -434,11 +434,12 @@ def _scaled_fp8(comfyui, module) -> int:
     """Every Linear of ``module`` (built on the meta device) stored in e4m3fn with a scale, as the loaders
     leave an fp8 file's layers (core.precision's CastLinear; transformers' ``_keep_in_fp32_modules``, T5's
     ``wo``, are widened instead); returns how many."""
+    precision = comfyui.pack_submodule("pipelines.core.precision")
     keep32 = set(getattr(module, "_keep_in_fp32_modules", None) or ())
     kept = {f"{name}.weight": (torch.empty(layer.weight.shape, dtype=torch.float8_e4m3fn, device="meta"), 0.5)
             for name, layer in module.named_modules()
-            if type(layer) is torch.nn.Linear and not keep32.intersection(name.split("."))}
-    return comfyui.pack_submodule("pipelines.core.precision").restore_fp8(module, kept, torch.float32)
+            if type(layer) in precision.PLAIN_LINEARS and not keep32.intersection(name.split("."))}
+    return precision.restore_fp8(module, kept, torch.float32)
 
 
 @pytest.mark.parametrize("name", SCALED_FP8)

@@ -53,11 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.quantizers.gguf.utils import GGUFLinear as _DiffusersGGUFLinear
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_functions
 
 from .errors import ModelFileError
+from .matmul import linear
 
 log = logging.getLogger("EditKit")
 
@@ -498,7 +498,7 @@ class GGUFLinear(_DiffusersGGUFLinear):
         weight_functions = getattr(self, "weight_function", ())
         dense = self._dense
         if dense is not None and not weight_functions and dense.dtype == dtype and dense.device == x.device:
-            return F.linear(x, dense, bias)
+            return linear(x, dense, bias)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         cache = self.dequant_cache
         min_rows = _CACHE_MIN_ROWS if self.weight.quant_type == _Q8_0 else 1  # slower decoders: cache all
@@ -515,11 +515,11 @@ class GGUFLinear(_DiffusersGGUFLinear):
             raw = _plain(self.weight).to(x.device)
             weight = dequantize(raw, self.weight.quant_type, (self.out_features, self.in_features), dtype,
                                 out=_scratch(self.out_features * self.in_features, dtype))
-            return F.linear(x, weight, bias)
+            return linear(x, weight, bias)
         weight = _apply(self.dense_weight(dtype, x.device), weight_functions)
         if wants_cache:
             cache.offer(self, weight, rows)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def _chunked(self, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
         """CPU matmul over row chunks of the weight, each dequantized into a cache-sized buffer.
@@ -538,7 +538,7 @@ class GGUFLinear(_DiffusersGGUFLinear):
         step = max(16, _CHUNK_ELEMENTS // max(n_in, 1))
         if step >= n_out:
             weight = dequantize(raw, self.weight.quant_type, (n_out, n_in), dtype)
-            return F.linear(x, weight, bias)
+            return linear(x, weight, bias)
         out = torch.empty(flat.shape[0], n_out, dtype=dtype, device=x.device)
         buffer = torch.empty(step * n_in, dtype=dtype, device=x.device)
         row_bytes = raw.shape[-1]

@@ -40,6 +40,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import matmul
+from .matmul import linear
+
 log = logging.getLogger("EditKit")
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
@@ -268,7 +271,7 @@ class CastLinear(torch.nn.Linear):
             if out is not None:
                 return out
         weight, bias = cast_weight_bias(self, self.compute_dtype, x.device)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
 
 class CastConv2d(torch.nn.Conv2d):
@@ -298,6 +301,9 @@ class CastEmbedding(torch.nn.Embedding):
 
 CAST_CLASSES: dict[type, type] = {torch.nn.Linear: CastLinear, torch.nn.Conv2d: CastConv2d,
                                   torch.nn.Embedding: CastEmbedding}
+# torch's Linear and core.matmul's (the same layer with oneDNN products): a plain, non-casting Linear
+PLAIN_LINEARS = (torch.nn.Linear, matmul.Linear)
+CAST_SOURCES: dict[type, type] = {**CAST_CLASSES, matmul.Linear: CastLinear}
 
 
 def apply_precision(module: torch.nn.Module, precision: Precision, keep_prefixes: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -327,7 +333,7 @@ def apply_precision(module: torch.nn.Module, precision: Precision, keep_prefixes
             if layer.bias is not None:
                 layer.bias.data = layer.bias.data.to(precision.compute)
             continue
-        target = CAST_CLASSES.get(type(layer))
+        target = CAST_SOURCES.get(type(layer))
         if target is None or keep.intersection(name.split(".")) or (keep_prefixes and name.startswith(keep_prefixes)):
             _convert_direct(layer, precision.compute)
             continue
@@ -374,7 +380,7 @@ def keep_fp8_layers(model: torch.nn.Module, scales: dict[str, float], compute: t
     for name, layer in model.named_modules():
         if not isinstance(layer, torch.nn.Linear) or layer.weight.dtype not in FP8_TYPES:
             continue
-        if type(layer) is torch.nn.Linear:
+        if type(layer) in PLAIN_LINEARS:
             layer.__class__ = CastLinear
         layer.compute_dtype = compute
         layer.weight_scale = float(scales.get(f"{name}.weight" if name else "weight", 1.0))
@@ -398,7 +404,7 @@ def restore_fp8(model: torch.nn.Module, kept: dict[str, tuple[torch.Tensor, floa
         layer = model.get_submodule(key[: -len(".weight")])
         if not isinstance(layer, torch.nn.Linear) or tuple(layer.weight.shape) != tuple(tensor.shape):
             raise ValueError(f"{key}: an fp8 weight of shape {tuple(tensor.shape)} does not fit {layer!r}")
-        if type(layer) is torch.nn.Linear:
+        if type(layer) in PLAIN_LINEARS:
             layer.__class__ = CastLinear
         layer.compute_dtype = compute
         layer.weight = torch.nn.Parameter(tensor, requires_grad=False)

@@ -31,7 +31,8 @@ class Component:
     low-VRAM modes), ``"vae"`` follows the VAE placement. ``dtype`` is the compute dtype (weights
     may be stored narrower, see core.precision); for GGUF models the weights stay quantized and
     their layers (core.gguf) dequantize into it. ``extras`` may hold ``"source"`` (a mapped file,
-    checked before every use) and ``"dequant_cache"`` (set for quantized models).
+    checked before every use) and ``"dequant_cache"`` (set for quantized models). Its plain Linear layers
+    become core.matmul's (oneDNN products on CPUs where they are faster; nothing else changes).
     """
 
     module: torch.nn.Module
@@ -43,6 +44,10 @@ class Component:
 
     def __post_init__(self):
         trim_when_collected(self.module)  # freed weights go back to the OS, not only to the heap (core.heap)
+        if isinstance(self.module, torch.nn.Module):
+            from .matmul import adopt
+
+            adopt(self.module)
         if self.quantized and "dequant_cache" not in self.extras:
             from .gguf import adopt_gguf_layers  # GGUF layers: EditKit's fast, streamable ones (core.gguf)
 

@@ -42,7 +42,7 @@ import torch
 
 from .errors import EditKitError, ModelFileError
 from .loading import read_json, read_state_dict, strip_prefix
-from .precision import FP8_TYPES, Precision, apply_precision, keep_fp8_layers
+from .precision import FP8_TYPES, PLAIN_LINEARS, Precision, apply_precision, keep_fp8_layers
 from .runtime import Component
 
 log = logging.getLogger("EditKit")
@@ -262,7 +262,7 @@ class SingleFile:
         for key in [k for k in sd if is_fp8(sd[k])]:
             owner, _, kind = key.rpartition(".")
             layer = modules.get(owner)
-            if keeps and kind == "weight" and type(layer) is torch.nn.Linear and not owner.startswith(self.widen):
+            if keeps and kind == "weight" and type(layer) in PLAIN_LINEARS and not owner.startswith(self.widen):
                 continue  # stays fp8: keep_fp8_layers below
             widened = sd[key].to(wide)  # fp8 fits every wider float exactly: one copy, scaled in place
             scale = scales.pop(key, 1.0)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFileError
+from .precision import PLAIN_LINEARS
 
 
 def _set_fp8_aside(model_cls, config, sd: dict[str, torch.Tensor], dtype: torch.dtype
@@ -47,7 +48,7 @@ def _set_fp8_aside(model_cls, config, sd: dict[str, torch.Tensor], dtype: torch.
         skeleton = model_cls(config)
     keep32 = set(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
     linears = {name for name, m in skeleton.named_modules()
-               if type(m) is torch.nn.Linear and not keep32.intersection(name.split("."))}
+               if type(m) in PLAIN_LINEARS and not keep32.intersection(name.split("."))}
     kept, widened = {}, {}
     for key, tensor in list(sd.items()):
         if not is_fp8(tensor):

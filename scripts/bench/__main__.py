@@ -26,12 +26,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave out the compile=on cases")
     parser.add_argument("--quants", default="Q8_0,Q5_1,Q4_0,Q4_K", help="gguf: GGUF types")
     parser.add_argument("--caches", default="full,10%,off", help="gguf: cache settings")
+    parser.add_argument("--file-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="fill:comfyui: the transformer file's dtype (fp32: both sides store and compute fp32; "
+                             "bf16: native widens it to fp32, EditKit's auto keeps bf16 and casts per layer)")
     parser.add_argument("--decode-ab", action="store_true",
                         help="gguf:calls: also decode on every thread (the setting before DECODE_THREADS = 1)")
     args = parser.parse_args(argv)
     settings = settings_from(args)
     settings.extra.update(compile=not args.no_compile, quants=tuple(args.quants.split(",")),
-                          caches=tuple(args.caches.split(",")), decode_ab=args.decode_ab)
+                          caches=tuple(args.caches.split(",")), decode_ab=args.decode_ab,
+                          file_dtype=args.file_dtype)
     targets = list(FAMILIES) if args.targets == ["all"] else args.targets
     print(f"torch {torch.__version__}, {settings.describe()}, Flux {settings.flux_depth}, Qwen {settings.qwen_depth}, "
           f"Z-Image {settings.zimage_depth} blocks")

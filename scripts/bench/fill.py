@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import models, procs
-from .harness import Settings, StepClock, alternate, pack_module, print_table, time_shares, timing_table
+from .harness import Settings, StepClock, alternate, pack_module, print_table, products, time_shares, timing_table
 
 PARTS = ("steps", "comfyui", "share", "load")
 
@@ -81,8 +81,9 @@ def steps_part(settings: Settings) -> None:
                             vae=vae.module, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                             transformer=module)
     pipe.set_progress_bar_config(disable=True)
-    cases = {"diffusers FluxFillPipeline": _sampler_case(component, vae, settings, pipe),
-             "EditKit Fill": _sampler_case(component, vae, settings)}
+    cases = {"diffusers FluxFillPipeline": products(_sampler_case(component, vae, settings, pipe)),
+             "EditKit Fill": _sampler_case(component, vae, settings),
+             "EditKit Fill, torch's default products": products(_sampler_case(component, vae, settings))}
     compiled = None
     if settings.extra.get("compile", True):
         compiled = models.component(models.twin(module), "bench-fill-compiled", dtype)  # same weights
@@ -114,9 +115,10 @@ def comfyui_part(settings: Settings) -> None:
         folder = Path(scratch)
         (folder / "diffusion_models").mkdir()
         (folder / "vae").mkdir()
-        module = models.flux_transformer("fill", settings.flux_depth, torch.bfloat16)
+        file_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.extra.get("file_dtype", "fp32")]
+        module = models.flux_transformer("fill", settings.flux_depth, file_dtype)
         save(layout.diffusers_transformer_to_bfl(module.state_dict()), folder / "diffusion_models" / "fill.safetensors",
-             torch.bfloat16)
+             file_dtype)
         del module
         save(layout.diffusers_vae_to_bfl(models.flux_vae().state_dict()), folder / "vae" / "ae.safetensors",
              torch.bfloat16)
@@ -151,16 +153,19 @@ def comfyui_part(settings: Settings) -> None:
                 "6": {"class_type": "EditKitBenchSink", "inputs": {"latent": ["5", 1]}},
             }
 
-        # native ComfyUI stores the bf16 file's weights in fp32 on a CPU; EditKit's auto keeps them bf16 (half the
-        # memory) and casts each layer per call (a third setup storing fp32 did not fit beside them in 23 GB)
-        setups = {"native UNETLoader + KSampler": native, "EditKit, weight_dtype auto (bf16 kept)": editkit("off")}
+        # an fp32 file: both store and compute fp32. A bf16 file: native ComfyUI stores its weights in fp32 on a CPU;
+        # EditKit's auto keeps them bf16 (half the memory) and casts each layer per call (a third setup storing
+        # fp32 did not fit beside them in 23 GB at 2+4 blocks)
+        kept = " (bf16 kept)" if file_dtype == torch.bfloat16 else ""
+        setups = {"native UNETLoader + KSampler": native, f"EditKit, weight_dtype auto{kept}": editkit("off")}
         if settings.extra.get("compile", True):
             setups["EditKit, compile=on"] = editkit("on")
         report = procs.child("comfy", {"comfyui": str(root), "models": str(folder), "steps": steps,
                                        "runs": settings.rounds, "setups": setups,
                                        "flags": ["--use-pytorch-cross-attention"]})
     comfy_table("FLUX.1-Fill in ComfyUI's executor (--cpu --use-pytorch-cross-attention), "
-                f"{settings.flux_depth[0]}+{settings.flux_depth[1]} blocks, {settings.describe()}", report)
+                f"{settings.flux_depth[0]}+{settings.flux_depth[1]} blocks, {settings.extra.get('file_dtype', 'fp32')} "
+                f"file, {settings.describe()}", report)
 
 
 def comfy_table(title: str, report: dict) -> None:

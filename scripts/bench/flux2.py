@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from . import models
-from .harness import Settings, StepClock, alternate, pack_module, timing_table
+from .harness import Settings, StepClock, alternate, pack_module, products, timing_table
 
 PARTS = ("steps",)
 
@@ -62,7 +62,7 @@ def steps_part(settings: Settings) -> None:
                              references=pictures)
             return clock.per_step()
 
-        timings = alternate({"diffusers Flux2KleinPipeline": diffusers_run, "EditKit klein edit": editkit_run},
+        timings = alternate({"diffusers Flux2KleinPipeline": products(diffusers_run), "EditKit klein edit": editkit_run},
                             settings.rounds, device=device)
         d, s = settings.flux2_depth
         timing_table(f"FLUX.2 [klein] 4B edit, real width, {d}+{s} blocks, {count} reference(s) of {size}², "

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from . import models
-from .harness import ROOT, Settings, StepClock, alternate, pack_module, print_table, timing_table
+from .harness import ROOT, Settings, StepClock, alternate, pack_module, print_table, products, timing_table
 
 PARTS = ("steps", "import")
 
@@ -77,12 +77,12 @@ def steps_part(settings: Settings) -> None:
     pipe.set_progress_bar_config(disable=True)
     d, s = settings.flux_depth
     title = f"FLUX.1-dev sampler, real width, {d}+{s} blocks, {settings.text_tokens} text tokens, {settings.describe()}"
-    timing_table(title + ", no CFG", alternate({"diffusers FluxPipeline": _diffusers(pipe, component, settings),
+    timing_table(title + ", no CFG", alternate({"diffusers FluxPipeline": products(_diffusers(pipe, component, settings)),
                                                 "EditKit": _editkit(component, settings)}, settings.rounds))
     negative = models.flux_text(module.config, settings.text_tokens, seed=1)
     short = models.flux_text(module.config, max(8, settings.text_tokens // 2), seed=1)
     timing_table(title + ", true CFG 3", alternate({
-        "diffusers FluxPipeline (2 calls/step)": _diffusers(pipe, component, settings, negative, 3.0),
+        "diffusers FluxPipeline (2 calls/step)": products(_diffusers(pipe, component, settings, negative, 3.0)),
         "EditKit, batched (1 call/step)": _editkit(component, settings, negative, 3.0),
         "EditKit, negative half as long (unbatched)": _editkit(component, settings, short, 3.0),
     }, settings.rounds))

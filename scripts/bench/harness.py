@@ -159,6 +159,21 @@ def _timed(case: Callable[[], float | None], device) -> float:
     return float(reported) if reported is not None else time.perf_counter() - started
 
 
+def products(case: Callable[[], float | None], backend: str = "torch") -> Callable[[], float | None]:
+    """``case`` run with ``backend``'s fp32 CPU products (``pipelines/core/matmul.py``).
+
+    Peers run with ``torch``: the transformer object is shared, and EditKit's Component made its Linear layers
+    core.matmul's, so without this a diffusers pipeline would get EditKit's oneDNN products too. ``torch`` is
+    exactly what a plain ``torch.nn.Linear`` computes, i.e. the peer as it runs by itself."""
+    matmul = pack_module("pipelines.core.matmul")
+
+    def run():
+        with matmul.using(backend):
+            return case()
+
+    return run
+
+
 def alternate(cases: dict[str, Callable[[], float | None]], rounds: int, reference: str | None = None,
               warmup: int = 1, device=None) -> dict[str, Timing]:
     """Run ``cases`` alternately for ``rounds`` rounds (after ``warmup`` untimed rounds, the first of which
@@ -184,7 +199,7 @@ def alternate(cases: dict[str, Callable[[], float | None]], rounds: int, referen
 # --------------------------------------------------------------------------------------
 # Where a call's time goes
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "mkldnn::_linear_pointwise")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
              "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
              "aten::_flash_attention_forward", "aten::_efficient_attention_forward")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import models, procs
-from .harness import Settings, StepClock, alternate, pack_module, print_table, timing_table
+from .harness import Settings, StepClock, alternate, pack_module, print_table, products, timing_table
 
 PARTS = ("steps", "2511", "encode", "load")
 SEED = 1234
@@ -106,7 +106,7 @@ def compare_2511_part(settings: Settings) -> None:
 
     timings = alternate({"EditKit 2509 (zero_cond_t off)": editkit_run(base, loading.EDIT_2509),
                          "EditKit 2511 (zero_cond_t on)": editkit_run(zero, loading.EDIT_2511),
-                         "diffusers 2511 QwenImageEditPlusPipeline": diffusers_run}, settings.rounds, device=device)
+                         "diffusers 2511 QwenImageEditPlusPipeline": products(diffusers_run)}, settings.rounds, device=device)
     ours, theirs = pictures[loading.EDIT_2511].float().cpu(), pictures["diffusers"].float().cpu()
     difference = (ours.reshape(theirs.shape) - theirs).abs().max().item()
     timing_table(f"Qwen-Image-Edit-2511 against 2509, real width, {settings.qwen_depth} blocks, {size}² output + "
@@ -162,9 +162,11 @@ def steps_part(settings: Settings) -> None:
 
         return run
 
-    timings = alternate({"diffusers QwenImageEditPlusPipeline (2 calls/step)": diffusers_run,
+    timings = alternate({"diffusers QwenImageEditPlusPipeline (2 calls/step)": products(diffusers_run),
                          "EditKit, true CFG batched (1 call/step)": editkit_run(True),
-                         "EditKit, true CFG unbatched (2 calls/step)": editkit_run(False)}, settings.rounds)
+                         "EditKit, true CFG unbatched (2 calls/step)": editkit_run(False),
+                         "EditKit, unbatched, torch's default products": products(editkit_run(False))},
+                        settings.rounds)
     timing_table(f"Qwen-Image-Edit-2509, real width, {settings.qwen_depth} blocks, {size}² output + {size}² reference, "
                  f"{settings.text_tokens} text tokens, true CFG 4, {settings.describe()}", timings)
 

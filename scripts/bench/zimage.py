@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import models
-from .harness import Settings, StepClock, alternate, pack_module, print_table, timing_table
+from .harness import Settings, StepClock, alternate, pack_module, print_table, products, timing_table
 
 PARTS = ("steps", "recipe")
 CAPTION_TOKENS = 48
@@ -63,7 +63,8 @@ def steps_part(settings: Settings) -> None:
                  latents=noise.to(device, settings.dtype), output_type="latent", callback_on_step_end=clock.tick)
         return clock.per_step()
 
-    cases = {"diffusers ZImagePipeline": diffusers, "EditKit": editkit(component)}
+    cases = {"diffusers ZImagePipeline": products(diffusers), "EditKit": editkit(component),
+             "EditKit, torch's default products": products(editkit(component))}
     if settings.extra.get("compile", True):
         compiled, _, _ = _setup(settings, "bench-zimage-compiled")
         compile_mod.apply(compiled, "on", device)
