@@ -54,3 +54,49 @@ def test_auto_on_a_cpu_stores_a_bf16_file_in_bf16_and_computes_in_fp32(models_ro
     widened = _load("fp32")
     assert widened[0].transformer.get().module.layers[0].attention.to_q.weight.dtype == torch.float32
     torch.testing.assert_close(_sample(auto), _sample(widened), rtol=0, atol=0)
+
+
+def test_cast_weights_are_kept_while_memory_is_lent_and_give_the_same_bits(models_root, torch_runtime, monkeypatch):
+    """A bf16-stored transformer on a CPU keeps its cast fp32 weights in the lent cache: later calls skip the
+    cast and compute the same bits; dropping the caches frees them, and the text encoder gets no cache."""
+    from editkit.pipelines.core import precision
+
+    casts = []
+    real = precision.cast_weight_bias
+    monkeypatch.setattr(precision, "cast_weight_bias", lambda *a: casts.append(a[0]) or real(*a))
+    loaded = _load("auto")
+    first = _sample(loaded)
+    component = loaded[0].transformer.get()
+    cache = component.extras["dequant_cache"]
+    layers = [m for m in component.module.modules() if isinstance(m, CastLinear)]
+    kept = [m for m in layers if m._dense is not None]
+    assert kept and len(kept) == cache.layers and cache.used == sum(m.weight.numel() * 4 for m in kept)
+    first_casts = len(casts)
+    casts.clear()
+    second = _sample(loaded)
+    assert not set(map(id, casts)) & set(map(id, kept)), "a kept layer was cast again"
+    assert len(casts) < first_casts
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    component.drop_caches()
+    assert cache.used == 0 and all(m._dense is None for m in layers)
+    encoder = loaded[1].get().encoder
+    assert encoder.kind == "text_encoder" and "dequant_cache" not in encoder.extras
+
+
+def test_no_cast_weights_are_kept_when_the_cache_is_off(models_root, torch_runtime, monkeypatch):
+    monkeypatch.setenv("EDITKIT_GGUF_CACHE", "off")
+    loaded = _load("auto")
+    _sample(loaded)
+    component = loaded[0].transformer.get()
+    assert component.extras["dequant_cache"].used == 0
+    assert all(m._dense is None for m in component.module.modules() if isinstance(m, CastLinear))
+
+
+def test_cast_weights_of_many_row_products_are_not_kept(models_root, torch_runtime, monkeypatch):
+    """From CAST_CACHE_MAX_ROWS rows on the cast is a small part of the product: no memory is spent on it."""
+    from editkit.pipelines.core import precision
+
+    monkeypatch.setattr(precision, "CAST_CACHE_MAX_ROWS", 1)
+    loaded = _load("auto")
+    _sample(loaded)
+    assert loaded[0].transformer.get().extras["dequant_cache"].used == 0

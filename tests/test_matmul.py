@@ -148,3 +148,17 @@ def test_a_real_width_flux_block_is_the_same_with_either_product():
             got = block(hidden, context, temb)
     for a, b in zip(got, expected):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@needs_onednn
+def test_compiled_modules_trace_torchs_product():
+    """Inside torch.compile the layer hands inductor a plain F.linear (inductor cannot lower oneDNN's operator
+    for weights it has not frozen): compiling a model with adopted layers works and gives eager's result."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.SiLU())
+    matmul.adopt(model)
+    x = torch.randn(4, 1024)
+    with matmul.using("onednn"), torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()

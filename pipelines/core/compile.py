@@ -12,12 +12,13 @@ Settings (the ``compile`` input of every loader node):
 ``off``  never compile.
 ``on``   compile wherever the model class declares repeated blocks.
 ``auto`` compile only where it is expected to pay (:func:`pays_on`): CUDA devices with dense weights
-         (untested on a GPU so far: no GPU was available to the project). On this project's 2-core CPU,
-         compiled blocks were 7-10 % faster per step (FLUX.1-Fill, real width, 1+2 blocks, 256²:
-         0.93 in-process, 0.90 in ComfyUI's executor against native) but the first compilation took
-         about 1 minute for each new picture size, repaid only after several runs at that depth, so
-         ``auto`` leaves CPUs uncompiled (choose ``on`` for long CPU sessions at one size). GGUF layers
-         (quantized weights behind a custom layer) stay eager under ``auto``.
+         (untested on a GPU so far: no GPU was available to the project). On this project's 2-core CPU it
+         does not pay: at 4+8 FLUX.1 blocks (real width, 256²) compiled blocks ran a Fill step at 0.97 of
+         diffusers' time where eager EditKit ran it at 0.75, because eager EditKit multiplies through oneDNN
+         (core.matmul) while inductor picks its own GEMM for un-frozen weights; earlier, with torch's default
+         products on both, compiled and eager were level at that depth (the matmuls are about 95 % of a call,
+         and compiling fuses only the rest). The first compilation also takes about a minute per picture
+         size. GGUF layers (quantized weights behind a custom layer) stay eager under ``auto``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ COMPILE_CHOICES = ("off", "auto", "on")
 COMPILE_TOOLTIP = (
     "Compile the transformer's repeated blocks with torch.compile (regional compilation: one compiled "
     "block reused by every block of its kind). off: never. on: always (the first run takes longer, "
-    "logged; later runs reuse it). auto: a CUDA GPU with dense weights only (on a CPU compiled blocks "
-    "were 7-10% faster per step but compiling takes about a minute per picture size; GGUF stays uncompiled)."
+    "logged; later runs reuse it). auto: a CUDA GPU with dense weights only (on a CPU compiled blocks were "
+    "slower than EditKit's eager ones and compiling takes about a minute per picture size; GGUF stays uncompiled)."
 )
 
 

@@ -355,7 +355,8 @@ def dequantize_parameter(weight: torch.Tensor, dtype: torch.dtype = torch.float3
 
 
 class DequantCache:
-    """Dequantized weights of one model's GGUF layers, kept within a byte budget.
+    """Dequantized weights of one model's GGUF layers (or widened weights of its cast layers, core.precision),
+    kept within a byte budget.
 
     The host sets :attr:`budget` whenever it places the model (free memory it is willing to lend)
     and calls :meth:`clear` when its memory manager takes the memory back. Layers offer their freshly
@@ -376,10 +377,14 @@ class DequantCache:
         if self.used > self.budget:
             self.clear()
 
-    def offer(self, layer: GGUFLinear, weight: torch.Tensor, rows: int) -> None:
-        if rows < (_CACHE_MIN_ROWS if layer.weight.quant_type == _Q8_0 else 1):
+    def offer(self, layer: torch.nn.Module, weight, rows: int, size: int | None = None) -> None:
+        """Keep ``weight`` (what the layer computes with: a tensor, or core.precision's (weight, bias) pair) as
+        ``layer._dense`` if ``size`` bytes (default: the tensor's) fit and ``rows`` reach the layer's
+        ``cache_min_rows``."""
+        if rows < layer.cache_min_rows:
             return
-        size = weight.numel() * weight.element_size()
+        if size is None:
+            size = weight.numel() * weight.element_size()
         with self._lock:
             if self.used + size > self.budget:
                 return
@@ -481,6 +486,11 @@ class GGUFLinear(_DiffusersGGUFLinear):
     _dense: torch.Tensor | None = None
     dequant_cache: DequantCache | None = None
 
+    @property
+    def cache_min_rows(self) -> int:
+        """Fewest activation rows for which a decoded weight is worth keeping (see :class:`DequantCache`)."""
+        return _CACHE_MIN_ROWS if self.weight.quant_type == _Q8_0 else 1
+
     def dense_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         raw = _plain(self.weight)
         if raw.device != device:
@@ -501,7 +511,7 @@ class GGUFLinear(_DiffusersGGUFLinear):
             return linear(x, dense, bias)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         cache = self.dequant_cache
-        min_rows = _CACHE_MIN_ROWS if self.weight.quant_type == _Q8_0 else 1  # slower decoders: cache all
+        min_rows = self.cache_min_rows  # slower decoders: cache all
         size = self.out_features * self.in_features * dtype.itemsize
         wants_cache = (cache is not None and not weight_functions and rows >= min_rows
                        and cache.used + size <= cache.budget)

@@ -14,6 +14,8 @@ directly: the operator inductor emits for CPU linear layers, which takes dense t
 (no weight conversion, no second copy of the model). It is used only where it is known to pay:
 
 * CPU tensors, fp32 input and weight, no autograd (training keeps ``F.linear``, which has the backward);
+* not while ``torch.compile`` traces (``compile=on``): inductor lowers this operator only for weights it has
+  frozen into constants, and chooses its own kernels for ``F.linear``;
 * weights of at least :data:`MIN_WEIGHTS` elements: below about 1024x1024 oneDNN's per-call set-up costs more
   than it saves (measured: 4x slower for a 64x64 layer, level at 512x512), so tiny models are untouched;
 * the backend is ``onednn``: ``EDITKIT_CPU_MATMUL`` = ``auto`` (default: :func:`calibrate` decides once per
@@ -137,6 +139,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and (bias is None or bias.dtype == torch.float32)
+            and not torch.compiler.is_compiling()  # inductor lowers this operator only for frozen weights
             and backend() == "onednn"):
         return _onednn(x, weight, bias)
     return F.linear(x, weight, bias)

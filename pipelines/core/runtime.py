@@ -31,7 +31,8 @@ class Component:
     low-VRAM modes), ``"vae"`` follows the VAE placement. ``dtype`` is the compute dtype (weights
     may be stored narrower, see core.precision); for GGUF models the weights stay quantized and
     their layers (core.gguf) dequantize into it. ``extras`` may hold ``"source"`` (a mapped file,
-    checked before every use) and ``"dequant_cache"`` (set for quantized models). Its plain Linear layers
+    checked before every use) and ``"dequant_cache"`` (set for quantized models and for diffusion models whose
+    weights are stored narrower than they compute). Its plain Linear layers
     become core.matmul's (oneDNN products on CPUs where they are faster; nothing else changes).
     """
 
@@ -52,6 +53,13 @@ class Component:
             from .gguf import adopt_gguf_layers  # GGUF layers: EditKit's fast, streamable ones (core.gguf)
 
             cache = adopt_gguf_layers(self.module)
+            if cache is not None:
+                self.extras["dequant_cache"] = cache
+        elif self.kind == "diffusion" and "dequant_cache" not in self.extras and isinstance(self.module, torch.nn.Module):
+            # weights stored narrower than computed (a bf16 file on a CPU): keep cast copies while memory is lent
+            from .precision import attach_cast_cache
+
+            cache = attach_cast_cache(self.module)
             if cache is not None:
                 self.extras["dequant_cache"] = cache
 
