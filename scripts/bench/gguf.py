@@ -157,10 +157,10 @@ def _random_packed(quant: str, rows: int, cols: int, rng) -> torch.Tensor:
 def layers_part(settings: Settings) -> None:
     import time
 
-    import torch.nn.functional as F
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     core_gguf = pack_module("pipelines.core.gguf")
+    linear = pack_module("pipelines.core.matmul").linear  # the products the GGUF layers use too
     quants = settings.extra.get("quants", QUANTS)
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
@@ -189,7 +189,7 @@ def layers_part(settings: Settings) -> None:
 
         return timed
 
-    cases = {"dense F.linear (reference)": case(lambda: [F.linear(x, w) for x, w in zip(inputs, dense)])}
+    cases = {"dense linear (reference)": case(lambda: [linear(x, w) for x, w in zip(inputs, dense)])}
     for quant, built in layers.items():
         cases[f"{quant}, every weight decoded"] = case(
             lambda built=built: [layer(x) for layer, x in zip(built, inputs)])
