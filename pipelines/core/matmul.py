@@ -5,8 +5,9 @@ MKL on non-Intel CPUs takes a generic code path. oneDNN, which every torch CPU b
 for bf16 matrix products, inductor for CPU linear layers), uses the CPU's AVX-512 units whoever made it. On this
 project's development CPU (AMD EPYC with AVX-512, 2 threads) a FLUX.1 layer's product took 0.58-0.85 of MKL's
 time (256-1024 rows; same fp32 arithmetic, results within 1e-6 of the largest output), and the matmuls are
-about 95 % of a transformer call there (README "Benchmarks"). On Intel CPUs MKL is already fast and the two are
-level, so ``auto`` measures once per process instead of guessing from the vendor (:func:`calibrate`).
+about 95 % of a transformer call there (README "Benchmarks"). On Intel CPUs MKL is fast and the two should be
+level (no Intel CPU was available to check), so ``auto`` measures once per process instead of guessing from the
+vendor (:func:`calibrate`).
 
 torch has no public switch that routes fp32 ``F.linear`` through oneDNN (``torch.backends.mkldnn`` covers
 convolutions and reduced-precision matmuls only), so :func:`linear` calls ``torch.ops.mkldnn._linear_pointwise``
