@@ -220,16 +220,20 @@ def share_part(settings: Settings) -> None:
             with torch.inference_mode():
                 module(**inputs)
 
-        call()  # warm-up
-        started = time.perf_counter()
-        call()
-        seconds = time.perf_counter() - started
-        shares = time_shares(call)
-        rows.append([f"{depth[0]}+{depth[1]}", seconds, f"{shares['matmuls']:.1%}", f"{shares['attention']:.1%}",
-                     f"{shares['other']:.1%}"])
+        for which in ("torch's default", "EditKit's (core.matmul)"):
+            if which.startswith("EditKit"):
+                models.component(module, "bench-share", settings.dtype)  # adopts core.matmul's layers
+            call()  # warm-up
+            started = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - started
+            shares = time_shares(call)
+            rows.append([f"{depth[0]}+{depth[1]}", which, seconds, f"{shares['matmuls']:.1%}",
+                         f"{shares['attention']:.1%}", f"{shares['other']:.1%}"])
         del module
     print_table(f"Where a FLUX.1-Fill transformer call's operator time goes, {settings.size}², {settings.text_tokens} "
-                f"text tokens, {settings.describe()}", ["blocks", "s/call", "matmuls", "attention", "other"], rows)
+                f"text tokens, {settings.describe()}", ["blocks", "products", "s/call", "matmuls", "attention", "other"],
+                rows)
 
 
 def run(settings: Settings, parts=PARTS) -> None:

@@ -206,7 +206,7 @@ ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled
 
 
 def time_shares(call: Callable[[], object]) -> dict[str, float]:
-    """Shares of one call's operator time (torch profiler, self time of each ATen operator): dense matmuls,
+    """Shares of one call's operator time (torch profiler, self time of each ATen and oneDNN operator): matmuls,
     attention kernels, everything else (norms, activations, rotary, casts, copies). A benchmark depth is deep
     enough when the matmuls dominate, as they do in the real models."""
     from torch.profiler import ProfilerActivity, profile
@@ -214,7 +214,7 @@ def time_shares(call: Callable[[], object]) -> dict[str, float]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         call()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
     device = torch.cuda.is_available()
 
     def own(event):
