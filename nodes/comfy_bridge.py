@@ -330,7 +330,7 @@ def _castable_classes() -> dict[type, type]:
     return _CASTABLE
 
 
-def make_castable(module: torch.nn.Module) -> bool:
+def make_castable(module: torch.nn.Module, load_device: torch.device | None = None) -> bool:
     """Let ComfyUI stream ``module``'s weights layer by layer in low-VRAM modes; True when it can.
 
     Plain torch layers become ComfyUI's own cast-capable layers (:func:`_castable_classes`; same
@@ -342,15 +342,18 @@ def make_castable(module: torch.nn.Module) -> bool:
     the wrong device, so a partial load is always safe.
     """
     from ..pipelines.core.casting import make_streamable
+    from ..pipelines.core.matmul import Linear as OneDNNLinear
 
     mapping = _castable_classes()
+    if load_device is not None and load_device.type != "cpu":  # oneDNN's products are for CPU compute only:
+        mapping = {**mapping, OneDNNLinear: _castable_classes()[torch.nn.Linear]}  # ComfyUI's own Linear there
     for layer in module.modules():
         target = mapping.get(type(layer))
         if target is not None:
             layer.__class__ = target
             if not hasattr(layer, "bias"):  # ComfyUI's cast reads .bias; torch's RMSNorm has none
                 layer.bias = None
-    make_streamable(module, skip=lambda layer: type(layer) in _CASTABLE.values())
+    make_streamable(module, skip=lambda layer: type(layer) in mapping.values())
     return True
 
 
@@ -372,7 +375,7 @@ class ComfyRuntime(Runtime):
         entry = self._patchers.get(component)
         if entry is None:
             load_device, offload_device = _devices(component.kind)
-            castable = make_castable(component.module)
+            castable = make_castable(component.module, load_device)
             patcher = _patcher_class()(_Holder(component), load_device, offload_device)
             entry = self._patchers[component] = (patcher, castable)
         return entry

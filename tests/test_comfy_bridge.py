@@ -135,6 +135,26 @@ def test_cast_capable_swap_is_exact(comfyui, tiny_models):
     assert torch.equal(_forward(component.module, torch.device("cpu")), before)
 
 
+def test_onednn_layers_run_as_comfyuis_own_linear_on_a_gpu_and_as_editkits_on_a_cpu(comfyui):
+    """core.matmul's Linear (oneDNN products) is for CPU compute: a model ComfyUI places on a GPU gets ComfyUI's
+    own cast-capable Linear for those layers, a model it runs on the CPU keeps EditKit's (made cast-capable)."""
+    import comfy.ops
+
+    bridge = comfyui.pack_submodule("nodes.comfy_bridge")
+    matmul = comfyui.pack_submodule("pipelines.core.matmul")
+
+    def adopted():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        model[0].__class__ = matmul.Linear  # as core.matmul.adopt leaves it where oneDNN pays
+        return model
+
+    on_gpu, on_cpu = adopted(), adopted()
+    assert bridge.make_castable(on_gpu, torch.device("cuda", 0))
+    assert bridge.make_castable(on_cpu, torch.device("cpu"))
+    assert type(on_gpu[0]) is comfy.ops.disable_weight_init.Linear
+    assert isinstance(on_cpu[0], matmul.Linear) and isinstance(on_cpu[0], comfy.ops.CastWeightBiasOp)
+
+
 def test_novram_streams_every_layer(comfyui, tiny_models, monkeypatch):
     """--novram on a GPU machine, simulated with the meta device as the GPU: nothing is loaded, every
     layer casts its weights to the GPU per call, and the transformer and VAE still run there."""

@@ -102,10 +102,19 @@ def test_using_restores_the_previous_choice():
     assert matmul.backend() == "torch"
 
 
+def test_nothing_is_adopted_where_torchs_products_are_chosen():
+    matmul.set_backend("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    Component(model, "diffusion", "test", torch.float32)
+    assert matmul.adopt(model) == 0 and type(model[0]) is torch.nn.Linear
+
+
+@needs_onednn
 def test_components_adopt_plain_linears_only_and_keep_their_parameters():
     class Custom(torch.nn.Linear):
         pass
 
+    matmul.set_backend("onednn")
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), Custom(8, 4), torch.nn.Linear(4, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(3, 4)
@@ -118,7 +127,9 @@ def test_components_adopt_plain_linears_only_and_keep_their_parameters():
     assert matmul.adopt(model) == 0, "adopting twice changes nothing"
 
 
+@needs_onednn
 def test_weight_and_bias_functions_are_applied_like_comfyuis_cast_layers():
+    matmul.set_backend("onednn")
     layer = torch.nn.Linear(4, 3)
     matmul.adopt(torch.nn.Sequential(layer))
     x = torch.randn(2, 4)
@@ -139,6 +150,7 @@ def test_a_real_width_flux_block_is_the_same_with_either_product():
 
     torch.manual_seed(0)
     block = FluxTransformerBlock(dim=1024, num_attention_heads=8, attention_head_dim=128).eval()
+    matmul.set_backend("onednn")
     assert matmul.adopt(block) > 0
     hidden, context, temb = torch.randn(1, 64, 1024), torch.randn(1, 16, 1024), torch.randn(1, 1024)
     with torch.inference_mode():
@@ -156,7 +168,8 @@ def test_compiled_modules_trace_torchs_product():
     for weights it has not frozen): compiling a model with adopted layers works and gives eager's result."""
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.SiLU())
-    matmul.adopt(model)
+    matmul.set_backend("onednn")
+    assert matmul.adopt(model) == 1
     x = torch.randn(4, 1024)
     with matmul.using("onednn"), torch.inference_mode():
         eager = model(x)

@@ -22,8 +22,8 @@ directly: the operator inductor emits for CPU linear layers, which takes dense t
 * the backend is ``onednn``: ``EDITKIT_CPU_MATMUL`` = ``auto`` (default: :func:`calibrate` decides once per
   process), ``onednn`` or ``torch`` (always ``F.linear``), or :func:`set_backend` / :func:`using`.
 
-Models get it through :func:`adopt` (``core.runtime.Component`` calls it for every model it wraps): exact
-``torch.nn.Linear`` layers become :class:`Linear`, which keeps the parameters and differs only in calling
+Models get it through :func:`adopt` (``core.runtime.Component`` calls it for every model it wraps; it decides the
+backend then): exact ``torch.nn.Linear`` layers become :class:`Linear`, which keeps the parameters and differs only in calling
 :func:`linear`; EditKit's casting and GGUF layers call :func:`linear` themselves.
 """
 
@@ -158,22 +158,20 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        weight_functions = getattr(self, "weight_function", None)
-        bias_functions = getattr(self, "bias_function", None)
-        if weight.device != x.device or weight_functions or bias_functions:
-            weight = weight.to(device=x.device, dtype=x.dtype, non_blocking=True)
-            for function in weight_functions or ():
-                weight = function(weight)
-            if bias is not None:
-                bias = bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
-                for function in bias_functions or ():
-                    bias = function(bias)
+        if weight.device != x.device or getattr(self, "weight_function", None) or getattr(self, "bias_function", None):
+            from .precision import cast_weight_bias  # (precision imports this module)
+
+            weight, bias = cast_weight_bias(self, x.dtype, x.device)
         return linear(x, weight, bias)
 
 
 def adopt(module: torch.nn.Module) -> int:
-    """Make every exact ``torch.nn.Linear`` in ``module`` a :class:`Linear` (in place; idempotent). Returns how
-    many layers changed. Subclasses (EditKit's cast and GGUF layers, ComfyUI's) are left alone."""
+    """Make every exact ``torch.nn.Linear`` in ``module`` a :class:`Linear` (in place; idempotent) where the
+    backend is oneDNN; elsewhere (``torch``: Intel CPUs, ``EDITKIT_CPU_MATMUL=torch``) nothing changes. Returns how
+    many layers changed. Subclasses (EditKit's cast and GGUF layers, ComfyUI's) are left alone. A model that
+    ComfyUI runs on a GPU gets ComfyUI's own Linear for these layers again (``nodes/comfy_bridge.py``)."""
+    if backend() != "onednn":
+        return 0
     changed = 0
     for layer in module.modules():
         if type(layer) is torch.nn.Linear:
